@@ -1,0 +1,30 @@
+# The two commands of the project: `make demo` and `make test`. Both create the virtual
+# environment on first use, so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONSTRAINTS := requirements/constraints.txt
+OUT ?= outputs/demo
+
+.PHONY: demo test test-fast figures clean-venv
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and exactly pinned, so nothing pulls a different build in afterwards
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) torch torchvision
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cdfsl_core.demo --out $(OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,143 @@
+"""Dataset base classes shared by the real layouts and the synthetic world."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from cdfsl_core.errors import DatasetError, ImageReadError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+Transform = Callable[[Image.Image], Any]
+
+
+def read_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open an image fully (so truncation is caught here, not in a worker) as RGB."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError as err:
+        raise DatasetError(
+            f"Image {path} does not exist. Expected it because the dataset lists it; restore the "
+            "file or remove it from the list (CSV / JSON) it came from."
+        ) from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(
+            f"Image {path} cannot be decoded ({err}). Expected a complete JPEG/PNG file; it is "
+            "unreadable or truncated. Re-download it, or delete it and its entry in the dataset's "
+            "list. `python -m cdfsl_core.data check NAME --root ...` scans a whole dataset."
+        ) from err
+
+
+class FewShotDataset(Dataset):
+    """A labelled image collection as episodes see it.
+
+    Attributes:
+        name: registry name (``eurosat``, ``synthetic-crops``, ...).
+        classes: readable class names, as prompts use them; ``classes[label]``.
+        targets: one integer label per image, in a fixed, documented order.
+        transform: applied to the PIL image in ``__getitem__``; ``None`` returns PIL images.
+    """
+
+    name: str
+    classes: list[str]
+    targets: list[int]
+    transform: Transform | None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load_image(self, index: int) -> Image.Image:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def image_key(self, index: int) -> str:
+        """A stable identifier of image ``index`` (relative path, or generator coordinates)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self.name} with {len(self)} images")
+        image = self.load_image(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
+
+    def fingerprint(self) -> str:
+        """sha256 over (image key, label) pairs: episode files record it, so ids cannot drift."""
+        digest = hashlib.sha256()
+        for i, label in enumerate(self.targets):
+            digest.update(f"{self.image_key(i)}\t{label}\n".encode())
+        return digest.hexdigest()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, images={len(self)}, classes={len(self.classes)})"
+
+
+class ImageListDataset(FewShotDataset):
+    """Images on disk, given as a list of paths with labels."""
+
+    def __init__(
+        self,
+        name: str,
+        root: Path,
+        paths: Sequence[Path],
+        targets: Sequence[int],
+        classes: Sequence[str],
+        transform: Transform | None = None,
+        source: str = "",
+    ) -> None:
+        if len(paths) != len(targets):
+            raise DatasetError(f"{name}: {len(paths)} paths but {len(targets)} labels in {source or root}.")
+        if not paths:
+            raise DatasetError(
+                f"{name}: no images found under {root}. Expected the layout documented in the "
+                "README (section Real data); check the data root."
+            )
+        bad = sorted({t for t in targets if not 0 <= t < len(classes)})
+        if bad:
+            raise DatasetError(
+                f"{name}: labels {bad[:5]} in {source or root} are outside 0..{len(classes) - 1} "
+                f"for {len(classes)} classes."
+            )
+        self.name = name
+        self.root = Path(root)
+        self.paths = [Path(p) for p in paths]
+        self.targets = [int(t) for t in targets]
+        self.classes = list(classes)
+        self.transform = transform
+        self.source = source or str(root)
+
+    def load_image(self, index: int) -> Image.Image:
+        return read_image(self.paths[index])
+
+    def image_key(self, index: int) -> str:
+        path = self.paths[index]
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+
+def check_files_exist(name: str, paths: Sequence[Path], listed_in: Path | str) -> None:
+    """Fail with one clear message when images listed in a CSV/JSON are absent."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:3])
+        raise DatasetError(
+            f"{name}: {len(missing)} of {len(paths)} images listed in {listed_in} are missing "
+            f"(e.g. {shown}). Expected every listed image on disk; restore them (re-extract the "
+            "dataset archive) or remove their rows from the list."
+        )
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

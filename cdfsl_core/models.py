@@ -1,0 +1,298 @@
+"""One loader for CLIP models, over open_clip.
+
+``load_clip(name, pretrained)`` returns the model, its evaluation preprocess and its tokenizer
+together (:class:`ClipBundle`). ``pretrained`` is
+
+- ``None``: random initialisation (tests, benchmarks at real size);
+- an open_clip tag (``"openai"``, ``"laion2b_s34b_b88k"``, ...): taken from the local Hugging Face
+  or open_clip cache only, unless ``allow_download=True``; a tag that is not cached fails at once
+  with the command that fetches it, and never touches the network;
+- a tag registered by this package for its own shipped weights (see :func:`register_pretrained`);
+- a local file: an open_clip state dict as ``.safetensors``, or ``.pt``/``.pth``/``.bin`` loaded
+  with ``weights_only=True``.
+
+Tiny architectures for tests and the embedded default are registered from the JSON configs in
+``cdfsl_core/model_configs`` when this module is imported, exactly as open_clip registers its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import open_clip
+import torch
+from torch import nn
+
+from cdfsl_core.errors import CheckpointError
+
+__all__ = [
+    "ClipBundle",
+    "PretrainedSource",
+    "list_architectures",
+    "load_clip",
+    "register_pretrained",
+    "resolve_device",
+    "save_checkpoint",
+]
+
+_CONFIG_DIR = resources.files("cdfsl_core") / "model_configs"
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def _register_package_configs() -> list[str]:
+    """Register the package's JSON architectures with open_clip; return their names."""
+    config_dir = Path(str(_CONFIG_DIR))
+    open_clip.add_model_config(config_dir)
+    return sorted(p.stem for p in config_dir.glob("*.json"))
+
+
+PACKAGE_ARCHITECTURES: list[str] = _register_package_configs()
+
+
+@dataclass(frozen=True)
+class PretrainedSource:
+    """Weights shipped with (or registered by) this package under an open_clip-style tag."""
+
+    path: Path  # local weights file
+    preprocess: dict[str, Any] = field(default_factory=dict)  # open_clip preprocess cfg (mean, std, ...)
+    description: str = ""  # one line for `list`
+
+
+_LOCAL_PRETRAINED: dict[tuple[str, str], PretrainedSource] = {}
+
+
+def register_pretrained(architecture: str, tag: str, source: PretrainedSource) -> None:
+    """Make ``load_clip(architecture, tag)`` load ``source.path`` with no download."""
+    _LOCAL_PRETRAINED[(architecture, tag)] = source
+
+
+def list_architectures(package_only: bool = False) -> list[str]:
+    """Names ``load_clip`` accepts: open_clip's built-ins and this package's tiny ones."""
+    return list(PACKAGE_ARCHITECTURES) if package_only else open_clip.list_models()
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to torch."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ClipBundle(NamedTuple):
+    """What belongs together: the model, its eval preprocess, its tokenizer, and where it came from."""
+
+    model: nn.Module  # open_clip CLIP, in eval mode
+    preprocess: Callable[[Any], torch.Tensor]  # PIL image -> [3, H, W] float tensor
+    tokenizer: Callable[..., torch.Tensor]  # list[str] -> [n, context_length] token ids
+    info: dict[str, Any]  # name, pretrained, checkpoint path, device, precision
+
+
+def _cached_tag_file(name: str, tag: str, cache_dir: str | None) -> tuple[str | None, list[str]]:
+    """Find the weights of an open_clip tag in the local caches without any network access.
+
+    Returns the path (or None) and the list of places looked at, for the error message.
+    """
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    looked: list[str] = []
+    if "file" in cfg:
+        looked.append(cfg["file"])
+        if os.path.isfile(cfg["file"]):
+            return cfg["file"], looked
+    hf_hub = cfg.get("hf_hub", "")
+    if hf_hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover - huggingface_hub comes with open_clip
+            try_to_load_from_cache = None
+        repo_id, filename = os.path.split(hf_hub)
+        candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith((".bin", ".pth")):
+            candidates.insert(0, filename[:-4] + ".safetensors")
+        for candidate in candidates:
+            looked.append(f"Hugging Face cache: {repo_id}/{candidate}")
+            if try_to_load_from_cache is not None:
+                hit = try_to_load_from_cache(repo_id, candidate, cache_dir=cache_dir)
+                if isinstance(hit, str) and os.path.isfile(hit):
+                    return hit, looked
+    url = cfg.get("url", "")
+    if url:
+        target = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        looked.append(target)
+        if os.path.isfile(target):
+            return target, looked
+    return None, looked
+
+
+def _resolve_pretrained(
+    name: str, pretrained: str, cache_dir: str | None, allow_download: bool
+) -> tuple[str | None, dict[str, Any]]:
+    """Turn ``pretrained`` into (what to pass to open_clip, preprocess cfg of the tag)."""
+    local = _LOCAL_PRETRAINED.get((name, pretrained))
+    if local is not None:
+        if not local.path.is_file():
+            raise CheckpointError(
+                f"The weights registered for {name!r} / {pretrained!r} are missing: {local.path}. "
+                "Reinstall the package (pip install -e .) or rebuild them with the command in the "
+                "model card beside that path."
+            )
+        return str(local.path), dict(local.preprocess)
+
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if tag_cfg:
+        if allow_download:
+            return pretrained, {}
+        path, looked = _cached_tag_file(name, pretrained, cache_dir)
+        if path is None:
+            raise CheckpointError(
+                f"Pretrained weights {name!r} / {pretrained!r} are not on this machine and downloads "
+                f"are off. Looked in: {'; '.join(looked)}. Fix: on a machine with network run "
+                f"`python -m cdfsl_core.models download {name} {pretrained}` (it fills the same "
+                "cache), or pass allow_download=True (CLI: --allow-download), or pass the path of a "
+                "local weights file as `pretrained` (.safetensors, .pt, .pth or .bin)."
+            )
+        keep = ("mean", "std", "interpolation", "resize_mode")
+        return path, {k: tag_cfg[k] for k in keep if k in tag_cfg}
+
+    candidate = Path(pretrained).expanduser()
+    if candidate.is_file():
+        if candidate.suffix not in _CHECKPOINT_SUFFIXES:
+            raise CheckpointError(
+                f"Checkpoint {candidate} has suffix {candidate.suffix!r}; expected one of "
+                f"{', '.join(_CHECKPOINT_SUFFIXES)} (an open_clip state dict). Convert it, or rename "
+                "it if it already is one."
+            )
+        return str(candidate), {}
+    known = open_clip.list_pretrained_tags_by_model(name) + sorted(
+        tag for arch, tag in _LOCAL_PRETRAINED if arch == name
+    )
+    looks_like_path = any(ch in pretrained for ch in "/\\") or pretrained.endswith(_CHECKPOINT_SUFFIXES)
+    what = f"no such file: {candidate}" if looks_like_path else "not a known tag and not a file"
+    raise CheckpointError(
+        f"pretrained={pretrained!r} for {name!r}: {what}. Expected one of the tags "
+        f"{known or '(none for this architecture)'} or the path of a weights file "
+        f"({', '.join(_CHECKPOINT_SUFFIXES)})."
+    )
+
+
+def load_clip(
+    name: str,
+    pretrained: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    *,
+    cache_dir: str | None = None,
+    allow_download: bool = False,
+) -> ClipBundle:
+    """Build an open_clip model with its eval preprocess and tokenizer.
+
+    Args:
+        name: open_clip architecture (``ViT-B-16``, ``ViT-B-16-quickgelu``, ...) or one of
+            this package's (:func:`list_architectures` with ``package_only=True``).
+        pretrained: ``None`` (random weights), a tag, or a local weights file (see module doc).
+        device: ``"cpu"``, ``"cuda"``, ``"auto"``.
+        precision: open_clip precision for the weights; keep ``"fp32"`` and use bf16 autocast
+            on GPU (the runner does).
+        cache_dir: where open_clip / Hugging Face caches live, if not the default.
+        allow_download: let open_clip fetch a tag that is not cached.
+    """
+    if name not in open_clip.list_models():
+        raise CheckpointError(
+            f"Unknown architecture {name!r}. Expected an open_clip model name "
+            f"(e.g. ViT-B-16, ViT-B-32, ViT-L-14, *-quickgelu) or one of this package's: "
+            f"{', '.join(PACKAGE_ARCHITECTURES)}. `python -m cdfsl_core.models list` lists them."
+        )
+    torch_device = resolve_device(device)
+    pretrained_str = None if pretrained is None else os.fspath(pretrained)
+    source: str | None = None
+    preprocess_cfg: dict[str, Any] = {}
+    force_quick_gelu = False
+    if pretrained_str is not None:
+        source, preprocess_cfg = _resolve_pretrained(name, pretrained_str, cache_dir, allow_download)
+        # OpenAI's weights use QuickGELU; open_clip only warns when the config says otherwise.
+        force_quick_gelu = bool(open_clip.get_pretrained_cfg(name, pretrained_str).get("quick_gelu", False))
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name,
+            pretrained=source,
+            device=torch_device,
+            precision=precision,
+            force_quick_gelu=force_quick_gelu,
+            image_mean=preprocess_cfg.get("mean"),
+            image_std=preprocess_cfg.get("std"),
+            image_interpolation=preprocess_cfg.get("interpolation"),
+            image_resize_mode=preprocess_cfg.get("resize_mode"),
+            cache_dir=cache_dir,
+            weights_only=True,
+        )
+    except RuntimeError as err:
+        if source is not None and os.path.isfile(source):
+            raise CheckpointError(
+                f"Weights in {source} do not fit architecture {name!r}: {err}. Pass the architecture "
+                "the checkpoint was trained with (its model card or config says which)."
+            ) from err
+        raise
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(name)
+    info = {
+        "name": name,
+        "pretrained": pretrained_str,
+        "checkpoint": source if source and os.path.isfile(source) else None,
+        "device": str(torch_device),
+        "precision": precision,
+        "quick_gelu": force_quick_gelu,
+    }
+    return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, info=info)
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Save an open_clip state dict; ``.safetensors`` or ``.pt`` by the path's suffix.
+
+    The file loads back with ``load_clip(name, pretrained=path)``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp))
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        torch.save(state, tmp)
+    else:
+        raise CheckpointError(
+            f"Cannot save to {path}: expected a .safetensors, .pt, .pth or .bin suffix."
+        )
+    os.replace(tmp, path)  # a killed process never leaves a half-written checkpoint
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cdfsl_core.models list|download``."""
+    parser = argparse.ArgumentParser(prog="python -m cdfsl_core.models", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("list", help="list architectures and the tags available without network")
+    ls.add_argument("--all", action="store_true", help="include every open_clip architecture")
+    dl = sub.add_parser("download", help="fetch an open_clip tag into the local cache (needs network)")
+    dl.add_argument("name")
+    dl.add_argument("tag")
+    dl.add_argument("--cache-dir", default=None)
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        names = list_architectures(package_only=not args.all)
+        for arch in names:
+            local = sorted(tag for a, tag in _LOCAL_PRETRAINED if a == arch)
+            print(f"{arch}\t{'shipped: ' + ', '.join(local) if local else ''}")
+        return 0
+    bundle = load_clip(args.name, args.tag, cache_dir=args.cache_dir, allow_download=True)
+    print(f"cached {args.name} / {args.tag}: {bundle.info}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
