@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m cdfsl_core.demo --out $(OUT)
+	$(PY) -m analysis.demo --out $(OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -31,6 +31,7 @@ from torch import nn
 from cdfsl_core.errors import CheckpointError
 
 __all__ = [
+    "EMBEDDED_MODEL",
     "ClipBundle",
     "PretrainedSource",
     "list_architectures",
@@ -292,6 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_clip(args.name, args.tag, cache_dir=args.cache_dir, allow_download=True)
     print(f"cached {args.name} / {args.tag}: {bundle.info}")
     return 0
+
+
+# The embedded default: the small CLIP pretrained on the synthetic source, shipped in the package
+# (`python -m cdfsl_core.pretrain` made it; cdfsl_core/weights/MODEL_CARD.md says how and how well).
+EMBEDDED_MODEL = ("cdfsl-synth-vit", "synthetic")
+register_pretrained(
+    *EMBEDDED_MODEL,
+    PretrainedSource(
+        path=Path(__file__).parent / "weights" / "cdfsl-synth-vit_synthetic.safetensors",
+        description="small CLIP pretrained on the embedded synthetic source domain",
+    ),
+)
 
 
 if __name__ == "__main__":

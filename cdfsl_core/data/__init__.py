@@ -8,6 +8,7 @@
 from cdfsl_core.data.base import FewShotDataset, ImageListDataset, read_image
 from cdfsl_core.data.registry import DATA_ROOT_ENV, dataset_spec, list_datasets, load_dataset, register_dataset
 from cdfsl_core.data import real as _real  # noqa: F401  (registers the real datasets)
+from cdfsl_core.data import synthetic as _synthetic  # noqa: F401  (registers the embedded world)
 
 __all__ = [
     "DATA_ROOT_ENV",

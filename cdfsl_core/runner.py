@@ -1,0 +1,375 @@
+"""One episodic runner for every method.
+
+Load the model once; for each episode of an episode file: reset the adapters and intervention
+parameters, train on the support set, evaluate the queries, append one JSON line to the run's
+``episodes.jsonl`` (flushed and synced). A run is a folder:
+
+- ``config.json``: everything needed to rerun it (:class:`RunConfig`);
+- ``manifest.json``: versions, git revision, device, episode-file hash, dataset fingerprint;
+- ``episodes.jsonl``: one line per finished episode, appended as it finishes;
+- ``summary.json``: mean accuracy and 95% CI = 1.96 std / sqrt(episodes).
+
+A run that is interrupted resumes after its last finished episode, with the same results as an
+uninterrupted one: episode ``i`` seeds torch from ``(seed, i)`` before anything random happens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from cdfsl_core.data import load_dataset
+from cdfsl_core.episodes import EpisodeConfig, EpisodeFile, generate_episodes, load_episodes, save_episodes
+from cdfsl_core.interventions import ATHAConfig, TIRConfig
+from cdfsl_core.lora import LoRAConfig
+from cdfsl_core.methods import FewShotCLIP, MethodConfig
+from cdfsl_core.models import ClipBundle, load_clip, resolve_device
+from cdfsl_core.zeroshot import autocast_for, mean_ci95
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "NonFiniteLoss",
+    "RunConfig",
+    "TrainConfig",
+    "run",
+    "train_episode",
+]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which CLIP, where."""
+
+    name: str = "cdfsl-synth-vit"  # open_clip architecture
+    pretrained: str | None = "synthetic"  # tag or local weights file
+    device: str = "auto"  # 'auto', 'cpu', 'cuda'
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, and where its episodes are."""
+
+    dataset: str = "synthetic-crops"  # registry name
+    root: str | None = None  # data root (None: $CDFSL_DATA_ROOT; synthetic needs none)
+    options: dict[str, Any] = field(default_factory=dict)  # loader options (split, images_per_class, ...)
+    episode_file: str | None = None  # created from `episodes` if missing, verified if present
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How each episode trains; defaults are the ATHA/TIR protocol."""
+
+    steps: int = 100  # full-batch steps on the support set
+    lr_lora: float = 2e-4  # AdamW (LoRA, and a learned logit scale)
+    lr_context: float = 2e-3  # SGD, momentum 0.9, weight decay 5e-4 (CoOp context)
+    lr_intervention: float = 1e-3  # SGD (ATHA's alpha and beta)
+    momentum: float = 0.9
+    weight_decay_context: float = 5e-4
+    resize_ratio: float = 1.15  # resize the short side to ratio x image size, then centre-crop
+    augment: bool = False  # the authors' 5 views per support image
+    eval_batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run's results."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    episodes: EpisodeConfig = field(default_factory=lambda: EpisodeConfig(5, 1, 15, 20, 0))
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+        return _from_dict(cls, raw)
+
+
+def _from_dict(kind: Any, raw: Any) -> Any:
+    if is_dataclass(kind) and isinstance(raw, dict):
+        types = {f.name: f for f in fields(kind)}
+        nested = {"model": ModelConfig, "data": DataConfig, "episodes": EpisodeConfig, "method": MethodConfig,
+                  "train": TrainConfig, "lora": LoRAConfig, "atha": ATHAConfig, "tir": TIRConfig}
+        values = {}
+        for key, value in raw.items():
+            if key not in types:
+                raise ValueError(f"{kind.__name__} has no field {key!r}.")
+            if key in nested and isinstance(value, dict):
+                value = _from_dict(nested[key], value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            values[key] = value
+        return kind(**values)
+    return raw
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite during an episode."""
+
+
+def protocol_transform(bundle: ClipBundle, resize_ratio: float) -> T.Compose:
+    """Resize the short side to ratio x size, centre-crop, normalise with the model's mean/std."""
+    cfg = bundle.model.visual.preprocess_cfg
+    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+    return T.Compose([
+        T.Resize(int(round(size * resize_ratio)), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        T.Normalize(cfg["mean"], cfg["std"]),
+    ])
+
+
+def support_views(image: Image.Image) -> list[Image.Image]:
+    """The authors' augmentation: plain; rotation 45 + colour jitter + flip; rotation; jitter; flip."""
+    jitter = T.ColorJitter(0.4, 0.4, 0.4, 0.1)
+    rotate = T.RandomRotation((45, 45))
+    flip = T.RandomHorizontalFlip(p=1.0)
+    return [image, flip(jitter(rotate(image))), rotate(image), jitter(image), flip(image)]
+
+
+def _load(dataset: Any, ids: list[int], transform: T.Compose, augment: bool = False) -> torch.Tensor:
+    images = []
+    for i in ids:
+        image = dataset.load_image(i)
+        views = support_views(image) if augment else [image]
+        images.extend(transform(v) for v in views)
+    return torch.stack(images)
+
+
+def check_labels(method: FewShotCLIP, labels: torch.Tensor) -> None:
+    """The episode's labels must index the method's classes."""
+    n_way = int(labels.max().item()) + 1 if len(labels) else 0
+    if n_way != len(method.class_names):
+        raise ValueError(
+            f"The method has {len(method.class_names)} class names {method.class_names}, but the "
+            f"episode's labels are 0..{n_way - 1} ({n_way}-way). Pass one name per episode class."
+        )
+
+
+def train_episode(
+    method: FewShotCLIP, images: torch.Tensor, labels: torch.Tensor, train: TrainConfig
+) -> dict[str, Any]:
+    """Full-batch training on the support set; returns the first and last loss."""
+    check_labels(method, labels)
+    groups = method.parameter_groups()
+    optimisers: list[torch.optim.Optimizer] = []
+    if groups["lora"] or groups["scale"]:
+        optimisers.append(torch.optim.AdamW(groups["lora"] + groups["scale"], lr=train.lr_lora))
+    if groups["context"]:
+        optimisers.append(torch.optim.SGD(groups["context"], lr=train.lr_context, momentum=train.momentum,
+                                          weight_decay=train.weight_decay_context))
+    if groups["intervention"]:
+        optimisers.append(torch.optim.SGD(groups["intervention"], lr=train.lr_intervention))
+    if not optimisers or train.steps == 0:
+        return {"steps": 0, "loss_first": None, "loss_last": None}
+    device = images.device
+    method.train()
+    first = last = None
+    try:
+        for step in range(train.steps):
+            with autocast_for(device):
+                logits = method(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss is {value} at step {step} of {train.steps}")
+            first = value if first is None else first
+            last = value
+            for optimiser in optimisers:
+                optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            for optimiser in optimisers:
+                optimiser.step()
+    finally:
+        method.eval()
+    return {"steps": train.steps, "loss_first": first, "loss_last": last}
+
+
+@torch.no_grad()
+def evaluate(method: FewShotCLIP, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+    check_labels(method, labels)
+    method.eval()
+    device = images.device
+    with autocast_for(device):
+        text, readout = method.text_features()
+        correct = 0
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            logits = method.encode_image(chunk, readout) @ text.T
+            correct += (logits.argmax(-1) == labels[start : start + batch_size]).sum().item()
+    return correct / len(images)
+
+
+def episode_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _manifest(config: RunConfig, episodes: EpisodeFile, device: torch.device, bundle: ClipBundle) -> dict[str, Any]:
+    import open_clip
+
+    from cdfsl_core import __version__
+
+    return {
+        "package_version": __version__,
+        "git_revision": _git_revision(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "numpy": np.__version__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "autocast": "bf16" if device.type == "cuda" else "none (fp32)",
+        "checkpoint": bundle.info.get("checkpoint"),
+        "episode_file": str(episodes.path) if episodes.path else None,
+        "episode_file_sha256": episodes.sha256,
+        "dataset_fingerprint": episodes.dataset_fingerprint,
+        "short_class_policy": episodes.config.short_class_policy,
+        "short_classes": episodes.short_classes,
+    }
+
+
+def _read_finished(path: Path) -> dict[int, dict[str, Any]]:
+    """Finished episodes by index; a torn last line (killed mid-write) is dropped from the file."""
+    if not path.exists():
+        return {}
+    finished: dict[int, dict[str, Any]] = {}
+    good_lines = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        finished[row["episode"]] = row
+        good_lines.append(line)
+    path.write_text("".join(line + "\n" for line in good_lines))
+    return finished
+
+
+def _episode_file(config: RunConfig, dataset: Any, out: Path) -> EpisodeFile:
+    path = Path(config.data.episode_file) if config.data.episode_file else out / "episodes.json"
+    if path.exists():
+        episodes = load_episodes(path, dataset)
+        if episodes.config != config.episodes:
+            raise ValueError(
+                f"Episode file {path} was drawn with {episodes.config}, but the run asks for "
+                f"{config.episodes}. Point --episode-file elsewhere or match the settings."
+            )
+        return episodes
+    episodes = generate_episodes(dataset, config.episodes)
+    save_episodes(episodes, path)
+    return episodes
+
+
+def summarise(rows: list[dict[str, Any]], episodes: EpisodeFile) -> dict[str, Any]:
+    ok = [r["accuracy"] for r in rows if r["status"] == "ok"]
+    mean, ci = mean_ci95(ok)
+    return {
+        "mean_accuracy": mean,
+        "ci95": ci,
+        "episodes": len(ok),
+        "failed_episodes": [r["episode"] for r in rows if r["status"] != "ok"],
+        "episodes_in_file": len(episodes),
+        "episode_file_sha256": episodes.sha256,
+    }
+
+
+def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) every episode of a run folder; returns the summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.json"
+    if config_path.exists():
+        saved = json.loads(config_path.read_text())
+        if saved != json.loads(json.dumps(config.to_dict())):
+            diff = sorted(k for k in saved if saved[k] != json.loads(json.dumps(config.to_dict())).get(k))
+            raise ValueError(
+                f"{out} holds a run with another config (differs in {diff}). Use a new --out folder, "
+                "or rerun with the same settings to resume it."
+            )
+    else:
+        tmp = config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        tmp.replace(config_path)
+
+    device = resolve_device(config.model.device)
+    if bundle is None:
+        if config.model.pretrained is None:
+            torch.manual_seed(config.episodes.seed)  # random weights, the same in a resumed process
+        bundle = load_clip(config.model.name, config.model.pretrained, device=device)
+    dataset = load_dataset(config.data.dataset, config.data.root, **config.data.options)
+    episodes = _episode_file(config, dataset, out)
+    (out / "manifest.json").write_text(json.dumps(_manifest(config, episodes, device, bundle), indent=2) + "\n")
+
+    results_path = out / "episodes.jsonl"
+    finished = _read_finished(results_path)
+    transform = protocol_transform(bundle, config.train.resize_ratio)
+    method: FewShotCLIP | None = None
+    todo = [i for i in range(len(episodes)) if i not in finished]
+    label = f"{config.method.adaptation}/{config.method.intervention} on {config.data.dataset}"
+    with results_path.open("a") as handle:
+        for index in tqdm(todo, desc=label, disable=not progress):
+            episode = episodes.episodes[index]
+            names = episodes.class_names(episode)
+            if method is None:
+                method = FewShotCLIP(bundle, names, config.method)
+            else:
+                method.set_classes(names)
+            # Seed after building the method (its construction draws random numbers), so that an
+            # episode computes the same whether the run started at it or before it.
+            seed = episode_seed(config.episodes.seed, index)
+            torch.manual_seed(seed)
+            method.reset_parameters(torch.Generator().manual_seed(seed))
+            start = time.perf_counter()
+            support = _load(dataset, episode.support_ids, transform, config.train.augment).to(device)
+            views = 5 if config.train.augment else 1
+            support_labels = torch.tensor(episode.support_labels, device=device).repeat_interleave(views)
+            query = _load(dataset, episode.query_ids, transform).to(device)
+            query_labels = torch.tensor(episode.query_labels, device=device)
+            row: dict[str, Any] = {"episode": index, "classes": names}
+            try:
+                row.update(train_episode(method, support, support_labels, config.train))
+                row["accuracy"] = evaluate(method, query, query_labels, config.train.eval_batch_size)
+                row["status"] = "ok"
+            except NonFiniteLoss as err:
+                row.update(status="non-finite-loss", accuracy=None, message=str(err))
+                tqdm.write(f"episode {index}: stopped, {err}; recorded as failed, not averaged")
+            if config.method.intervention == "atha":
+                row["atha_alpha"] = [round(v, 6) for v in method.intervention.alpha.tolist()]
+                row["atha_beta"] = [round(v, 6) for v in method.intervention.beta.tolist()]
+            row["seconds"] = round(time.perf_counter() - start, 3)
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+            finished[index] = row
+    summary = summarise([finished[i] for i in sorted(finished)], episodes)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(out / "summary.json")
+    return summary

@@ -1,0 +1,100 @@
+"""The text side of a method: class prompts, CoOp context, and read-outs after any text block.
+
+:class:`PromptLearner` holds the prompt token embeddings of every class; with CoOp it replaces
+the embeddings of the template's leading words ("a photo of a") by learnable vectors initialised
+from exactly those embeddings, so before training it computes what the zero-shot model computes.
+:func:`encode_text_embeddings` runs open_clip's text tower from embeddings and can read the EOT
+feature out after chosen blocks (ATHA and TIR compare tokens with the read-out after text block
+10 of 12, a setting).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from open_clip.transformer import text_global_pool
+from torch import nn
+
+__all__ = ["PromptLearner", "encode_text_embeddings"]
+
+
+def encode_text_embeddings(
+    model: nn.Module,
+    embeddings: torch.Tensor,
+    tokens: torch.Tensor,
+    readout_blocks: Sequence[int] = (),
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """open_clip's ``encode_text`` from token embeddings [C, ctx, width].
+
+    Returns the final text features [C, embed_dim] and, for each block index in
+    ``readout_blocks``, ``ln_final`` of the EOT residual after that block times the text
+    projection (the same read-out applied early).
+    """
+    n_blocks = len(model.transformer.resblocks)
+    for i in readout_blocks:
+        if not 0 <= i < n_blocks:
+            raise ValueError(f"text read-out block {i} out of range 0..{n_blocks - 1}.")
+    cast = model.transformer.get_cast_dtype()
+    x = embeddings.to(cast) + model.positional_embedding.to(cast)
+    readouts: dict[int, torch.Tensor] = {}
+
+    def read(h: torch.Tensor) -> torch.Tensor:
+        pooled = text_global_pool(model.ln_final(h), tokens, model.text_pool_type,
+                                  eos_token_id=getattr(model, "text_eos_id", None))
+        return pooled @ model.text_projection if not isinstance(model.text_projection, nn.Linear) else model.text_projection(pooled)
+
+    for i, block in enumerate(model.transformer.resblocks):
+        x = block(x, attn_mask=model.attn_mask)
+        if i in readout_blocks:
+            readouts[i] = read(x)
+    return read(x), readouts
+
+
+class PromptLearner(nn.Module):
+    """Class prompts as embeddings, with optional learnable CoOp context."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        class_names: Sequence[str],
+        template: str = "a photo of a {}.",
+        n_ctx: int = 4,
+        learn_context: bool = False,
+    ) -> None:
+        super().__init__()
+        if "{}" not in template:
+            raise ValueError(f"prompt template {template!r} has no '{{}}' for the class name.")
+        device = model.token_embedding.weight.device
+        tokens = tokenizer([template.format(name) for name in class_names]).to(device)
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.learn_context = learn_context
+        self.n_ctx = n_ctx if learn_context else 0
+        with torch.no_grad():
+            embeddings = model.token_embedding(tokens)  # [C, ctx_len, width]
+        if learn_context:
+            prefix_words = template.split("{}")[0].strip()
+            prefix_tokens = tokenizer([prefix_words])[0]
+            n_prefix = int((prefix_tokens != 0).sum()) - 2  # minus SOT and EOT
+            if n_prefix != n_ctx:
+                raise ValueError(
+                    f"CoOp n_ctx={n_ctx} but the template's leading words {prefix_words!r} are "
+                    f"{n_prefix} tokens; the context is initialised from them, so they must match."
+                )
+            self.context = nn.Parameter(embeddings[0, 1 : 1 + n_ctx].clone())  # [n_ctx, width]
+            self.register_buffer("initial_context", self.context.detach().clone(), persistent=False)
+        self.register_buffer("prefix", embeddings[:, :1].clone(), persistent=False)
+        self.register_buffer("suffix", embeddings[:, 1 + self.n_ctx :].clone(), persistent=False)
+
+    def embeddings(self) -> torch.Tensor:
+        """[C, ctx_len, width] prompt embeddings with the current context."""
+        if not self.learn_context:
+            return torch.cat([self.prefix, self.suffix], dim=1)
+        context = self.context.unsqueeze(0).expand(self.prefix.shape[0], -1, -1)
+        return torch.cat([self.prefix, context, self.suffix], dim=1)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.learn_context:
+            self.context.copy_(self.initial_context)
