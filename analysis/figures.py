@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-__all__ = ["save_figure", "world_samples", "zero_shot_by_domain"]
+__all__ = ["accuracy_by_domain", "save_figure", "world_samples"]
 
 sns.set_theme(context="notebook", style="whitegrid")
 
@@ -57,41 +57,47 @@ def world_samples(samples: Mapping[str, Sequence[tuple[np.ndarray, str]]]) -> pl
     return figure
 
 
-def zero_shot_by_domain(table: pd.DataFrame, similarity: Mapping[str, float] | None = None) -> plt.Figure:
-    """Mean 5-way accuracy per domain with 95% CI (1.96 std / sqrt(episodes)).
+def accuracy_by_domain(table: pd.DataFrame, similarity: Mapping[str, float] | None = None) -> plt.Figure:
+    """Mean 5-way accuracy per domain and method, one panel per shot setting, with 95% CI.
 
     Args:
-        table: tidy, one row per episode, columns ``domain``, ``shots``, ``accuracy`` (0..1).
-        similarity: optional domain -> similarity to the source, drawn on a second axis.
+        table: tidy, one row per episode, columns ``domain``, ``shots``, ``method``, ``accuracy`` (0..1).
+        similarity: optional domain -> similarity to the source, drawn as a line on a second axis.
     """
-    required = {"domain", "shots", "accuracy"}
+    required = {"domain", "shots", "method", "accuracy"}
     if not required <= set(table.columns):
-        raise ValueError(f"zero_shot_by_domain needs columns {sorted(required)}; got {list(table.columns)}")
-    order = list(dict.fromkeys(table["domain"]))
-    grouped = table.groupby(["domain", "shots"], sort=False)["accuracy"]
-    stats = grouped.agg(["mean", "std", "count"]).reset_index()
+        raise ValueError(f"accuracy_by_domain needs columns {sorted(required)}; got {list(table.columns)}")
+    domains = list(dict.fromkeys(table["domain"]))
+    methods = list(dict.fromkeys(table["method"]))
+    shots = sorted(table["shots"].unique())
+    stats = table.groupby(["domain", "shots", "method"], sort=False)["accuracy"].agg(["mean", "std", "count"]).reset_index()
     stats["ci95"] = 1.96 * stats["std"].fillna(0) / np.sqrt(stats["count"])
-    figure, ax = plt.subplots(figsize=(1.6 * len(order) + 2, 3.6))
-    shots = sorted(stats["shots"].unique())
-    width = 0.8 / len(shots)
-    x = np.arange(len(order))
-    for k, s in enumerate(shots):
-        part = stats[stats["shots"] == s].set_index("domain").reindex(order)
-        ax.bar(x + (k - (len(shots) - 1) / 2) * width, 100 * part["mean"], width, yerr=100 * part["ci95"],
-               capsize=3, label=f"{s}-shot episodes")
-    ax.axhline(20, color="grey", linestyle="--", linewidth=1, label="chance (5-way)")
-    ax.set_xticks(x, order, rotation=15)
-    ax.set_ylabel("zero-shot accuracy (%)")
-    ax.set_ylim(0, 100)
-    if similarity:
-        twin = ax.twinx()
-        twin.plot(x, [similarity.get(d, np.nan) for d in order], "o-", color="black", label="domain similarity")
-        twin.set_ylim(0, 1.05)
-        twin.set_ylabel("similarity to source (1 - MMD²/2)")
-        twin.grid(False)
-        twin.legend(loc="upper right", fontsize=8)
-    ax.legend(loc="upper center", fontsize=8, ncol=len(shots) + 1)
-    ax.set_title("Zero-shot 5-way accuracy falls as the shift from the source grows\n"
-                 "(mean over episodes, error bars 95% CI = 1.96 std/sqrt(n))", fontsize=10)
+    figure, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots) + 1, 3.8), squeeze=False, sharey=True)
+    width = 0.8 / len(methods)
+    x = np.arange(len(domains))
+    palette = sns.color_palette(n_colors=len(methods))
+    for ax, k in zip(axes[0], shots):
+        for m, method in enumerate(methods):
+            part = stats[(stats["shots"] == k) & (stats["method"] == method)].set_index("domain").reindex(domains)
+            ax.bar(x + (m - (len(methods) - 1) / 2) * width, 100 * part["mean"], width, yerr=100 * part["ci95"],
+                   capsize=2, label=method, color=palette[m])
+        ax.axhline(20, color="grey", linestyle="--", linewidth=1)
+        ax.set_xticks(x, [d.replace("synthetic-", "") for d in domains], rotation=15)
+        ax.set_title(f"{k}-shot", fontsize=10)
+        ax.set_ylim(0, 100)
+        if similarity:
+            twin = ax.twinx()
+            twin.plot(x, [similarity.get(d, np.nan) for d in domains], "o-", color="black", label="similarity to source")
+            twin.set_ylim(0, 1.05)
+            twin.grid(False)
+            if ax is axes[0, -1]:
+                twin.set_ylabel("similarity to source (1 - MMD²/2)")
+                twin.legend(loc="upper right", fontsize=7)
+            else:
+                twin.set_yticklabels([])
+    axes[0, 0].set_ylabel("5-way accuracy (%)")
+    axes[0, 0].legend(loc="lower left", fontsize=7)
+    figure.suptitle("Accuracy per target (left to right: growing shift); error bars: 95% CI = 1.96 std/sqrt(episodes);"
+                    " dashed: chance", fontsize=9)
     figure.tight_layout()
     return figure

@@ -1,10 +1,11 @@
 """Pretrain the embedded CLIP on the synthetic source domain: ``python -m cdfsl_core.pretrain``.
 
-The model aligns images with text prompts "a photo of a red circle." on the 64 source classes.
+The model aligns images with text prompts "a photo of a striped red shape." on the 64 source
+classes.
 Loss: CLIP's image-to-text cross-entropy with a learned temperature, where each image is
 contrasted against the prompts of all 64 source classes (a batch holds several images of a
 class, so CLIP's symmetric in-batch loss would count true pairs as negatives). Prompt templates
-vary per step so the text tower learns colour and shape words, not one sentence per class; that
+vary per step so the text tower learns colour and pattern words, not one sentence per class; that
 is what lets it name the targets' held-out combinations zero-shot.
 
 Writes ``<out>/<arch>_synthetic.safetensors`` (fp16) and ``<out>/MODEL_CARD.md`` with the

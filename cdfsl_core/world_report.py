@@ -102,7 +102,7 @@ def write_card(report: dict[str, Any], card: Path) -> None:
 
 A small CLIP (`cdfsl_core/model_configs/{report['model']}.json`: ViT with 6 blocks of width 128,
 64x64 images, 8x8 patches = 64 patch tokens + CLS; text transformer of 4 blocks, width 64; joint
-space 64) pretrained on the synthetic source domain `synthetic` (64 colour-shape classes) only.
+space 64) pretrained on the synthetic source domain `synthetic` (64 colour-pattern classes) only.
 Weights stored as fp16 safetensors; `load_clip("{report['model']}", "{report['pretrained']}")` loads
 them as fp32.
 
@@ -123,8 +123,8 @@ python -m cdfsl_core.world_report --card cdfsl_core/weights/MODEL_CARD.md
 ```
 Source accuracy is over all 64 classes on held-out images (the `test` index range). Target
 accuracy is 5-way zero-shot over a fixed episode file per target, with the class prompts
-"a photo of a <colour> <shape>."; target classes are colour-shape combinations never seen in
-pretraining. Domain similarity is `1 - MMD^2/2` of image features (see `cdfsl_core/world_report.py`).
+"a photo of a <pattern> <colour> shape."; target classes are colour-pattern combinations never
+seen in pretraining. Domain similarity is `1 - MMD^2/2` of image features (see `cdfsl_core/world_report.py`).
 """
     card.write_text(text)
 

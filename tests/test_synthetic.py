@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cdfsl_core.data import list_datasets, load_dataset
-from cdfsl_core.data.synthetic import COLOUR_NAMES, DOMAINS, SHAPES, SOURCE_COMBOS, TARGET_COMBOS, render
+from cdfsl_core.data.synthetic import COLOUR_NAMES, DOMAINS, PATTERNS, SOURCE_COMBOS, TARGET_COMBOS, render
 from cdfsl_core.errors import DatasetError
 from cdfsl_core.models import EMBEDDED_MODEL, load_clip
 from cdfsl_core.world_report import domain_similarity
@@ -35,18 +35,19 @@ def test_class_counts_and_names():
                       "synthetic-lesions": 7, "synthetic-xray": 7}
     source = load_dataset("synthetic", images_per_class=2)
     assert len(source) == 128 and source.targets[:3] == [0, 0, 1]
-    assert all(len(name.split()) == 2 for name in source.classes)
+    assert source.classes[0] == "grid red shape"
+    assert all(len(name.split()) == 3 and name.endswith(" shape") for name in source.classes)
 
 
 def test_target_classes_are_novel_but_use_source_words():
     source = set(SOURCE_COMBOS)
     seen_colours = {c for c, _ in SOURCE_COMBOS}
-    seen_shapes = {s for _, s in SOURCE_COMBOS}
-    assert seen_colours == set(range(len(COLOUR_NAMES))) and seen_shapes == set(range(len(SHAPES)))
+    seen_patterns = {p for _, p in SOURCE_COMBOS}
+    assert seen_colours == set(range(len(COLOUR_NAMES))) and seen_patterns == set(range(len(PATTERNS)))
     all_targets = [combo for combos in TARGET_COMBOS.values() for combo in combos]
     assert len(all_targets) == len(set(all_targets)) == 36  # disjoint between targets
     assert not source & set(all_targets)
-    for domain in ("synthetic-lesions", "synthetic-xray"):  # solvable by shape alone
+    for domain in ("synthetic-lesions", "synthetic-xray"):  # solvable by pattern alone
         assert len({s for _, s in TARGET_COMBOS[domain]}) == len(TARGET_COMBOS[domain])
 
 

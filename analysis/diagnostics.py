@@ -1,0 +1,168 @@
+"""Token diagnostics that stream: accumulate batch by batch, memory independent of the image count.
+
+:class:`TokenDiagnostics` consumes the recorder's cache after each batch and keeps, per layer,
+fixed-size statistics:
+
+- **token norms** of patch tokens after the block, by Sum bucket (TIR's m_j in 0..N): count,
+  mean and standard deviation, in the residual or the projected space (``ln_post(x) P``), with
+  no transform or a natural log; both settings are written into every row;
+- **sink-token counts** per image under named definitions, each with its threshold:
+  ``sum-all`` (m_j = N, TIR's simple tokens), ``high-norm`` (norm above tau x the image's median
+  patch norm, "Vision Transformers Need Registers"), ``attention-mass`` (a token receiving more
+  than tau x the uniform share 1/T of attention, from CLS or averaged over queries, averaged
+  over heads), ``massive-activation`` (some channel above tau x the median absolute activation
+  of the image's tokens);
+- **head/tail similarity**: a histogram of m_j = max_c cos(x_j, u~_c) (ATHA's class vectors in
+  the residual space) with the mean head and tail cut points (the similarity of the
+  floor(rho_head L)-th largest and the floor(rho_tail L)-th smallest token).
+
+``tables(**labels)`` returns tidy pandas tables (one row per layer and bucket, definition or
+bin), labelled with model, dataset, episode and the definition used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from analysis.recorder import ActivationCache
+from cdfsl_core.token_text import class_vectors_in_residual, project_tokens, sum_score
+
+__all__ = ["SINK_DEFINITIONS", "SinkDefinition", "TokenDiagnostics"]
+
+
+@dataclass(frozen=True)
+class SinkDefinition:
+    """A named sink-token definition with its threshold."""
+
+    name: str  # one of SINK_DEFINITIONS
+    tau: float  # threshold (see the module doc for each definition's unit)
+    source: str = "cls"  # attention-mass only: 'cls' (attention from CLS) or 'mean' (over all queries)
+
+    def label(self) -> str:
+        if self.name == "sum-all":
+            return "sum-all (m = N)"
+        if self.name == "attention-mass":
+            return f"attention-mass (> {self.tau:g} x uniform, from {self.source})"
+        unit = "median patch norm" if self.name == "high-norm" else "median |activation|"
+        return f"{self.name} (> {self.tau:g} x {unit})"
+
+
+SINK_DEFINITIONS = {
+    "sum-all": SinkDefinition("sum-all", 0.0),
+    "high-norm": SinkDefinition("high-norm", 2.0),
+    "attention-mass": SinkDefinition("attention-mass", 5.0, "cls"),
+    "massive-activation": SinkDefinition("massive-activation", 100.0),
+}
+SPACES = ("residual", "projected")
+TRANSFORMS = ("none", "log")
+
+
+@dataclass
+class TokenDiagnostics:
+    """Streaming token statistics over the recorded layers."""
+
+    visual: Any  # the open_clip vision tower (ln_post, proj)
+    text: torch.Tensor  # [C, embed_dim] class text features (L2-normalised)
+    layers: Sequence[int]
+    rho: float = 0.3  # TIR's top-k fraction for the Sum score
+    rho_head: float = 0.3  # ATHA's head fraction
+    rho_tail: float = 0.2  # ATHA's tail fraction
+    space: str = "residual"  # token norms in 'residual' or 'projected' space
+    transform: str = "none"  # 'none' or 'log' of the norm
+    sinks: Sequence[SinkDefinition] = field(default_factory=lambda: list(SINK_DEFINITIONS.values()))
+    bins: int = 40  # head/tail histogram bins over [-1, 1]
+
+    def __post_init__(self) -> None:
+        if self.space not in SPACES:
+            raise ValueError(f"space={self.space!r}; expected one of {SPACES}.")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"transform={self.transform!r}; expected one of {TRANSFORMS}.")
+        for sink in self.sinks:
+            if sink.name not in SINK_DEFINITIONS:
+                raise ValueError(f"unknown sink definition {sink.name!r}; expected one of {list(SINK_DEFINITIONS)}.")
+            if sink.name == "attention-mass" and sink.source not in ("cls", "mean"):
+                raise ValueError(f"attention-mass source={sink.source!r}; expected 'cls' or 'mean'.")
+        self.n_classes = self.text.shape[0]
+        n_layers = len(self.layers)
+        buckets = self.n_classes + 1
+        self._norm = np.zeros((n_layers, buckets, 3))  # count, sum, sum of squares
+        self._sink = np.zeros((n_layers, len(self.sinks), 3))  # images, sum of counts, sum of squares
+        self._hist = np.zeros((n_layers, self.bins))
+        self._cuts = np.zeros((n_layers, 3))  # images, sum of head cut, sum of tail cut
+        with torch.no_grad():
+            self._vectors = class_vectors_in_residual(self.visual, self.text.float())
+
+    @torch.no_grad()
+    def update(self, cache: ActivationCache) -> None:
+        """Add one batch from the cache of the last forward."""
+        for li, layer in enumerate(self.layers):
+            x = cache[f"blocks.{layer}.resid_post"].float()
+            patches = x[:, 1:]  # [B, L, D]
+            projected = project_tokens(self.visual, patches)
+            similarity = F.normalize(projected, dim=-1) @ self.text.float().T  # [B, L, C]
+            counts = sum_score(similarity, self.rho)  # [B, L]
+            norms = (projected if self.space == "projected" else patches).norm(dim=-1)
+            values = norms.log() if self.transform == "log" else norms
+            for bucket in range(self.n_classes + 1):
+                chosen = values[counts == bucket].double()
+                self._norm[li, bucket] += (chosen.numel(), chosen.sum().item(), chosen.pow(2).sum().item())
+            for si, sink in enumerate(self.sinks):
+                per_image = self._sink_count(sink, layer, cache, patches, counts).double()
+                self._sink[li, si] += (per_image.numel(), per_image.sum().item(), per_image.pow(2).sum().item())
+            best = (F.normalize(patches, dim=-1) @ F.normalize(self._vectors, dim=-1).T).max(dim=-1).values
+            self._hist[li] += torch.histc(best, bins=self.bins, min=-1.0, max=1.0).numpy()
+            ordered = best.sort(dim=-1, descending=True).values
+            length = ordered.shape[1]
+            n_head, n_tail = max(1, int(self.rho_head * length)), max(1, int(self.rho_tail * length))
+            self._cuts[li] += (len(best), ordered[:, n_head - 1].sum().item(), ordered[:, length - n_tail].sum().item())
+
+    def _sink_count(self, sink: SinkDefinition, layer: int, cache: ActivationCache, patches: torch.Tensor,
+                    counts: torch.Tensor) -> torch.Tensor:
+        if sink.name == "sum-all":
+            return (counts == self.n_classes).sum(dim=-1)
+        if sink.name == "high-norm":
+            norms = patches.norm(dim=-1)
+            return (norms > sink.tau * norms.median(dim=-1, keepdim=True).values).sum(dim=-1)
+        if sink.name == "massive-activation":
+            magnitude = patches.abs()
+            median = magnitude.flatten(1).median(dim=-1).values.view(-1, 1, 1)
+            return (magnitude > sink.tau * median).any(dim=-1).sum(dim=-1)
+        key = f"blocks.{layer}.attn.pattern"
+        if key not in cache:
+            raise ValueError("the attention-mass definition needs 'attn.pattern' in the recording.")
+        pattern = cache[key].float().mean(dim=1)  # [B, T, T], mean over heads
+        received = pattern[:, 0, 1:] if sink.source == "cls" else pattern[:, :, 1:].mean(dim=1)
+        return (received > sink.tau / pattern.shape[-1]).sum(dim=-1)
+
+    def tables(self, **labels: Any) -> dict[str, pd.DataFrame]:
+        """Tidy tables ``norms``, ``sinks`` and ``head_tail``; ``labels`` (model, dataset, episode, ...)
+        are added as columns to every row."""
+        norm_rows, sink_rows, hist_rows = [], [], []
+        edges = np.linspace(-1, 1, self.bins + 1)
+        for li, layer in enumerate(self.layers):
+            for bucket in range(self.n_classes + 1):
+                n, s, ss = self._norm[li, bucket]
+                mean = s / n if n else np.nan
+                std = np.sqrt(max(ss / n - mean**2, 0.0)) if n else np.nan
+                norm_rows.append({**labels, "layer": layer, "bucket": bucket, "count": int(n), "mean": mean, "std": std,
+                                  "space": self.space, "transform": self.transform, "rho": self.rho})
+            for si, sink in enumerate(self.sinks):
+                n, s, ss = self._sink[li, si]
+                mean = s / n if n else np.nan
+                sink_rows.append({**labels, "layer": layer, "definition": sink.name, "tau": sink.tau,
+                                  "label": sink.label(), "images": int(n), "mean_count": mean,
+                                  "std_count": np.sqrt(max(ss / n - mean**2, 0.0)) if n else np.nan})
+            n_images = self._cuts[li, 0]
+            for b in range(self.bins):
+                hist_rows.append({**labels, "layer": layer, "bin_left": edges[b], "bin_right": edges[b + 1],
+                                  "count": int(self._hist[li, b]),
+                                  "head_cut": self._cuts[li, 1] / n_images if n_images else np.nan,
+                                  "tail_cut": self._cuts[li, 2] / n_images if n_images else np.nan,
+                                  "rho_head": self.rho_head, "rho_tail": self.rho_tail})
+        return {"norms": pd.DataFrame(norm_rows), "sinks": pd.DataFrame(sink_rows), "head_tail": pd.DataFrame(hist_rows)}

@@ -1,0 +1,133 @@
+"""Record what the vision tower computes, block by block.
+
+    with record(model, layers=[3, 5], what=("resid_post", "attn.pattern")) as cache:
+        model(images)                 # any forward that runs the vision tower
+    cache["blocks.3.resid_post"]      # [batch, 1 + L, width], CLS first
+    cache.stack("resid_post")         # [layer, batch, 1 + L, width]
+
+Keys follow one scheme, pinned by a test:
+
+- ``blocks.{i}.resid_pre``: the residual stream entering block i, after any intervention hook
+  (ATHA, TIR) has edited it, i.e. what the block really computes on (taken at the input of
+  the block's ``ln_1``);
+- ``blocks.{i}.resid_post``: the block's output;
+- ``blocks.{i}.attn.pattern``: attention probabilities per head, ``[batch, head, query, key]``,
+  recomputed from the block's q and k (LoRA adapters included), since open_clip's fused
+  attention does not return them. Record in eval mode: in training mode LoRA's dropout draws
+  anew for the recomputation.
+
+``model`` is a CLIP, a :class:`~cdfsl_core.methods.FewShotCLIP`, or a vision tower. Each forward
+overwrites the cache, so a loop over batches keeps memory constant (reducers consume the cache
+after each batch). Hooks are removed on exit, also when the forward raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdfsl_core.lora import LoRAAttention
+
+__all__ = ["ActivationCache", "WHAT", "record", "vision_tower"]
+
+WHAT = ("resid_pre", "resid_post", "attn.pattern")
+
+
+def vision_tower(model: nn.Module) -> nn.Module:
+    """The open_clip VisionTransformer inside a CLIP, a FewShotCLIP, or the tower itself."""
+    if hasattr(model, "transformer") and hasattr(model, "ln_post"):
+        return model
+    if hasattr(model, "visual"):
+        return model.visual
+    if hasattr(model, "model") and hasattr(model.model, "visual"):
+        return model.model.visual
+    raise TypeError(f"{type(model).__name__} has no open_clip vision tower (expected .visual or .model.visual).")
+
+
+def attention_pattern(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax(q k^T / sqrt(d_head)) per head for the normalised input ``x`` [batch, token, width]."""
+    if isinstance(attn, LoRAAttention):
+        q, k, _ = attn.project_qkv(x)
+        heads = attn.num_heads
+    else:
+        q, k, _ = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        heads = attn.num_heads
+    batch, tokens, width = q.shape
+    d_head = width // heads
+    q = q.reshape(batch, tokens, heads, d_head).transpose(1, 2)
+    k = k.reshape(batch, tokens, heads, d_head).transpose(1, 2)
+    return torch.softmax((q.float() @ k.float().transpose(-2, -1)) / d_head**0.5, dim=-1)
+
+
+class ActivationCache(Mapping):
+    """A read-only mapping of the last forward's recordings."""
+
+    def __init__(self, layers: Sequence[int], what: Sequence[str]) -> None:
+        self.layers = list(layers)
+        self.what = tuple(what)
+        self._store: dict[str, torch.Tensor] = {}
+
+    def keys_expected(self) -> list[str]:
+        return [f"blocks.{i}.{w}" for i in self.layers for w in self.what]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        try:
+            return self._store[key]
+        except KeyError:
+            raise KeyError(f"{key!r} was not recorded; recorded: {sorted(self._store)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._store)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def stack(self, what: str) -> torch.Tensor:
+        """``what`` of every recorded layer stacked: [layer, ...]."""
+        return torch.stack([self[f"blocks.{i}.{what}"] for i in self.layers])
+
+    def _put(self, key: str, value: torch.Tensor) -> None:
+        self._store[key] = value.detach()
+
+
+@contextmanager
+def record(
+    model: nn.Module,
+    layers: Sequence[int] | None = None,
+    what: Sequence[str] = WHAT,
+) -> Iterator[ActivationCache]:
+    """Capture ``what`` at vision ``layers`` (all when None) during forwards inside the block."""
+    visual = vision_tower(model)
+    blocks = visual.transformer.resblocks
+    n_blocks = len(blocks)
+    layers = list(range(n_blocks)) if layers is None else list(layers)
+    bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < n_blocks]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: this vision tower has blocks 0..{n_blocks - 1}.")
+    unknown = [w for w in what if w not in WHAT]
+    if unknown:
+        raise ValueError(f"unknown recording(s) {unknown}; expected some of {WHAT}.")
+    cache = ActivationCache(layers, what)
+    handles = []
+    try:
+        for i in layers:
+            block = blocks[i]
+            if "resid_pre" in what:
+                handles.append(block.ln_1.register_forward_pre_hook(
+                    lambda m, args, i=i: cache._put(f"blocks.{i}.resid_pre", args[0])))
+            if "attn.pattern" in what:
+                handles.append(block.ln_1.register_forward_hook(  # block.attn looked up at call time (LoRA)
+                    lambda m, args, out, i=i, block=block: cache._put(
+                        f"blocks.{i}.attn.pattern", attention_pattern(block.attn, out))))
+            if "resid_post" in what:
+                handles.append(block.register_forward_hook(
+                    lambda m, args, out, i=i: cache._put(f"blocks.{i}.resid_post", out)))
+        yield cache
+    finally:
+        for handle in handles:
+            handle.remove()

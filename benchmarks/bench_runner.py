@@ -1,0 +1,102 @@
+"""Per-episode time of the episodic runner, and loading the model once vs. every episode.
+
+    .venv/bin/python benchmarks/bench_runner.py [--episodes 3] [--steps 100] [--model ...]
+
+Both variants run the same method on the same episodes in one process, side by side:
+- once:   the runner's way: load the model once, reset adapters between episodes;
+- reload: the authors' code's way: load the model (and rebuild the method) for every episode.
+The ratio reload/once is what loading once saves. On CUDA it also reports peak GPU memory, with
+bf16 autocast. For ViT-B/16 at real size without the OpenAI weights: --model ViT-B-16 --pretrained none
+(random weights; the time per episode does not depend on the weights' values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from cdfsl_core.data import load_dataset
+from cdfsl_core.episodes import EpisodeConfig, generate_episodes
+from cdfsl_core.methods import FewShotCLIP, MethodConfig
+from cdfsl_core.models import load_clip, resolve_device
+from cdfsl_core.runner import TrainConfig, _load, evaluate, protocol_transform, train_episode
+
+
+def _episode(bundle, method, dataset, episode, names, train, device):
+    transform = protocol_transform(bundle, train.resize_ratio)
+    if method is None:
+        method = FewShotCLIP(bundle, names, MethodConfig("coop+lora", "tir"))
+    else:
+        method.set_classes(names)
+    method.reset_parameters(torch.Generator().manual_seed(0))
+    support = _load(dataset, episode.support_ids, transform).to(device)
+    query = _load(dataset, episode.query_ids, transform).to(device)
+    train_episode(method, support, torch.tensor(episode.support_labels, device=device), train)
+    evaluate(method, query, torch.tensor(episode.query_labels, device=device), train.eval_batch_size)
+    return method
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="cdfsl-synth-vit")
+    parser.add_argument("--pretrained", default="synthetic")
+    parser.add_argument("--dataset", default="synthetic-crops")
+    parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--episodes", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    pretrained = None if args.pretrained == "none" else args.pretrained
+    dataset = load_dataset(args.dataset, images_per_class=40) if args.dataset.startswith("synthetic") else load_dataset(args.dataset)
+    episodes = generate_episodes(dataset, EpisodeConfig(5, args.shots, 15, args.episodes, 0))
+    train = replace(TrainConfig(), steps=args.steps)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    results = {}
+    for variant in ("once", "reload"):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        start_all = time.perf_counter()
+        bundle = load_clip(args.model, pretrained, device=device) if variant == "once" else None
+        method = None
+        for episode in episodes.episodes:
+            start = time.perf_counter()
+            if variant == "reload":
+                bundle, method = load_clip(args.model, pretrained, device=device), None
+            method = _episode(bundle, method, dataset, episode, episodes.class_names(episode), train, device)
+            sync()
+            times.append(time.perf_counter() - start)
+        results[variant] = {
+            "seconds_per_episode": sum(times) / len(times),
+            "total_seconds": time.perf_counter() - start_all,
+            "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        }
+    report = {
+        "model": args.model, "pretrained": args.pretrained, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "autocast": "bf16" if device.type == "cuda" else "none (fp32)",
+        "threads": torch.get_num_threads(), "method": "coop+lora/tir", "shots": args.shots,
+        "steps": args.steps, "episodes": args.episodes, **results,
+        "reload_over_once": results["reload"]["total_seconds"] / results["once"]["total_seconds"],
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

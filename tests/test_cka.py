@@ -1,0 +1,95 @@
+"""CKA properties with exact expected values."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from analysis.cka import CKAAccumulator, cka, domain_cka, gram, hsic
+
+
+def _x(n=60, d=8, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+def test_a_representation_against_itself_is_one(kernel, estimator):
+    assert cka(_x(), _x(), kernel, estimator) == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_invariant_to_rotation_and_isotropic_scaling(kernel):
+    x, y = _x(), _x(seed=1) + 0.5 * _x()
+    q, _ = torch.linalg.qr(_x(8, 8, seed=3))
+    base = cka(x, y, kernel)
+    assert cka(x @ q * 3.7, y, kernel) == pytest.approx(base, abs=1e-9)
+
+
+def test_debiased_cka_of_independent_data_is_near_zero_while_biased_is_not():
+    x, y = _x(200, 300, seed=4), _x(200, 300, seed=5)  # n < d: biased is inflated
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert abs(cka(x, y, "linear", "debiased")) < 0.05
+        assert cka(x, y, "linear", "biased") > 0.3
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+def test_streaming_with_one_batch_equals_the_plain_reference(kernel, estimator):
+    x, y = _x(), torch.tanh(_x(seed=2) + _x())
+    acc = CKAAccumulator(kernel, estimator)
+    acc.update(x, y)
+    assert acc.value() == pytest.approx(cka(x, y, kernel, estimator), abs=1e-6)
+
+
+def test_linear_biased_hsic_matches_the_feature_space_formula():
+    x, y = _x(), _x(seed=7)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    expected = (yc.T @ xc).pow(2).sum() / (len(x) - 1) ** 2
+    assert float(hsic(gram(x), gram(y))) == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_streaming_sums_hsic_terms_not_per_batch_cka():
+    x, y = _x(120), torch.tanh(_x(120, seed=2) + _x(120))
+    acc = CKAAccumulator("linear", "debiased")
+    for start in range(0, 120, 40):
+        acc.update(x[start:start + 40], y[start:start + 40])
+    sums = [0.0, 0.0, 0.0]
+    for start in range(0, 120, 40):
+        k, l = gram(x[start:start + 40]), gram(y[start:start + 40])
+        for i, v in enumerate((hsic(k, l, "debiased"), hsic(k, k, "debiased"), hsic(l, l, "debiased"))):
+            sums[i] += float(v)
+    assert acc.value() == pytest.approx(sums[0] / (sums[1] * sums[2]) ** 0.5, abs=1e-12)
+
+
+def test_domain_cka_reports_spread_and_references():
+    source = _x(80, 6)
+    close = source[torch.randperm(80, generator=torch.Generator().manual_seed(0))] + 0.01 * _x(80, 6, seed=9)
+    result = domain_cka(source, close, "linear", "debiased", pairings=5)
+    assert set(result) >= {"cka_mean", "cka_std", "within_source_mean", "noise_floor_mean"}
+    assert result["cka_std"] >= 0 and abs(result["noise_floor_mean"]) < 0.1
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="kernel='cosine'"):
+        cka(_x(), _x(), kernel="cosine")
+    with pytest.raises(ValueError, match="estimator='unbiased'"):
+        CKAAccumulator("linear", "unbiased")
+    with pytest.raises(ValueError, match="at least 4 examples.*n = 3"):
+        cka(_x(3), _x(3), estimator="debiased")
+    bad = _x()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="x holds NaN"):
+        cka(bad, _x())
+    with pytest.raises(ValueError, match="60 rows, y has 59"):
+        cka(_x(), _x(59))
+
+
+def test_warns_when_samples_are_few_for_the_dimension():
+    acc = CKAAccumulator()
+    acc.update(_x(20, 50), _x(20, 50, seed=1))
+    with pytest.warns(UserWarning, match="n < d"):
+        acc.value()

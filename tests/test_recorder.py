@@ -1,0 +1,104 @@
+"""The recorder: key scheme, agreement with open_clip and torch, interventions seen, hooks removed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from analysis.recorder import record
+from cdfsl_core.interventions import TIRConfig
+from cdfsl_core.lora import LoRAConfig
+from cdfsl_core.methods import create_method
+from cdfsl_core.models import load_clip
+
+
+@pytest.fixture
+def bundle():
+    torch.manual_seed(0)
+    return load_clip("cdfsl-test-vit")
+
+
+@pytest.fixture
+def images():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
+def test_the_key_scheme_is_a_contract(bundle, images):
+    with record(bundle.model) as cache, torch.no_grad():
+        bundle.model.encode_image(images)
+    assert sorted(cache) == sorted([
+        "blocks.0.resid_pre", "blocks.0.resid_post", "blocks.0.attn.pattern",
+        "blocks.1.resid_pre", "blocks.1.resid_post", "blocks.1.attn.pattern",
+    ])
+    assert cache["blocks.0.resid_pre"].shape == (3, 17, 64)  # CLS + 16 patches, width 64
+    assert cache["blocks.1.attn.pattern"].shape == (3, 2, 17, 17)  # 2 heads
+    assert cache.stack("resid_post").shape == (2, 3, 17, 64)
+
+
+def test_tokens_equal_open_clips_forward_intermediates(bundle, images):
+    with record(bundle.model, what=("resid_post",)) as cache, torch.no_grad():
+        bundle.model.encode_image(images)
+        native = bundle.model.visual.forward_intermediates(images, output_fmt="NLC", output_extra_tokens=True)
+    for i in range(2):
+        ours = cache[f"blocks.{i}.resid_post"]
+        assert torch.allclose(ours[:, 1:], native["image_intermediates"][i], atol=1e-6)
+        assert torch.allclose(ours[:, :1], native["image_intermediates_prefix"][i], atol=1e-6)
+
+
+def test_resid_pre_of_a_block_is_resid_post_of_the_previous(bundle, images):
+    with record(bundle.model, what=("resid_pre", "resid_post")) as cache, torch.no_grad():
+        bundle.model.encode_image(images)
+    assert torch.equal(cache["blocks.1.resid_pre"], cache["blocks.0.resid_post"])
+
+
+def test_attention_equals_torch_multihead_attention_weights(bundle, images):
+    block = bundle.model.visual.transformer.resblocks[1]
+    with record(bundle.model, layers=[1], what=("resid_pre", "attn.pattern")) as cache, torch.no_grad():
+        bundle.model.encode_image(images)
+        x = block.ln_1(cache["blocks.1.resid_pre"])
+        _, weights = block.attn(x, x, x, need_weights=True, average_attn_weights=False)
+    assert torch.allclose(cache["blocks.1.attn.pattern"], weights, atol=1e-6)
+    assert torch.allclose(cache["blocks.1.attn.pattern"].sum(-1), torch.ones(3, 2, 17), atol=1e-6)
+
+
+def test_records_what_an_adapted_model_with_tir_really_computes(bundle, images):
+    method = create_method(bundle, ["a", "b", "c"], "coop+lora", "tir", lora=LoRAConfig(rank=2),
+                           tir=TIRConfig(blocks=(1,))).eval()
+    with torch.no_grad():
+        for adapter in method.adapters:
+            for b in adapter.lora_B.values():
+                b.normal_(0, 0.1)
+    with record(method, what=("resid_pre", "resid_post", "attn.pattern")) as cache, torch.no_grad():
+        method(images)
+    # TIR edits the stream entering block 1: what block 1 saw differs from block 0's output
+    assert not torch.allclose(cache["blocks.1.resid_pre"], cache["blocks.0.resid_post"])
+    block = bundle.model.visual.transformer.resblocks[1]
+    with torch.no_grad():
+        x = block.ln_1(cache["blocks.1.resid_pre"])
+        expected = block(cache["blocks.1.resid_pre"])
+        q, k, _ = block.attn.project_qkv(x)  # the LoRA-adapted projections
+        q = q.reshape(3, 17, 2, 32).transpose(1, 2)
+        k = k.reshape(3, 17, 2, 32).transpose(1, 2)
+        pattern = torch.softmax(q @ k.transpose(-2, -1) / 32**0.5, dim=-1)
+    assert torch.allclose(cache["blocks.1.resid_post"], expected, atol=1e-5)
+    assert torch.allclose(cache["blocks.1.attn.pattern"], pattern, atol=1e-5)
+
+
+def test_no_hook_remains_after_the_forward_raises(bundle, images):
+    modules = list(bundle.model.visual.modules())
+    with pytest.raises(RuntimeError, match="boom"):
+        with record(bundle.model) as cache:
+            bundle.model.encode_image(images)
+            assert len(cache) == 6
+            raise RuntimeError("boom")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
+
+
+def test_bad_layers_and_recordings(bundle):
+    with pytest.raises(ValueError, match=r"layers \[2\] out of range.*0..1"):
+        with record(bundle.model, layers=[2]):
+            pass
+    with pytest.raises(ValueError, match="unknown recording"):
+        with record(bundle.model, what=("attn.scores",)):
+            pass
