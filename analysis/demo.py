@@ -88,7 +88,7 @@ def summarise(table: pd.DataFrame, out: Path) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--episodes", type=int, default=5, help="episodes per target, shot setting and method")
+    parser.add_argument("--episodes", type=int, default=3, help="episodes per target, shot setting and method")
     parser.add_argument("--steps", type=int, default=100, help="training steps per episode (protocol: 100)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-__all__ = ["accuracy_by_domain", "save_figure", "world_samples"]
+__all__ = ["accuracy_by_domain", "cka_by_layer", "save_figure", "world_samples"]
 
 sns.set_theme(context="notebook", style="whitegrid")
 
@@ -99,5 +99,33 @@ def accuracy_by_domain(table: pd.DataFrame, similarity: Mapping[str, float] | No
     axes[0, 0].legend(loc="lower left", fontsize=7)
     figure.suptitle("Accuracy per target (left to right: growing shift); error bars: 95% CI = 1.96 std/sqrt(episodes);"
                     " dashed: chance", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def cka_by_layer(table: pd.DataFrame) -> plt.Figure:
+    """Domain CKA per layer with its spread over random pairings and the two references.
+
+    Args:
+        table: one row per (target, layer): ``layer``, ``target``, ``cka_mean``, ``cka_std``,
+            ``within_source_mean``, ``noise_floor_mean``, ``kernel``, ``estimator``, ``pool``.
+    """
+    required = {"layer", "target", "cka_mean", "cka_std", "within_source_mean", "noise_floor_mean"}
+    if not required <= set(table.columns):
+        raise ValueError(f"cka_by_layer needs columns {sorted(required)}; got {list(table.columns)}")
+    figure, ax = plt.subplots(figsize=(6, 3.8))
+    for target, part in table.groupby("target", sort=False):
+        part = part.sort_values("layer")
+        line, = ax.plot(part["layer"], part["cka_mean"], "o-", label=f"source vs {target}")
+        ax.fill_between(part["layer"], part["cka_mean"] - part["cka_std"], part["cka_mean"] + part["cka_std"],
+                        color=line.get_color(), alpha=0.2)
+    first = table.sort_values("layer").drop_duplicates("layer")
+    ax.plot(first["layer"], first["within_source_mean"], "k--", label="within source (two halves)")
+    ax.plot(first["layer"], first["noise_floor_mean"], ":", color="grey", label="noise floor (random features)")
+    ax.set_xlabel("vision block")
+    ax.set_ylabel("CKA")
+    settings = ", ".join(f"{k}={table[k].iloc[0]}" for k in ("kernel", "estimator", "pool") if k in table)
+    ax.set_title(f"CKA between domains per layer ({settings});\nband: std over random pairings", fontsize=9)
+    ax.legend(fontsize=7)
     figure.tight_layout()
     return figure

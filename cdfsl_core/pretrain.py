@@ -50,7 +50,7 @@ class PretrainConfig:
     arch: str = "cdfsl-synth-vit"  # registered architecture (model_configs/*.json)
     seed: int = 0  # world seed and torch seed
     images_per_class: int = 200  # training images per source class, rendered once
-    steps: int = 3000  # optimiser steps (about 21 min on 2 CPU cores)
+    steps: int = 3000  # optimiser steps (25 min on 2 CPU cores)
     batch_size: int = 64  # images per step
     lr: float = 2e-3  # AdamW peak learning rate (cosine decay, linear warm-up)
     warmup: int = 100  # warm-up steps
@@ -139,7 +139,7 @@ def pretrain(config: PretrainConfig, out_dir: Path) -> Path:
     save_file(state, str(tmp), metadata={"config": json.dumps(asdict(config))})
     tmp.replace(weights)
     (out_dir / "pretrain_config.json").write_text(
-        json.dumps({**asdict(config), "train_minutes": round(minutes, 2), "command": " ".join(sys.argv),
+        json.dumps({**asdict(config), "train_minutes": round(minutes, 2), "command": " ".join(["python -m cdfsl_core.pretrain", *sys.argv[1:]]),
                     "history": history}, indent=2)
         + "\n"
     )

@@ -42,6 +42,8 @@ from cdfsl_core.zeroshot import autocast_for, mean_ci95
 
 __all__ = [
     "DataConfig",
+    "load_run",
+    "prepare_episode",
     "ModelConfig",
     "NonFiniteLoss",
     "RunConfig",
@@ -300,6 +302,48 @@ def summarise(rows: list[dict[str, Any]], episodes: EpisodeFile) -> dict[str, An
     }
 
 
+def prepare_episode(
+    config: RunConfig, bundle: ClipBundle, dataset: Any, episodes: EpisodeFile, index: int,
+    method: FewShotCLIP | None = None, transform: T.Compose | None = None,
+) -> tuple[FewShotCLIP, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The method reset for episode ``index`` and the episode's tensors (support images, labels,
+    query images, labels) on the model's device. Everything random is seeded from (seed, index),
+    so an episode computes the same whenever and wherever it is prepared."""
+    episode = episodes.episodes[index]
+    names = episodes.class_names(episode)
+    if method is None:
+        method = FewShotCLIP(bundle, names, config.method)
+    else:
+        method.set_classes(names)
+    # Seed after building the method (its construction draws random numbers), so that an
+    # episode computes the same whether the run started at it or before it.
+    seed = episode_seed(config.episodes.seed, index)
+    torch.manual_seed(seed)
+    method.reset_parameters(torch.Generator().manual_seed(seed))
+    device = next(bundle.model.parameters()).device
+    transform = transform or protocol_transform(bundle, config.train.resize_ratio)
+    support = _load(dataset, episode.support_ids, transform, config.train.augment).to(device)
+    views = 5 if config.train.augment else 1
+    support_labels = torch.tensor(episode.support_labels, device=device).repeat_interleave(views)
+    query = _load(dataset, episode.query_ids, transform).to(device)
+    query_labels = torch.tensor(episode.query_labels, device=device)
+    return method, support, support_labels, query, query_labels
+
+
+def load_run(folder: str | os.PathLike[str]) -> tuple[RunConfig, ClipBundle, Any, EpisodeFile]:
+    """A finished (or partial) run's config, a freshly loaded model, its dataset and episodes."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} is not a run folder: config.json is missing.")
+    config = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    if config.model.pretrained is None:
+        torch.manual_seed(config.episodes.seed)
+    bundle = load_clip(config.model.name, config.model.pretrained, device=resolve_device(config.model.device))
+    dataset = load_dataset(config.data.dataset, config.data.root, **config.data.options)
+    path = Path(config.data.episode_file) if config.data.episode_file else folder / "episodes.json"
+    return config, bundle, dataset, load_episodes(path, dataset)
+
+
 def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | None = None, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) every episode of a run folder; returns the summary."""
     out = Path(out)
@@ -335,23 +379,10 @@ def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | Non
     label = f"{config.method.adaptation}/{config.method.intervention} on {config.data.dataset}"
     with results_path.open("a") as handle:
         for index in tqdm(todo, desc=label, disable=not progress):
-            episode = episodes.episodes[index]
-            names = episodes.class_names(episode)
-            if method is None:
-                method = FewShotCLIP(bundle, names, config.method)
-            else:
-                method.set_classes(names)
-            # Seed after building the method (its construction draws random numbers), so that an
-            # episode computes the same whether the run started at it or before it.
-            seed = episode_seed(config.episodes.seed, index)
-            torch.manual_seed(seed)
-            method.reset_parameters(torch.Generator().manual_seed(seed))
+            names = episodes.class_names(episodes.episodes[index])
             start = time.perf_counter()
-            support = _load(dataset, episode.support_ids, transform, config.train.augment).to(device)
-            views = 5 if config.train.augment else 1
-            support_labels = torch.tensor(episode.support_labels, device=device).repeat_interleave(views)
-            query = _load(dataset, episode.query_ids, transform).to(device)
-            query_labels = torch.tensor(episode.query_labels, device=device)
+            method, support, support_labels, query, query_labels = prepare_episode(
+                config, bundle, dataset, episodes, index, method, transform)
             row: dict[str, Any] = {"episode": index, "classes": names}
             try:
                 row.update(train_episode(method, support, support_labels, config.train))

@@ -11,6 +11,10 @@ import pytest
 from PIL import Image
 
 from cdfsl_core.data import FewShotDataset
+from cdfsl_core.episodes import EpisodeConfig
+from cdfsl_core.lora import LoRAConfig
+from cdfsl_core.methods import MethodConfig
+from cdfsl_core.runner import DataConfig, ModelConfig, RunConfig, TrainConfig
 
 PLANTVILLAGE_CLASSES = [
     "Apple___Apple_scab", "Apple___Black_rot", "Apple___Cedar_apple_rust", "Apple___healthy",
@@ -156,3 +160,13 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+# A run small enough for unit tests: the 2-block test architecture with random weights.
+TINY = RunConfig(
+    model=ModelConfig("cdfsl-test-vit", None, "cpu"),
+    data=DataConfig("synthetic-crops", None, {"images_per_class": 8}),
+    episodes=EpisodeConfig(n_way=3, k_shot=1, n_query=2, n_episodes=4, seed=0),
+    method=MethodConfig("coop+lora", "tir", lora=LoRAConfig(rank=2)),
+    train=TrainConfig(steps=3),
+)

@@ -93,3 +93,32 @@ def test_warns_when_samples_are_few_for_the_dimension():
     acc.update(_x(20, 50), _x(20, 50, seed=1))
     with pytest.warns(UserWarning, match="n < d"):
         acc.value()
+
+
+def test_layer_features_match_the_recorder_and_the_command_writes_its_outputs(tmp_path, capsys):
+    from analysis.cka import layer_features, main
+    from cdfsl_core.models import load_clip
+
+    torch.manual_seed(0)
+    bundle = load_clip("cdfsl-test-vit")
+    images = torch.randn(5, 3, 32, 32)
+    feats = layer_features(bundle.model, images=images, batch_size=2)
+    with torch.no_grad():
+        native = bundle.model.visual.forward_intermediates(images, output_fmt="NLC", output_extra_tokens=True)
+    assert torch.allclose(feats[1], native["image_intermediates_prefix"][1][:, 0], atol=1e-6)
+    pooled = layer_features(bundle.model, images=images, pool="mean")[0]
+    assert torch.allclose(pooled, native["image_intermediates"][0].mean(dim=1), atol=1e-6)
+    argv = ["--model", "cdfsl-test-vit", "--pretrained", str(_save_tiny(bundle, tmp_path)), "--source", "synthetic",
+            "--target", "synthetic-xray", "--images", "12", "--pairings", "3", "--device", "cpu",
+            "--out", str(tmp_path / "cka")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "cka_mean" in out and "noise_floor_mean" in out
+    for suffix in ("csv", "json", "png", "pdf"):
+        assert (tmp_path / "cka" / f"cka_synthetic_synthetic-xray.{suffix}").exists()
+
+
+def _save_tiny(bundle, tmp_path):
+    from cdfsl_core.models import save_checkpoint
+
+    return save_checkpoint(bundle.model, tmp_path / "tiny.safetensors")

@@ -18,21 +18,10 @@ import torch
 import cdfsl_core.runner as runner
 from cdfsl_core.compare import paired_difference
 from cdfsl_core.compare import main as compare_main
-from cdfsl_core.episodes import EpisodeConfig
 from cdfsl_core.finetune import main as finetune_main
-from cdfsl_core.lora import LoRAConfig
-from cdfsl_core.methods import MethodConfig
 from cdfsl_core.models import load_clip
-from cdfsl_core.runner import DataConfig, ModelConfig, RunConfig, TrainConfig, run
-
-TINY = RunConfig(
-    model=ModelConfig("cdfsl-test-vit", None, "cpu"),
-    data=DataConfig("synthetic-crops", None, {"images_per_class": 8}),
-    episodes=EpisodeConfig(n_way=3, k_shot=1, n_query=2, n_episodes=4, seed=0),
-    method=MethodConfig("coop+lora", "tir", lora=LoRAConfig(rank=2)),
-    train=TrainConfig(steps=3),
-)
-
+from cdfsl_core.runner import RunConfig, TrainConfig, run
+from conftest import TINY
 
 def _rows(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "episodes.jsonl").read_text().splitlines()]

@@ -221,12 +221,13 @@ def _render_source(rng: np.random.Generator, combo: Combo) -> np.ndarray:
 
 
 def _render_crops(rng: np.random.Generator, combo: Combo) -> np.ndarray:
-    soil = np.asarray([0.36, 0.28, 0.16], dtype=np.float32) + rng.uniform(-0.06, 0.06, 3).astype(np.float32)
-    background = soil * (1 + 0.35 * _smooth_noise(rng, 16)[..., None])
+    field = np.asarray([0.62, 0.70, 0.48], dtype=np.float32) + rng.uniform(-0.08, 0.08, 3).astype(np.float32)
+    background = field * (1 + 0.12 * _smooth_noise(rng, 16)[..., None])  # a light, leafy field
     mask, u, v = _object(rng, rng.uniform(16, 24), *rng.uniform(-6, 6, 2), softness=1.5)
-    mottle = 1 + 0.25 * _smooth_noise(rng, 16) + 0.12 * _smooth_noise(rng, 8)
-    spots = (_smooth_noise(rng, 16) > 0.6).astype(np.float32) * 0.4  # darker disease-like spots
-    fill = _patterned_fill(rng, combo, u, v, 0.08) * (mottle * (1 - spots))[..., None]
+    mottle = 1 + 0.22 * _smooth_noise(rng, 16)
+    spots = (_smooth_noise(rng, 16) > 0.6).astype(np.float32) * 0.35  # darker disease-like spots
+    fill = 0.6 * _patterned_fill(rng, combo, u, v, 0.08) + 0.4 * field  # a natural, leafy colour cast
+    fill = fill * (mottle * (1 - spots))[..., None]
     return _compose(background, fill, mask)
 
 
@@ -253,8 +254,8 @@ def _render_lesions(rng: np.random.Generator, combo: Combo) -> np.ndarray:
     wobble = 1 + 0.14 * _smooth_noise(rng, 4)  # irregular border
     mask, u, v = _object(rng, rng.uniform(16, 24), *rng.uniform(-4, 4, 2), softness=3.5, wobble=wobble)
     pigment = np.asarray([0.35, 0.20, 0.12], dtype=np.float32)
-    fill = 0.5 * _patterned_fill(rng, combo, u, v, 0.08) + 0.3 * pigment + 0.2 * skin
-    fill = fill * (1 + 0.15 * _smooth_noise(rng, 16)[..., None])
+    fill = 0.2 * _patterned_fill(rng, combo, u, v, 0.08) + 0.5 * pigment + 0.3 * skin  # pattern diluted
+    fill = fill * (1 + 0.2 * _smooth_noise(rng, 16)[..., None])
     return _compose(background, fill, mask * 0.9)
 
 
@@ -264,7 +265,7 @@ def _render_xray(rng: np.random.Generator, combo: Combo) -> np.ndarray:
     background = 0.25 + 0.15 * vignette + ribs + 0.05 * _smooth_noise(rng, 8)
     mask, u, v = _object(rng, rng.uniform(16, 24), *rng.uniform(-6, 6, 2), softness=2.5)
     grey_fill = _patterned_fill(rng, combo, u, v, 0.0).mean(axis=-1)  # colour survives only as grey levels
-    grey = background + (0.08 + 0.12 * grey_fill) * mask + rng.normal(0, 0.07, mask.shape).astype(np.float32)
+    grey = background + (0.08 + 0.3 * grey_fill) * mask + rng.normal(0, 0.06, mask.shape).astype(np.float32)
     return np.repeat(grey[..., None], 3, axis=-1)
 
 

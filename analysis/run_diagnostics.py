@@ -1,0 +1,137 @@
+"""Every diagnostic of a finished run, for the pretrained and the fine-tuned model on the same
+query images: ``python -m analysis.run_diagnostics RUN_FOLDER [--episodes 0 1]``.
+
+The fine-tuned model of an episode is not stored (for ViT-B/16 its adapters weigh about 6 MB,
+so 800 episodes would take 5 GB); it is re-trained: the runner seeds every episode from
+``(seed, index)``, so the same episode trains to the same model. The accuracy recomputed here is
+checked against the run's own line for the episode, and a mismatch is reported in the tables.
+
+Writes, into ``RUN_FOLDER/diagnostics/`` (or ``--out``), one CSV per table: ``norms``, ``sinks``,
+``head_tail``, ``attention`` (CLS attention maps, mean over query images, per head and layer),
+``rollout`` and ``attribution`` (per-patch integrated gradients of the true class, mean over
+query images), each labelled with model, dataset, episode and the definitions used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+
+from analysis.attention import attention_rollout, cls_attention_maps
+from analysis.attribution import PatchAttribution
+from analysis.diagnostics import TokenDiagnostics
+from analysis.recorder import record
+from cdfsl_core.methods import FewShotCLIP
+from cdfsl_core.runner import evaluate, load_run, prepare_episode, train_episode
+
+__all__ = ["diagnose_model", "diagnose_run"]
+
+
+def _grid_rows(values: torch.Tensor, **labels: Any) -> list[dict[str, Any]]:
+    side = values.shape[-1]
+    return [{**labels, "row": r, "col": c, "value": float(values[..., r, c])} for r in range(side) for c in range(side)]
+
+
+@torch.no_grad()
+def _record_and_reduce(method: FewShotCLIP, images: torch.Tensor, labels: dict[str, Any], batch_size: int = 64,
+                       **diagnostic_settings: Any) -> dict[str, pd.DataFrame]:
+    visual = method.model.visual
+    layers = list(range(len(visual.transformer.resblocks)))
+    text, readout = method.text_features()
+    diagnostics = TokenDiagnostics(visual, readout if readout is not None else text, layers, **diagnostic_settings)
+    attention_sum = None
+    rollout_sum = None
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        with record(method, layers=layers) as cache:
+            method.encode_image(batch, readout)
+        diagnostics.update(cache)
+        maps = cls_attention_maps(cache, layers).sum(dim=1)  # [layer, head, g, g]
+        rolled = attention_rollout(cache, layers).sum(dim=0)
+        attention_sum = maps if attention_sum is None else attention_sum + maps
+        rollout_sum = rolled if rollout_sum is None else rollout_sum + rolled
+    n = len(images)
+    tables = diagnostics.tables(**labels)
+    attention_rows = []
+    for li, layer in enumerate(layers):
+        for head in range(attention_sum.shape[1]):
+            attention_rows += _grid_rows(attention_sum[li, head] / n, **labels, layer=layer, head=head,
+                                         definition="attention from CLS, mean over query images")
+    tables["attention"] = pd.DataFrame(attention_rows)
+    tables["rollout"] = pd.DataFrame(_grid_rows(rollout_sum / n, **labels,
+                                                definition="attention rollout (residual 0.5), CLS row"))
+    return tables
+
+
+def diagnose_model(method: FewShotCLIP, images: torch.Tensor, targets: torch.Tensor, labels: dict[str, Any],
+                   attribution_steps: int = 16, **diagnostic_settings: Any) -> dict[str, pd.DataFrame]:
+    """All tables for one model on ``images`` (true classes ``targets``)."""
+    method.eval()
+    tables = _record_and_reduce(method, images, labels, **diagnostic_settings)
+    attribution = PatchAttribution(method, n_steps=attribution_steps)(images, target=targets).mean(dim=0)
+    tables["attribution"] = pd.DataFrame(_grid_rows(
+        attribution, **labels, definition=f"integrated gradients ({attribution_steps} steps) of the true-class logit "
+        "w.r.t. patch embeddings, summed over channels, mean over query images"))
+    return tables
+
+
+def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | Path | None = None,
+                 attribution_steps: int = 16) -> dict[str, pd.DataFrame]:
+    """Diagnose the pretrained and the fine-tuned model of each chosen episode of a run."""
+    folder = Path(folder)
+    config, bundle, dataset, episode_file = load_run(folder)
+    recorded = {}
+    results = folder / "episodes.jsonl"
+    if results.exists():
+        recorded = {r["episode"]: r for r in map(json.loads, results.read_text().splitlines())}
+    method_label = f"{config.method.adaptation}/{config.method.intervention}"
+    collected: dict[str, list[pd.DataFrame]] = {}
+    method = None
+    for index in episodes:
+        if not 0 <= index < len(episode_file):
+            raise ValueError(f"episode {index} out of range: {folder} has episodes 0..{len(episode_file) - 1}.")
+        method, support, support_labels, query, query_labels = prepare_episode(
+            config, bundle, dataset, episode_file, index, method)
+        common = {"dataset": config.data.dataset, "episode": index}
+        before = diagnose_model(method, query, query_labels, {**common, "model": "pretrained"}, attribution_steps)
+        train_episode(method, support, support_labels, config.train)
+        accuracy = evaluate(method, query, query_labels, config.train.eval_batch_size)
+        expected = recorded.get(index, {}).get("accuracy")
+        after = diagnose_model(method, query, query_labels, {**common, "model": f"fine-tuned {method_label}"},
+                               attribution_steps)
+        for name in before:
+            for table in (before[name], after[name]):
+                table["recomputed_accuracy"] = accuracy
+                table["recorded_accuracy"] = expected
+                table["reproduced"] = expected is None or abs(accuracy - expected) < 1e-9
+            collected.setdefault(name, []).extend([before[name], after[name]])
+    tables = {name: pd.concat(parts, ignore_index=True) for name, parts in collected.items()}
+    target = Path(out) if out is not None else folder / "diagnostics"
+    target.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        table.to_csv(target / f"{name}.csv", index=False)
+    return tables
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.run_diagnostics", description=__doc__.split("\n")[0])
+    parser.add_argument("run", help="a run folder written by python -m cdfsl_core.finetune")
+    parser.add_argument("--episodes", type=int, nargs="+", default=[0])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    tables = diagnose_run(args.run, args.episodes, args.out)
+    sinks = tables["sinks"].groupby(["model", "definition"])["mean_count"].mean().unstack()
+    print("mean sink tokens per image (over layers):")
+    print(sinks.to_string())
+    print(f"\ntables: {Path(args.out) if args.out else Path(args.run) / 'diagnostics'}/ "
+          f"({', '.join(sorted(tables))}.csv)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
