@@ -40,6 +40,12 @@ DEMO_METHODS = (
 BASELINE = "coop+lora"
 
 
+def run_folder(out: Path, target: str, shots: int, episodes: int, label: str) -> Path:
+    """One folder per cell; the episode count is in the name, so another --episodes never meets
+    a run folder of a different config."""
+    return out / "runs" / target / f"{shots}shot_{episodes}ep" / label
+
+
 def run_all(
     out: Path, episodes: int, steps: int, shots: tuple[int, ...] = (1, 5), seed: int = 0,
     targets: tuple[str, ...] = SYNTHETIC_TARGETS, methods=DEMO_METHODS,
@@ -58,7 +64,7 @@ def run_all(
                     method=MethodConfig(adaptation, intervention, logit_scale=2.0 if k == 1 else 4.0),
                     train=replace(TrainConfig(), steps=steps),
                 )
-                folder = out / "runs" / target / f"{k}shot" / label
+                folder = run_folder(out, target, k, episodes, label)
                 run(config, folder, bundle=bundle, progress=True)
                 for line in (folder / "episodes.jsonl").read_text().splitlines():
                     row = json.loads(line)
@@ -67,7 +73,7 @@ def run_all(
     return pd.DataFrame(rows)
 
 
-def summarise(table: pd.DataFrame, out: Path) -> pd.DataFrame:
+def summarise(table: pd.DataFrame, out: Path, episodes: int) -> pd.DataFrame:
     ok = table[table["status"] == "ok"]
     summary = ok.groupby(["domain", "shots", "method"], sort=False)["accuracy"].agg(
         mean="mean", std="std", episodes="count").reset_index()
@@ -77,8 +83,8 @@ def summarise(table: pd.DataFrame, out: Path) -> pd.DataFrame:
         if row["method"] == BASELINE:
             diffs.append((0.0, 0.0))
             continue
-        folder = out / "runs" / row["domain"] / f"{row['shots']}shot"
-        result = paired_difference(folder / row["method"], folder / BASELINE)
+        result = paired_difference(run_folder(out, row["domain"], row["shots"], episodes, row["method"]),
+                                   run_folder(out, row["domain"], row["shots"], episodes, BASELINE))
         diffs.append((result["mean_difference"], result["ci95"]))
     summary["diff_vs_baseline"] = [d for d, _ in diffs]
     summary["diff_ci95"] = [c for _, c in diffs]
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     table = run_all(args.out, args.episodes, args.steps, seed=args.seed)
     table.to_csv(args.out / "episodes.csv", index=False)
-    summary = summarise(table, args.out)
+    summary = summarise(table, args.out, args.episodes)
     summary.to_csv(args.out / "accuracy_table.csv", index=False)
 
     bundle = load_clip(*EMBEDDED_MODEL)
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\npaired differences against {BASELINE} (points, 95% CI):")
     print(view[view["method"] != BASELINE].pivot_table(index=["domain", "shots"], columns="method",
                                                       values="vs_baseline", aggfunc="first", sort=False).to_string())
-    print(f"\nsimilarity to the source (1 - MMD^2/2): " + ", ".join(f"{d} {s:.3f}" for d, s in similarity.items()))
+    print("\nsimilarity to the source (1 - MMD^2/2): " + ", ".join(f"{d} {s:.3f}" for d, s in similarity.items()))
     print(f"\n{args.episodes} episodes per cell, {args.steps} steps each; finished in {(time.perf_counter() - start) / 60:.1f} min")
     print(f"accuracy table: {args.out / 'accuracy_table.csv'}")
     print(f"per-episode results: {args.out / 'episodes.csv'} and the run folders in {args.out / 'runs'}/")

@@ -23,23 +23,9 @@ import torch
 
 from cdfsl_core.data import load_dataset
 from cdfsl_core.episodes import EpisodeConfig, generate_episodes
-from cdfsl_core.methods import FewShotCLIP, MethodConfig
+from cdfsl_core.methods import MethodConfig
 from cdfsl_core.models import load_clip, resolve_device
-from cdfsl_core.runner import TrainConfig, _load, evaluate, protocol_transform, train_episode
-
-
-def _episode(bundle, method, dataset, episode, names, train, device):
-    transform = protocol_transform(bundle, train.resize_ratio)
-    if method is None:
-        method = FewShotCLIP(bundle, names, MethodConfig("coop+lora", "tir"))
-    else:
-        method.set_classes(names)
-    method.reset_parameters(torch.Generator().manual_seed(0))
-    support = _load(dataset, episode.support_ids, transform).to(device)
-    query = _load(dataset, episode.query_ids, transform).to(device)
-    train_episode(method, support, torch.tensor(episode.support_labels, device=device), train)
-    evaluate(method, query, torch.tensor(episode.query_labels, device=device), train.eval_batch_size)
-    return method
+from cdfsl_core.runner import DataConfig, ModelConfig, RunConfig, TrainConfig, evaluate, prepare_episode, train_episode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,9 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     pretrained = None if args.pretrained == "none" else args.pretrained
-    dataset = load_dataset(args.dataset, images_per_class=40) if args.dataset.startswith("synthetic") else load_dataset(args.dataset)
-    episodes = generate_episodes(dataset, EpisodeConfig(5, args.shots, 15, args.episodes, 0))
-    train = replace(TrainConfig(), steps=args.steps)
+    options = {"images_per_class": 40} if args.dataset.startswith("synthetic") else {}
+    dataset = load_dataset(args.dataset, **options)
+    config = RunConfig(
+        model=ModelConfig(args.model, pretrained, str(device)),
+        data=DataConfig(args.dataset, None, options),
+        episodes=EpisodeConfig(5, args.shots, 15, args.episodes, 0),
+        method=MethodConfig("coop+lora", "tir"),
+        train=replace(TrainConfig(), steps=args.steps),
+    )
+    episodes = generate_episodes(dataset, config.episodes)
 
     def sync():
         if device.type == "cuda":
@@ -71,11 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         start_all = time.perf_counter()
         bundle = load_clip(args.model, pretrained, device=device) if variant == "once" else None
         method = None
-        for episode in episodes.episodes:
+        for index in range(len(episodes)):
             start = time.perf_counter()
             if variant == "reload":
                 bundle, method = load_clip(args.model, pretrained, device=device), None
-            method = _episode(bundle, method, dataset, episode, episodes.class_names(episode), train, device)
+            method, support, support_labels, query, query_labels = prepare_episode(
+                config, bundle, dataset, episodes, index, method)
+            train_episode(method, support, support_labels, config.train)
+            evaluate(method, query, query_labels, config.train.eval_batch_size)
             sync()
             times.append(time.perf_counter() - start)
         results[variant] = {

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cdfsl_core.data import FewShotDataset
@@ -148,6 +149,15 @@ class LabelsOnly(FewShotDataset):
 
     def image_key(self, index: int) -> str:
         return f"{index}"
+
+
+@pytest.fixture
+def bundle():
+    """The 2-block test architecture with seeded random weights, new for each test."""
+    from cdfsl_core.models import load_clip
+
+    torch.manual_seed(0)
+    return load_clip("cdfsl-test-vit")
 
 
 @pytest.fixture

@@ -8,13 +8,6 @@ import torch.nn.functional as F
 
 from analysis.diagnostics import SINK_DEFINITIONS, SinkDefinition, TokenDiagnostics
 from analysis.recorder import ActivationCache, record
-from cdfsl_core.models import load_clip
-
-
-@pytest.fixture
-def bundle():
-    torch.manual_seed(0)
-    return load_clip("cdfsl-test-vit")
 
 
 def _cache(x: torch.Tensor, pattern: torch.Tensor | None = None) -> ActivationCache:

@@ -24,12 +24,6 @@ NAMES = ["red circle", "blue square", "green star", "pink ring", "black bar"]
 
 
 @pytest.fixture
-def bundle():
-    torch.manual_seed(0)
-    return load_clip("cdfsl-test-vit")
-
-
-@pytest.fixture
 def images():
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from analysis.recorder import record
 from cdfsl_core.interventions import TIRConfig
 from cdfsl_core.lora import LoRAConfig
 from cdfsl_core.methods import create_method
-from cdfsl_core.models import load_clip
-
-
-@pytest.fixture
-def bundle():
-    torch.manual_seed(0)
-    return load_clip("cdfsl-test-vit")
 
 
 @pytest.fixture

@@ -1,0 +1,24 @@
+"""The main job of `make demo`, at its smallest size."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from analysis.demo import DEMO_METHODS, main
+
+
+@pytest.mark.slow
+def test_demo_writes_the_table_the_runs_and_the_figures(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["--out", str(out), "--episodes", "1", "--steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "paired differences against coop+lora" in printed and "figures:" in printed
+    table = pd.read_csv(out / "accuracy_table.csv")
+    assert len(table) == 4 * 2 * len(DEMO_METHODS)  # targets x shots x methods
+    assert table["episodes"].eq(1).all() and table["mean"].between(0, 1).all()
+    assert (table.loc[table["method"] == "coop+lora", "diff_vs_baseline"] == 0).all()
+    for name in ("world_samples", "accuracy_by_domain"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 0
+        assert (out / "figures" / f"{name}.pdf").exists()
+    assert (out / "runs" / "synthetic-xray" / "5shot_1ep" / "coop+lora+tir" / "summary.json").exists()
