@@ -153,7 +153,7 @@ def _resolve_pretrained(
                 f"Pretrained weights {name!r} / {pretrained!r} are not on this machine and downloads "
                 f"are off. Looked in: {'; '.join(looked)}. Fix: on a machine with network run "
                 f"`python -m cdfsl_core.models download {name} {pretrained}` (it fills the same "
-                "cache), or pass allow_download=True (CLI: --allow-download), or pass the path of a "
+                "cache), or call load_clip(..., allow_download=True), or pass the path of a "
                 "local weights file as `pretrained` (.safetensors, .pt, .pth or .bin)."
             )
         keep = ("mean", "std", "interpolation", "resize_mode")
