@@ -48,14 +48,19 @@ def image_features(
     """L2-normalised image features of ``dataset[indices]`` (preprocessed with the bundle's
     transform when the dataset has none), [n, embed_dim], fp32, in the order of ``indices``."""
     device = next(bundle.model.parameters()).device
-    if getattr(dataset, "transform", None) is None:
+    borrowed = getattr(dataset, "transform", None) is None
+    if borrowed:  # preprocess with the model's transform for this call only
         dataset.transform = bundle.preprocess
-    subset = dataset if indices is None else Subset(dataset, list(indices))
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=0)
-    chunks = []
-    for images, _ in tqdm(loader, desc="encoding images", disable=not progress, leave=False):
-        with autocast_for(device):
-            chunks.append(bundle.model.encode_image(images.to(device)).float())
+    try:
+        subset = dataset if indices is None else Subset(dataset, list(indices))
+        loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=0)
+        chunks = []
+        for images, _ in tqdm(loader, desc="encoding images", disable=not progress, leave=False):
+            with autocast_for(device):
+                chunks.append(bundle.model.encode_image(images.to(device)).float())
+    finally:
+        if borrowed:
+            dataset.transform = None
     return F.normalize(torch.cat(chunks), dim=-1)
 
 

@@ -85,6 +85,7 @@ def test_shipped_weights_load_by_name_and_beat_chance_widely(embedded):
     held_out = load_dataset("synthetic", split="test", images_per_class=5)  # 320 images
     logits = image_features(embedded, held_out) @ text_features(embedded, held_out.classes).T
     assert accuracy(logits, held_out.targets) > 0.5  # chance is 1/64
+    assert held_out.transform is None  # the model's preprocess was used for that call only
 
 
 def test_domain_similarity_is_one_for_the_same_features_and_lower_for_shifted():
