@@ -55,7 +55,9 @@ def attention_pattern(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         q, k, _ = attn.project_qkv(x)
         heads = attn.num_heads
     else:
-        q, k, _ = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        width = x.shape[-1]  # only q and k: v is not needed for the pattern
+        bias = attn.in_proj_bias[: 2 * width] if attn.in_proj_bias is not None else None
+        q, k = F.linear(x, attn.in_proj_weight[: 2 * width], bias).chunk(2, dim=-1)
         heads = attn.num_heads
     batch, tokens, width = q.shape
     d_head = width // heads

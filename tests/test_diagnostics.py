@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.diagnostics import SINK_DEFINITIONS, SinkDefinition, TokenDiagnostics
+from analysis.diagnostics import SINK_DEFINITIONS, SinkDefinition, TokenDiagnostics, _row_median
 from analysis.recorder import ActivationCache, record
 
 
@@ -32,6 +32,7 @@ def test_a_token_with_a_known_huge_norm_is_one_high_norm_sink(bundle):
 def test_massive_activation_and_attention_mass_counts(bundle):
     x = torch.randn(1, 17, 64, generator=torch.Generator().manual_seed(1))
     x[0, 3, 7] = 1e4  # one massive channel in token 2 (patch index)
+    x[0, 12, 40] = -1e4  # and a negative one in token 11: magnitude counts
     pattern = torch.full((1, 2, 17, 17), 1 / 17)
     pattern[0, :, 0] = 0.0
     pattern[0, :, 0, 4] = 0.6  # CLS puts most attention on two patches
@@ -41,7 +42,7 @@ def test_massive_activation_and_attention_mass_counts(bundle):
     diag = TokenDiagnostics(bundle.model.visual, text, [0], sinks=sinks)
     diag.update(_cache(x, pattern))
     counts = diag.tables()["sinks"].set_index("definition")["mean_count"]
-    assert counts["massive-activation"] == 1 and counts["attention-mass"] == 2
+    assert counts["massive-activation"] == 2 and counts["attention-mass"] == 2
 
 
 def test_norms_by_bucket_add_up_and_sum_all_counts_tokens_relevant_to_every_class(bundle):
@@ -93,3 +94,23 @@ def test_bad_settings(bundle):
     diag = TokenDiagnostics(bundle.model.visual, text, [0], sinks=[SINK_DEFINITIONS["attention-mass"]])
     with pytest.raises(ValueError, match="needs 'attn.pattern'"):
         diag.update(_cache(torch.randn(1, 17, 64)))
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 1025])
+def test_row_median_is_torch_median(n):
+    values = torch.randn(5, n, generator=torch.Generator().manual_seed(n))
+    assert torch.equal(_row_median(values), values.median(dim=-1).values)
+
+
+def test_norms_and_sinks_alone_equal_the_full_statistics(bundle):
+    x = torch.randn(3, 17, 64, generator=torch.Generator().manual_seed(2))
+    text = F.normalize(torch.randn(3, 32), dim=-1)
+    sinks = [SINK_DEFINITIONS[k] for k in ("sum-all", "high-norm", "massive-activation")]
+    full = TokenDiagnostics(bundle.model.visual, text, [0], sinks=sinks)
+    lean = TokenDiagnostics(bundle.model.visual, text, [0], sinks=sinks, head_tail=False)
+    full.update(_cache(x))
+    lean.update(_cache(x))
+    full_tables, lean_tables = full.tables(), lean.tables()
+    assert "head_tail" in full_tables and set(lean_tables) == {"norms", "sinks"}
+    for name in ("norms", "sinks"):
+        assert full_tables[name].equals(lean_tables[name])
