@@ -1,10 +1,12 @@
 """Every diagnostic of a finished run, for the pretrained and the fine-tuned model on the same
 query images: ``python -m analysis.run_diagnostics RUN_FOLDER [--episodes 0 1]``.
 
-The fine-tuned model of an episode is not stored (for ViT-B/16 its adapters weigh about 6 MB,
-so 800 episodes would take 5 GB); it is re-trained: the runner seeds every episode from
-``(seed, index)``, so the same episode trains to the same model. The accuracy recomputed here is
-checked against the run's own line for the episode, and a mismatch is reported in the tables.
+The fine-tuned model of an episode is rebuilt from the state the runner saved with
+``save_states`` (``states/episode_NNNN.safetensors``; for ViT-B/16 about 6 MB an episode, so it
+is off by default). Without a saved state the episode is re-trained: the runner seeds every
+episode from ``(seed, index)``, so the same episode trains to the same model. Either way the
+accuracy recomputed here is checked against the run's own line for the episode, and a mismatch
+is reported in the tables (``reproduced``).
 
 Writes, into ``RUN_FOLDER/diagnostics/`` (or ``--out``), one CSV per table: ``norms``, ``sinks``,
 ``head_tail``, ``attention`` (CLS attention maps, mean over query images, per head and layer),
@@ -27,7 +29,7 @@ from analysis.attribution import PatchAttribution
 from analysis.diagnostics import TokenDiagnostics
 from analysis.recorder import record
 from cdfsl_core.methods import FewShotCLIP
-from cdfsl_core.runner import evaluate, load_run, prepare_episode, train_episode
+from cdfsl_core.runner import evaluate, load_run, load_state, prepare_episode, state_path, train_episode
 
 __all__ = ["diagnose_model", "diagnose_run"]
 
@@ -99,7 +101,11 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
             config, bundle, dataset, episode_file, index, method)
         common = {"dataset": config.data.dataset, "episode": index}
         before = diagnose_model(method, query, query_labels, {**common, "model": "pretrained"}, attribution_steps)
-        train_episode(method, support, support_labels, config.train)
+        saved = state_path(folder, index)
+        if saved.exists():
+            load_state(method, saved)
+        else:
+            train_episode(method, support, support_labels, config.train)
         accuracy = evaluate(method, query, query_labels, config.train.eval_batch_size)
         expected = recorded.get(index, {}).get("accuracy")
         after = diagnose_model(method, query, query_labels, {**common, "model": f"fine-tuned {method_label}"},
@@ -109,6 +115,7 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
                 table["recomputed_accuracy"] = accuracy
                 table["recorded_accuracy"] = expected
                 table["reproduced"] = expected is None or abs(accuracy - expected) < 1e-9
+                table["fine_tuned_from"] = "saved state" if saved.exists() else "re-trained"
             collected.setdefault(name, []).extend([before[name], after[name]])
     tables = {name: pd.concat(parts, ignore_index=True) for name, parts in collected.items()}
     target = Path(out) if out is not None else folder / "diagnostics"

@@ -140,6 +140,25 @@ class FewShotCLIP(nn.Module):
             groups["scale"] = [self.log_scale]
         return groups
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What an episode trained (LoRA, CoOp context, intervention strengths, a learned logit
+        scale), by parameter name, detached on the CPU: a few kB to MB, enough to rebuild the
+        fine-tuned model of an episode without training it again."""
+        return {name: p.detach().cpu().contiguous() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`trainable_state` returned (for the same method and episode classes)."""
+        own = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        if set(own) != set(state):
+            raise ValueError(f"trainable state does not fit this method: missing {sorted(set(own) - set(state))}, "
+                             f"unexpected {sorted(set(state) - set(own))}. Was it saved by another method config?")
+        with torch.no_grad():
+            for name, p in own.items():
+                if p.shape != state[name].shape:
+                    raise ValueError(f"trainable state {name!r} has shape {tuple(state[name].shape)}; "
+                                     f"this method expects {tuple(p.shape)}.")
+                p.copy_(state[name])
+
     # -------------------------------------------------------------- forward
     def text_features(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(classifier text features, intervention text features), L2-normalised, [C, embed_dim]."""

@@ -7,7 +7,9 @@ parameters, train on the support set, evaluate the queries, append one JSON line
 - ``config.json``: everything needed to rerun it (:class:`RunConfig`);
 - ``manifest.json``: versions, git revision, device, episode-file hash, dataset fingerprint;
 - ``episodes.jsonl``: one line per finished episode, appended as it finishes;
-- ``summary.json``: mean accuracy and 95% CI = 1.96 std / sqrt(episodes).
+- ``summary.json``: mean accuracy and 95% CI = 1.96 std / sqrt(episodes);
+- ``states/episode_NNNN.safetensors`` (with ``save_states``): what each episode trained, so the
+  diagnostics can rebuild its fine-tuned model without training again.
 
 A run that is interrupted resumes after its last finished episode, with the same results as an
 uninterrupted one: episode ``i`` seeds torch from ``(seed, i)`` before anything random happens.
@@ -48,7 +50,10 @@ __all__ = [
     "NonFiniteLoss",
     "RunConfig",
     "TrainConfig",
+    "load_state",
     "run",
+    "save_state",
+    "state_path",
     "train_episode",
 ]
 
@@ -344,8 +349,31 @@ def load_run(folder: str | os.PathLike[str]) -> tuple[RunConfig, ClipBundle, Any
     return config, bundle, dataset, load_episodes(path, dataset)
 
 
-def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) every episode of a run folder; returns the summary."""
+def state_path(folder: str | os.PathLike[str], index: int) -> Path:
+    """Where a run folder keeps the trained parameters of episode ``index``."""
+    return Path(folder) / "states" / f"episode_{index:04d}.safetensors"
+
+
+def save_state(method: FewShotCLIP, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(method.trainable_state(), str(tmp))
+    tmp.replace(path)
+
+
+def load_state(method: FewShotCLIP, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    device = next(method.model.parameters()).device
+    method.load_trainable_state(load_file(str(path), device=str(device)))
+
+
+def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | None = None, progress: bool = True,
+        save_states: bool = False) -> dict[str, Any]:
+    """Run (or resume) every episode of a run folder; returns the summary. ``save_states`` also
+    keeps each episode's trained parameters (:func:`state_path`); it does not change results."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.json"
@@ -391,6 +419,8 @@ def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | Non
             except NonFiniteLoss as err:
                 row.update(status="non-finite-loss", accuracy=None, message=str(err))
                 tqdm.write(f"episode {index}: stopped, {err}; recorded as failed, not averaged")
+            if save_states and row["status"] == "ok" and method.trainable_state():
+                save_state(method, state_path(out, index))  # before the row: a listed episode has its state
             if config.method.intervention == "atha":
                 row["atha_alpha"] = [round(v, 6) for v in method.intervention.alpha.tolist()]
                 row["atha_beta"] = [round(v, 6) for v in method.intervention.beta.tolist()]

@@ -144,3 +144,18 @@ def test_finetune_cli_runs_a_few_episodes(tmp_path, capsys, monkeypatch):
     assert len(rows[0]["atha_alpha"]) == 2
     config = json.loads((tmp_path / "runs" / "x" / "config.json").read_text())
     assert config["method"]["logit_scale"] == 2.0  # 'auto' for 1-shot
+
+
+def test_saved_states_rebuild_each_episode_without_changing_results(tmp_path):
+    plain = run(TINY, tmp_path / "plain", progress=False)
+    saved = run(TINY, tmp_path / "saved", progress=False, save_states=True)
+    assert [r["accuracy"] for r in _rows(tmp_path / "plain")] == [r["accuracy"] for r in _rows(tmp_path / "saved")]
+    assert plain["mean_accuracy"] == saved["mean_accuracy"]
+    assert not (tmp_path / "plain" / "states").exists()
+    config, bundle, dataset, episodes = runner.load_run(tmp_path / "saved")
+    method, _, _, query, query_labels = runner.prepare_episode(config, bundle, dataset, episodes, 2)
+    runner.load_state(method, runner.state_path(tmp_path / "saved", 2))
+    assert runner.evaluate(method, query, query_labels, 64) == _rows(tmp_path / "saved")[2]["accuracy"]
+    assert any(p.abs().sum() > 0 for n, p in method.trainable_state().items() if "lora_B" in n)  # trained, not initial
+    with pytest.raises(ValueError, match="does not fit this method: missing"):
+        method.load_trainable_state({})
