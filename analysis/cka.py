@@ -181,7 +181,8 @@ def layer_features(model: torch.nn.Module, images: torch.Tensor | None = None, d
                    progress: bool = False) -> dict[int, torch.Tensor]:
     """Per-layer image representations [n, width] from the recorder: the CLS token (``pool='cls'``)
     or the mean patch token (``'mean'``) of each block's output. Give ``images`` or a ``dataset``
-    (with ``indices`` and a ``transform``)."""
+    (with ``indices`` and a ``transform``). ``model`` is a CLIP, a vision tower, or a
+    :class:`~cdfsl_core.methods.FewShotCLIP`, whose intervention (ATHA, TIR) is then active."""
     from tqdm import tqdm
 
     from analysis.recorder import record, vision_tower
@@ -198,10 +199,15 @@ def layer_features(model: torch.nn.Module, images: torch.Tensor | None = None, d
         batches = [list(range(i, min(i + batch_size, len(images)))) for i in range(0, len(images), batch_size)]
         load = lambda ids: images[ids[0]:ids[-1] + 1]  # noqa: E731
     device = next(visual.parameters()).device
+    forward = visual
+    if hasattr(model, "encode_image") and hasattr(model, "text_features"):  # a FewShotCLIP: its intervention too
+        with torch.no_grad():
+            readout = model.text_features()[1]
+        forward = lambda x: model.encode_image(x, readout)  # noqa: E731
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for ids in tqdm(batches, desc="recording features", disable=not progress, leave=False):
-        with record(visual, layers=layers, what=("resid_post",)) as cache:
-            visual(load(ids).to(device))
+        with record(visual, layers=layers, what=("resid_post",)) as cache, torch.no_grad():
+            forward(load(ids).to(device))
         for layer in layers:
             x = cache[f"blocks.{layer}.resid_post"]
             out[layer].append((x[:, 0] if pool == "cls" else x[:, 1:].mean(dim=1)).float().cpu())

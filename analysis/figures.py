@@ -16,7 +16,19 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-__all__ = ["accuracy_by_domain", "cka_by_layer", "save_figure", "world_samples"]
+__all__ = [
+    "accuracy_by_domain",
+    "atha_strengths",
+    "attention_maps",
+    "cka_by_layer",
+    "cka_finetuned",
+    "head_tail_similarity",
+    "paired_differences",
+    "save_figure",
+    "sink_counts",
+    "token_norms_by_bucket",
+    "world_samples",
+]
 
 sns.set_theme(context="notebook", style="whitegrid")
 
@@ -127,5 +139,262 @@ def cka_by_layer(table: pd.DataFrame) -> plt.Figure:
     settings = ", ".join(f"{k}={table[k].iloc[0]}" for k in ("kernel", "estimator", "pool") if k in table)
     ax.set_title(f"CKA between domains per layer ({settings});\nband: std over random pairings", fontsize=9)
     ax.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def _require(table: pd.DataFrame, columns: set[str], figure: str) -> None:
+    if not columns <= set(table.columns):
+        raise ValueError(f"{figure} needs columns {sorted(columns)}; got {list(table.columns)}")
+
+
+def _short(domain: str) -> str:
+    return domain.replace("synthetic-", "")
+
+
+def paired_differences(summary: pd.DataFrame, baseline: str = "coop+lora") -> plt.Figure:
+    """Paired accuracy differences against the baseline, in points with 95% CI, one panel per
+    shot setting, one row per domain, one marker per method.
+
+    Args:
+        summary: one row per (domain, shots, method): ``diff_vs_baseline``, ``diff_ci95`` (0..1);
+            the baseline's own rows are left out.
+    """
+    _require(summary, {"domain", "shots", "method", "diff_vs_baseline", "diff_ci95"}, "paired_differences")
+    table = summary[summary["method"] != baseline]
+    domains = list(dict.fromkeys(table["domain"]))
+    methods = list(dict.fromkeys(table["method"]))
+    shots = sorted(table["shots"].unique())
+    palette = sns.color_palette(n_colors=len(methods))
+    figure, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots), 0.6 * len(domains) + 1.8), squeeze=False,
+                                sharex=True)
+    for ax, k in zip(axes[0], shots):
+        for m, method in enumerate(methods):
+            part = table[(table["shots"] == k) & (table["method"] == method)].set_index("domain").reindex(domains)
+            y = np.arange(len(domains)) + (m - (len(methods) - 1) / 2) * 0.2
+            ax.errorbar(100 * part["diff_vs_baseline"], y, xerr=100 * part["diff_ci95"], fmt="o", capsize=3,
+                        color=palette[m], label=method)
+        ax.axvline(0, color="grey", linewidth=1)
+        ax.set_yticks(np.arange(len(domains)), [_short(d) for d in domains])
+        ax.invert_yaxis()
+        ax.set_title(f"{k}-shot", fontsize=10)
+        ax.set_xlabel(f"accuracy - {baseline} (points)")
+    axes[0, 0].legend(fontsize=7)
+    figure.suptitle(f"Paired differences against {baseline} on the same episodes; bars: 95% CI "
+                    "= 1.96 std/sqrt(episodes) of the per-episode differences", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def _weighted(table: pd.DataFrame, keys: list[str], value: str, weight: str) -> pd.DataFrame:
+    """Weighted mean of ``value`` over everything but ``keys`` (episodes, datasets)."""
+    table = table[table[weight] > 0].assign(_w=lambda t: t[value] * t[weight])
+    grouped = table.groupby(keys, sort=False)[["_w", weight]].sum().reset_index()
+    return grouped.assign(**{value: grouped["_w"] / grouped[weight]}).drop(columns="_w")
+
+
+def token_norms_by_bucket(norms: pd.DataFrame) -> plt.Figure:
+    """Mean patch-token norm per layer, one line per Sum bucket m (the number of classes whose
+    top-k tokens include the token, TIR's score), one panel per model.
+
+    Args:
+        norms: the ``norms`` table of the token diagnostics: ``model``, ``layer``, ``bucket``,
+            ``count``, ``mean``, ``space``, ``transform``, ``rho``; several episodes or datasets
+            are pooled, weighted by token count.
+    """
+    _require(norms, {"model", "layer", "bucket", "count", "mean", "space", "transform", "rho"}, "token_norms_by_bucket")
+    models = list(dict.fromkeys(norms["model"]))
+    pooled = _weighted(norms, ["model", "layer", "bucket"], "mean", "count")
+    n_classes = int(norms["bucket"].max())
+    palette = sns.color_palette("viridis", n_colors=n_classes + 1)
+    figure, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models) + 0.5, 3.6), squeeze=False, sharey=True)
+    for ax, model in zip(axes[0], models):
+        part = pooled[pooled["model"] == model]
+        for bucket in range(n_classes + 1):
+            line = part[part["bucket"] == bucket].sort_values("layer")
+            if len(line):
+                ax.plot(line["layer"], line["mean"], "o-", color=palette[bucket], label=f"m = {bucket}")
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("vision block")
+    first = norms.iloc[0]
+    unit = "log " if first["transform"] == "log" else ""
+    axes[0, 0].set_ylabel(f"mean {unit}token norm ({first['space']} space)")
+    axes[0, -1].legend(title="Sum bucket", fontsize=7, title_fontsize=7)
+    figure.suptitle(f"Patch-token norms by Sum bucket: m = number of the {n_classes} classes whose top "
+                    f"floor({first['rho']:g} L) tokens include the token (m = {n_classes}: 'simple' tokens)", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def sink_counts(sinks: pd.DataFrame) -> plt.Figure:
+    """Sink tokens per image by layer, one panel per definition (with its threshold), one line
+    per model (pretrained and fine-tuned).
+
+    Args:
+        sinks: the ``sinks`` table: ``model``, ``layer``, ``definition``, ``label``, ``images``,
+            ``mean_count``; several episodes or datasets are pooled, weighted by images.
+    """
+    _require(sinks, {"model", "layer", "definition", "label", "images", "mean_count"}, "sink_counts")
+    definitions = list(dict.fromkeys(sinks["definition"]))
+    labels = sinks.drop_duplicates("definition").set_index("definition")["label"]
+    pooled = _weighted(sinks, ["definition", "model", "layer"], "mean_count", "images")
+    models = list(dict.fromkeys(sinks["model"]))
+    palette = dict(zip(models, sns.color_palette(n_colors=len(models))))
+    figure, axes = plt.subplots(1, len(definitions), figsize=(3.6 * len(definitions) + 0.5, 3.4), squeeze=False)
+    for ax, definition in zip(axes[0], definitions):
+        part = pooled[pooled["definition"] == definition]
+        for model in models:
+            line = part[part["model"] == model].sort_values("layer")
+            ax.plot(line["layer"], line["mean_count"], "o-", color=palette[model], label=model)
+        ax.set_title(labels[definition], fontsize=8)
+        ax.set_xlabel("vision block")
+    axes[0, 0].set_ylabel("sink tokens per image")
+    axes[0, 0].legend(fontsize=7)
+    figure.suptitle("Sink tokens under four definitions, before and after fine-tuning", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def head_tail_similarity(head_tail: pd.DataFrame, layers: Sequence[int] | None = None) -> plt.Figure:
+    """Distribution of each patch token's best similarity to a class, one panel per layer, one
+    step histogram per model, with the mean head and tail cut points.
+
+    Args:
+        head_tail: the ``head_tail`` table: ``model``, ``layer``, ``bin_left``, ``bin_right``,
+            ``count``, ``head_cut``, ``tail_cut``, ``rho_head``, ``rho_tail``.
+        layers: the layers to draw (default: the first, middle and last recorded).
+    """
+    _require(head_tail, {"model", "layer", "bin_left", "bin_right", "count", "head_cut", "tail_cut", "rho_head",
+                         "rho_tail"}, "head_tail_similarity")
+    recorded = sorted(head_tail["layer"].unique())
+    if layers is None:
+        layers = sorted({recorded[0], recorded[len(recorded) // 2], recorded[-1]})
+    missing = [layer for layer in layers if layer not in recorded]
+    if missing:
+        raise ValueError(f"layers {missing} are not in the table; recorded: {recorded}")
+    models = list(dict.fromkeys(head_tail["model"]))
+    palette = dict(zip(models, sns.color_palette(n_colors=len(models))))
+    figure, axes = plt.subplots(1, len(layers), figsize=(3.8 * len(layers) + 0.5, 3.4), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        part = head_tail[head_tail["layer"] == layer]
+        for model in models:
+            rows = part[part["model"] == model].groupby(["bin_left", "bin_right"])["count"].sum().reset_index()
+            density = rows["count"] / max(rows["count"].sum(), 1)
+            ax.step(rows["bin_left"], density, where="post", color=palette[model], label=model)
+            cuts = part[part["model"] == model]
+            ax.axvline(cuts["head_cut"].mean(), color=palette[model], linestyle="-", linewidth=0.8, alpha=0.7)
+            ax.axvline(cuts["tail_cut"].mean(), color=palette[model], linestyle="--", linewidth=0.8, alpha=0.7)
+        ax.set_title(f"block {layer}", fontsize=9)
+        ax.set_xlabel("max over classes of cos(token, class vector)")
+    axes[0, 0].set_ylabel("fraction of patch tokens")
+    axes[0, 0].legend(fontsize=7)
+    first = head_tail.iloc[0]
+    figure.suptitle(f"Head and tail tokens: similarity to ATHA's class vectors in the residual space; solid: head "
+                    f"cut (top {first['rho_head']:g}), dashed: tail cut (bottom {first['rho_tail']:g})", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def atha_strengths(table: pd.DataFrame) -> plt.Figure:
+    """ATHA's learned per-block strengths, alpha (head) and beta (tail), mean over episodes with
+    95% CI, one line per domain.
+
+    Args:
+        table: one row per (domain, shots, episode, block): ``alpha``, ``beta``; an optional
+            ``initial_alpha``/``initial_beta`` is drawn as a dotted reference.
+    """
+    _require(table, {"domain", "episode", "block", "alpha", "beta"}, "atha_strengths")
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.4), squeeze=False)
+    domains = list(dict.fromkeys(table["domain"]))
+    palette = dict(zip(domains, sns.color_palette(n_colors=len(domains))))
+    for ax, name in zip(axes[0], ("alpha", "beta")):
+        stats = table.groupby(["domain", "block"], sort=False)[name].agg(["mean", "std", "count"]).reset_index()
+        stats["ci95"] = 1.96 * stats["std"].fillna(0) / np.sqrt(stats["count"])
+        for domain in domains:
+            part = stats[stats["domain"] == domain].sort_values("block")
+            ax.errorbar(part["block"], part["mean"], yerr=part["ci95"], fmt="o-", capsize=2, color=palette[domain],
+                        label=_short(domain))
+        initial = f"initial_{name}"
+        if initial in table:
+            ax.axhline(table[initial].iloc[0], color="grey", linestyle=":", label="initial value")
+        ax.set_title(f"{name}: {'head' if name == 'alpha' else 'tail'} strength per block", fontsize=9)
+        ax.set_xlabel("vision block")
+    axes[0, 0].legend(fontsize=7)
+    shots = ", ".join(f"{k}-shot" for k in sorted(table["shots"].unique())) if "shots" in table else ""
+    figure.suptitle(f"ATHA's learned strengths ({shots}); bars: 95% CI over episodes", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def cka_finetuned(table: pd.DataFrame) -> plt.Figure:
+    """CKA per layer between the pretrained and a fine-tuned model on the same target images,
+    one panel per target, one line per method.
+
+    Args:
+        table: one row per (target, method, layer): ``cka``, ``kernel``, ``estimator``, ``pool``.
+    """
+    _require(table, {"target", "method", "layer", "cka"}, "cka_finetuned")
+    targets = list(dict.fromkeys(table["target"]))
+    methods = list(dict.fromkeys(table["method"]))
+    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
+    figure, axes = plt.subplots(1, len(targets), figsize=(3.2 * len(targets) + 0.5, 3.2), squeeze=False, sharey=True)
+    for ax, target in zip(axes[0], targets):
+        part = table[table["target"] == target]
+        for method in methods:
+            line = part[part["method"] == method].groupby("layer")["cka"].mean()
+            ax.plot(line.index, line.values, "o-", color=palette[method], label=method)
+        ax.set_title(_short(target), fontsize=9)
+        ax.set_xlabel("vision block")
+    axes[0, 0].set_ylabel("CKA(pretrained, fine-tuned)")
+    axes[0, 0].legend(fontsize=7)
+    settings = ", ".join(f"{k}={table[k].iloc[0]}" for k in ("kernel", "estimator", "pool") if k in table)
+    figure.suptitle(f"How far fine-tuning moves each layer: CKA on the same query images ({settings})", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def _grid(table: pd.DataFrame) -> np.ndarray:
+    side = int(table["row"].max()) + 1
+    grid = np.zeros((side, side))
+    grid[table["row"].to_numpy(int), table["col"].to_numpy(int)] = table["value"].to_numpy()
+    return grid
+
+
+def attention_maps(attention: pd.DataFrame, rollout: pd.DataFrame | None = None,
+                   attribution: pd.DataFrame | None = None, layers: Sequence[int] | None = None) -> plt.Figure:
+    """Where each model looks: one row per model; columns are CLS attention maps (mean over
+    heads) at chosen layers, then attention rollout and captum attributions when given.
+
+    Args:
+        attention: the ``attention`` table: ``model``, ``layer``, ``head``, ``row``, ``col``, ``value``.
+        rollout, attribution: the ``rollout`` and ``attribution`` tables (``model``, ``row``,
+            ``col``, ``value``, ``definition``).
+        layers: the attention layers to draw (default: the first, middle and last).
+    """
+    _require(attention, {"model", "layer", "head", "row", "col", "value"}, "attention_maps")
+    recorded = sorted(attention["layer"].unique())
+    if layers is None:
+        layers = sorted({recorded[0], recorded[len(recorded) // 2], recorded[-1]})
+    models = list(dict.fromkeys(attention["model"]))
+    extra = [(name, t) for name, t in (("rollout", rollout), ("attribution", attribution)) if t is not None]
+    cols = len(layers) + len(extra)
+    figure, axes = plt.subplots(len(models), cols, figsize=(2.1 * cols, 2.2 * len(models) + 0.6), squeeze=False)
+    for r, model in enumerate(models):
+        for c, layer in enumerate(layers):
+            part = attention[(attention["model"] == model) & (attention["layer"] == layer)]
+            grid = _grid(part.groupby(["row", "col"])["value"].mean().reset_index())
+            axes[r, c].imshow(grid, cmap="magma")
+            axes[r, c].set_title(f"CLS attention, block {layer}", fontsize=7)
+        for c, (name, table) in enumerate(extra, start=len(layers)):
+            part = table[table["model"] == model].groupby(["row", "col"])["value"].mean().reset_index()
+            axes[r, c].imshow(_grid(part), cmap="magma" if name == "rollout" else "RdBu_r")
+            axes[r, c].set_title(name, fontsize=7)
+        axes[r, 0].set_ylabel(model, fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    notes = ["CLS attention: mean over heads and query images"]
+    notes += [t["definition"].iloc[0] for _, t in extra if "definition" in t]
+    figure.suptitle("; ".join(notes), fontsize=7, wrap=True)
     figure.tight_layout()
     return figure

@@ -6,7 +6,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.figures import accuracy_by_domain, save_figure, world_samples
+from analysis.figures import (
+    accuracy_by_domain,
+    atha_strengths,
+    attention_maps,
+    cka_finetuned,
+    head_tail_similarity,
+    paired_differences,
+    save_figure,
+    sink_counts,
+    token_norms_by_bucket,
+    world_samples,
+)
 
 
 def test_accuracy_by_domain_draws_one_panel_per_shot_and_one_bar_per_method_and_domain():
@@ -40,3 +51,104 @@ def test_world_samples_grid_and_saving(tmp_path):
     assert figure.axes[0].get_title() == "red circle" and figure.axes[0].get_ylabel() == "src"
     paths = save_figure(figure, tmp_path, "grid")
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def _lines(ax) -> dict[str, tuple[list, list]]:
+    """Labelled series of a panel: plotted lines and error-bar containers."""
+    def values(line):
+        return list(line.get_xdata()), [round(float(v), 6) for v in line.get_ydata()]
+    series = {line.get_label(): values(line) for line in ax.lines if not line.get_label().startswith("_")}
+    series.update({c.get_label(): values(c.lines[0]) for c in ax.containers if hasattr(c, "has_xerr")})
+    return series
+
+
+def test_token_norms_by_bucket_pools_episodes_by_token_count():
+    rows = []
+    for model in ("pretrained", "fine-tuned"):
+        for episode, (count, mean) in enumerate(((1, 10.0), (3, 20.0))):
+            for layer in (0, 1):
+                for bucket in range(3):
+                    rows.append({"model": model, "episode": episode, "layer": layer, "bucket": bucket, "count": count,
+                                 "mean": mean + layer + bucket, "space": "residual", "transform": "none", "rho": 0.3})
+    figure = token_norms_by_bucket(pd.DataFrame(rows))
+    panels = figure.axes
+    assert [ax.get_title() for ax in panels] == ["pretrained", "fine-tuned"]
+    lines = _lines(panels[0])
+    assert list(lines) == ["m = 0", "m = 1", "m = 2"]
+    assert lines["m = 1"] == ([0, 1], [18.5, 19.5])  # (1 x 11 + 3 x 21) / 4, then one more per layer
+    assert "Sum bucket" in figure._suptitle.get_text() and "residual" in panels[0].get_ylabel()
+
+
+def test_sink_counts_one_panel_per_definition_with_its_threshold():
+    rows = [{"model": model, "layer": layer, "definition": d, "label": f"{d} (> 2 x median)", "images": 4,
+             "mean_count": float(layer + (model == "fine-tuned"))}
+            for d in ("sum-all", "high-norm") for model in ("pretrained", "fine-tuned") for layer in range(3)]
+    figure = sink_counts(pd.DataFrame(rows))
+    assert [ax.get_title() for ax in figure.axes] == ["sum-all (> 2 x median)", "high-norm (> 2 x median)"]
+    lines = _lines(figure.axes[1])
+    assert lines["pretrained"] == ([0, 1, 2], [0.0, 1.0, 2.0]) and lines["fine-tuned"][1] == [1.0, 2.0, 3.0]
+
+
+def test_head_tail_similarity_histograms_and_cut_lines():
+    edges = np.linspace(-1, 1, 5)
+    rows = [{"model": m, "layer": layer, "bin_left": edges[b], "bin_right": edges[b + 1], "count": [0, 1, 3, 0][b],
+             "head_cut": 0.4, "tail_cut": -0.2, "rho_head": 0.3, "rho_tail": 0.2}
+            for m in ("pretrained", "fine-tuned") for layer in range(4) for b in range(4)]
+    table = pd.DataFrame(rows)
+    figure = head_tail_similarity(table)
+    assert [ax.get_title() for ax in figure.axes] == ["block 0", "block 2", "block 3"]
+    steps = _lines(figure.axes[0])
+    assert steps["pretrained"][1] == [0.0, 0.25, 0.75, 0.0]
+    cut_positions = sorted({round(float(line.get_xdata()[0]), 6) for line in figure.axes[0].lines
+                            if line.get_label().startswith("_")})
+    assert cut_positions == [-0.2, 0.4]
+    assert "top 0.3" in figure._suptitle.get_text()
+    with pytest.raises(ValueError, match=r"layers \[7\] are not in the table"):
+        head_tail_similarity(table, layers=[7])
+
+
+def test_atha_strengths_mean_over_episodes_per_domain():
+    rows = [{"domain": d, "shots": 5, "episode": e, "block": b, "alpha": 0.1 * b + e, "beta": 0.0, "initial_alpha": 0.0}
+            for d in ("synthetic-crops", "synthetic-xray") for e in (0, 1) for b in range(3)]
+    figure = atha_strengths(pd.DataFrame(rows))
+    alpha, beta = figure.axes
+    assert "alpha" in alpha.get_title() and "beta" in beta.get_title()
+    lines = _lines(alpha)
+    assert lines["crops"] == ([0, 1, 2], [0.5, 0.6, 0.7]) and "xray" in lines
+    assert "95% CI" in figure._suptitle.get_text() and "5-shot" in figure._suptitle.get_text()
+
+
+def test_cka_finetuned_panels_per_target():
+    rows = [{"target": t, "method": m, "layer": layer, "cka": 1.0 - 0.1 * layer, "kernel": "linear",
+             "estimator": "biased", "pool": "cls"} for t in ("a", "b") for m in ("x", "y") for layer in range(3)]
+    figure = cka_finetuned(pd.DataFrame(rows))
+    assert [ax.get_title() for ax in figure.axes] == ["a", "b"]
+    assert _lines(figure.axes[0])["x"] == ([0, 1, 2], [1.0, 0.9, 0.8])
+    assert "kernel=linear" in figure._suptitle.get_text()
+
+
+def test_paired_differences_in_points_without_the_baseline():
+    summary = pd.DataFrame({"domain": ["a", "a", "a"], "shots": [1, 1, 1], "method": ["coop+lora", "tir", "atha"],
+                            "diff_vs_baseline": [0.0, 0.05, -0.02], "diff_ci95": [0.0, 0.01, 0.03]})
+    figure = paired_differences(summary)
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["tir", "atha"]
+    series = _lines(ax)
+    assert series["tir"][0] == [5.0] and series["atha"][0] == [-2.0]
+
+
+def test_attention_maps_rows_per_model_and_columns_per_layer():
+    cells = [(r, c) for r in range(2) for c in range(2)]
+    attention = pd.DataFrame([{"model": m, "layer": layer, "head": h, "row": r, "col": c, "value": float(r == c) + h}
+                              for m in ("pretrained", "fine-tuned") for layer in range(3) for h in range(2)
+                              for r, c in cells])
+    rollout = pd.DataFrame([{"model": m, "row": r, "col": c, "value": 1.0, "definition": "rollout def"}
+                            for m in ("pretrained", "fine-tuned") for r, c in cells])
+    figure = attention_maps(attention, rollout=rollout)
+    assert len(figure.axes) == 2 * 4
+    assert [ax.get_title() for ax in figure.axes[:4]] == ["CLS attention, block 0", "CLS attention, block 1",
+                                                          "CLS attention, block 2", "rollout"]
+    assert figure.axes[4].get_ylabel() == "fine-tuned"
+    image = figure.axes[0].get_images()[0].get_array()
+    assert np.allclose(image, [[1.5, 0.5], [0.5, 1.5]])  # mean over heads
+    assert "rollout def" in figure._suptitle.get_text()
