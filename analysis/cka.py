@@ -214,15 +214,35 @@ def layer_features(model: torch.nn.Module, images: torch.Tensor | None = None, d
     return {layer: torch.cat(parts) for layer, parts in out.items()}
 
 
+def sample_layer_features(model: torch.nn.Module, dataset, n: int, transform, seed: int = 0, pool: str = "cls",
+                          progress: bool = False) -> dict[int, torch.Tensor]:
+    """:func:`layer_features` of ``n`` images of ``dataset`` drawn without replacement from ``seed``."""
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(dataset), min(n, len(dataset)), replace=False)).tolist()
+    return layer_features(model, dataset=dataset, indices=chosen, transform=transform, pool=pool, progress=progress)
+
+
+def domain_cka_table(source_features: dict[int, torch.Tensor], target_features: dict[int, torch.Tensor], kernel: str = "linear",
+                     estimator: str = "debiased", pairings: int = 20, seed: int = 0, progress: bool = False,
+                     **labels) -> "pandas.DataFrame":
+    """:func:`domain_cka` at every layer of two :func:`layer_features` results: one row per layer,
+    with ``labels`` (source, target, pool, model, ...) and the estimator settings as columns."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    rows = []
+    for layer in tqdm(sorted(source_features), desc="CKA per layer", disable=not progress, leave=False):
+        result = domain_cka(source_features[layer], target_features[layer], kernel, estimator, pairings, seed)
+        rows.append({"layer": layer, **labels, "kernel": kernel, "estimator": estimator, **result})
+    return pd.DataFrame(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m analysis.cka --source miniimagenet --target chestx --data-root DIR``."""
     import argparse
     import json
     import os
     from pathlib import Path
-
-    import pandas as pd
-    from tqdm import tqdm
 
     from analysis.figures import cka_by_layer, save_figure
     from cdfsl_core.data import load_dataset
@@ -248,21 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     bundle = load_clip(args.model, args.pretrained, device=args.device)
     transform = protocol_transform(bundle, 1.15)
-    features = {}
-    for role, name in (("source", args.source), ("target", args.target)):
-        dataset = load_dataset(name, args.data_root)
-        rng = np.random.default_rng(args.seed)
-        chosen = np.sort(rng.choice(len(dataset), min(args.images, len(dataset)), replace=False)).tolist()
-        features[role] = layer_features(bundle.model, dataset=dataset, indices=chosen, transform=transform,
-                                        pool=args.pool, progress=True)
-    rows = []
-    for layer in tqdm(sorted(features["source"]), desc="CKA per layer"):
-        result = domain_cka(features["source"][layer], features["target"][layer], args.kernel, args.estimator,
-                            args.pairings, args.seed)
-        rows.append({"layer": layer, "source": args.source, "target": args.target, "kernel": args.kernel,
-                     "estimator": args.estimator, "pool": args.pool, "model": args.model,
-                     "pretrained": args.pretrained, **result})
-    table = pd.DataFrame(rows)
+    features = {
+        role: sample_layer_features(bundle.model, load_dataset(name, args.data_root), args.images, transform,
+                                    args.seed, args.pool, progress=True)
+        for role, name in (("source", args.source), ("target", args.target))
+    }
+    table = domain_cka_table(features["source"], features["target"], args.kernel, args.estimator, args.pairings,
+                             args.seed, progress=True, source=args.source, target=args.target, pool=args.pool,
+                             model=args.model, pretrained=args.pretrained)
+    rows = table.to_dict("records")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"cka_{args.source}_{args.target}"
     table.to_csv(args.out / f"{stem}.csv", index=False)
