@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
 
 __all__ = ["CKAAccumulator", "KERNELS", "ESTIMATORS", "check_sample_size", "cka", "domain_cka", "hsic"]
@@ -224,10 +225,10 @@ def sample_layer_features(model: torch.nn.Module, dataset, n: int, transform, se
 
 def domain_cka_table(source_features: dict[int, torch.Tensor], target_features: dict[int, torch.Tensor], kernel: str = "linear",
                      estimator: str = "debiased", pairings: int = 20, seed: int = 0, progress: bool = False,
-                     **labels) -> "pandas.DataFrame":
+                     **labels) -> pd.DataFrame:
     """:func:`domain_cka` at every layer of two :func:`layer_features` results: one row per layer,
     with ``labels`` (source, target, pool, model, ...) and the estimator settings as columns."""
-    import pandas as pd
+
     from tqdm import tqdm
 
     rows = []
