@@ -89,6 +89,8 @@ class FewShotCLIP(nn.Module):
                 raise ValueError(f"adaptation={config.adaptation!r} but the model carries LoRA; load a fresh bundle.")
             self.adapters = []
         self.adapter_params = nn.ParameterList([p for m in self.adapters for p in (*m.lora_A.values(), *m.lora_B.values())])
+        for p in self.adapter_params:  # adapters found on a shared model were frozen with it just above
+            p.requires_grad_(True)
         n_vision = len(self.model.visual.transformer.resblocks)
         n_text = len(self.model.transformer.resblocks)
         self.readout_block = config.text_readout_block if config.text_readout_block is not None else n_text - 2
@@ -160,9 +162,13 @@ class FewShotCLIP(nn.Module):
                 p.copy_(state[name])
 
     # -------------------------------------------------------------- forward
-    def text_features(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(classifier text features, intervention text features), L2-normalised, [C, embed_dim]."""
-        needs_readout = self.config.intervention != "none"
+    def text_features(self, readout: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(classifier text features, intervention text features), L2-normalised, [C, embed_dim].
+
+        The second is the read-out after ``readout_block``; it is computed when the intervention
+        needs it, or always with ``readout=True`` (the diagnostics compare every model's tokens
+        with the same text features), and is None otherwise."""
+        needs_readout = self.config.intervention != "none" if readout is None else readout
         final, readouts = encode_text_embeddings(
             self.model, self.prompts.embeddings(), self.prompts.tokens,
             readout_blocks=(self.readout_block,) if needs_readout else (),

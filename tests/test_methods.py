@@ -127,6 +127,18 @@ def test_only_adapter_context_and_intervention_parameters_train(bundle):
     assert not any(p.requires_grad for p in bundle.model.parameters() if not any(p is q for q in method.adapter_params))
 
 
+def test_a_second_method_on_the_same_model_still_trains_its_adapters(bundle, images):
+    first = create_method(bundle, NAMES, "coop+lora", "none", lora=LoRAConfig(rank=2))
+    second = create_method(bundle, NAMES, "coop+lora", "tir", lora=LoRAConfig(rank=2))  # reuses the adapters
+    assert all(p.requires_grad for p in second.adapter_params) and len(second.adapter_params) > 0
+    assert set(first.trainable_state()) - {"prompts.context"} == set(second.trainable_state()) - {"prompts.context"}
+    optimiser = torch.optim.AdamW(second.parameter_groups()["lora"], lr=1e-2)
+    loss = torch.nn.functional.cross_entropy(second(images), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    optimiser.step()
+    assert any(p.abs().sum() > 0 for n, p in second.trainable_state().items() if "lora_B" in n)
+
+
 def test_reset_restores_the_initial_state_exactly(bundle, images):
     from cdfsl_core.runner import TrainConfig, train_episode
 
