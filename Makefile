@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 OUT ?= outputs/demo
 
-.PHONY: demo test test-fast clean-venv
+.PHONY: demo figures test test-fast clean-venv
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 demo: $(STAMP)
 	$(PY) -m analysis.demo --out $(OUT)
+
+# every figure into figures/ (PNG + PDF), from the runs in $(OUT), running what is missing
+figures: $(STAMP)
+	$(PY) -m analysis.demo --out $(OUT) --figures figures
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -387,7 +387,12 @@ def attention_maps(attention: pd.DataFrame, rollout: pd.DataFrame | None = None,
             axes[r, c].set_title(f"CLS attention, block {layer}", fontsize=7)
         for c, (name, table) in enumerate(extra, start=len(layers)):
             part = table[table["model"] == model].groupby(["row", "col"])["value"].mean().reset_index()
-            axes[r, c].imshow(_grid(part), cmap="magma" if name == "rollout" else "RdBu_r")
+            grid = _grid(part)
+            if name == "attribution":  # signed: white is zero
+                limit = float(np.abs(grid).max()) or 1.0
+                axes[r, c].imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit)
+            else:
+                axes[r, c].imshow(grid, cmap="magma")
             axes[r, c].set_title(name, fontsize=7)
         axes[r, 0].set_ylabel(model, fontsize=7)
         for ax in axes[r]:

@@ -44,8 +44,10 @@ def _record_and_reduce(method: FewShotCLIP, images: torch.Tensor, labels: dict[s
                        **diagnostic_settings: Any) -> dict[str, pd.DataFrame]:
     visual = method.model.visual
     layers = list(range(len(visual.transformer.resblocks)))
-    text, readout = method.text_features()
-    diagnostics = TokenDiagnostics(visual, readout if readout is not None else text, layers, **diagnostic_settings)
+    # every model's tokens are compared with the text read-out the interventions use (METHODS:
+    # after text block n - 2), also for a baseline without intervention, so tables compare
+    text, readout = method.text_features(readout=True)
+    diagnostics = TokenDiagnostics(visual, readout, layers, **diagnostic_settings)
     attention_sum = None
     rollout_sum = None
     for start in range(0, len(images), batch_size):
@@ -83,8 +85,12 @@ def diagnose_model(method: FewShotCLIP, images: torch.Tensor, targets: torch.Ten
 
 
 def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | Path | None = None,
-                 attribution_steps: int = 16) -> dict[str, pd.DataFrame]:
-    """Diagnose the pretrained and the fine-tuned model of each chosen episode of a run."""
+                 attribution_steps: int = 16, pretrained: bool = True,
+                 model_label: str | None = None) -> dict[str, pd.DataFrame]:
+    """Diagnose the pretrained (unless ``pretrained=False``) and the fine-tuned model of each
+    chosen episode of a run ('pretrained' is the episode's model before training: with ATHA,
+    its initial strengths already act); the fine-tuned model is labelled ``model_label`` (default
+    'fine-tuned ADAPTATION/INTERVENTION')."""
     folder = Path(folder)
     config, bundle, dataset, episode_file = load_run(folder)
     recorded = {}
@@ -100,7 +106,8 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
         method, support, support_labels, query, query_labels = prepare_episode(
             config, bundle, dataset, episode_file, index, method)
         common = {"dataset": config.data.dataset, "episode": index}
-        before = diagnose_model(method, query, query_labels, {**common, "model": "pretrained"}, attribution_steps)
+        before = diagnose_model(method, query, query_labels, {**common, "model": "pretrained"},
+                                attribution_steps) if pretrained else {}
         saved = state_path(folder, index)
         if saved.exists():
             load_state(method, saved)
@@ -108,15 +115,16 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
             train_episode(method, support, support_labels, config.train)
         accuracy = evaluate(method, query, query_labels, config.train.eval_batch_size)
         expected = recorded.get(index, {}).get("accuracy")
-        after = diagnose_model(method, query, query_labels, {**common, "model": f"fine-tuned {method_label}"},
+        after = diagnose_model(method, query, query_labels, {**common, "model": model_label or f"fine-tuned {method_label}"},
                                attribution_steps)
-        for name in before:
-            for table in (before[name], after[name]):
+        for name in after:
+            tables_of = [before[name], after[name]] if pretrained else [after[name]]
+            for table in tables_of:
                 table["recomputed_accuracy"] = accuracy
                 table["recorded_accuracy"] = expected
                 table["reproduced"] = expected is None or abs(accuracy - expected) < 1e-9
                 table["fine_tuned_from"] = "saved state" if saved.exists() else "re-trained"
-            collected.setdefault(name, []).extend([before[name], after[name]])
+            collected.setdefault(name, []).extend(tables_of)
     tables = {name: pd.concat(parts, ignore_index=True) for name, parts in collected.items()}
     target = Path(out) if out is not None else folder / "diagnostics"
     target.mkdir(parents=True, exist_ok=True)

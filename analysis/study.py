@@ -1,0 +1,312 @@
+"""A study: every method on every target, every diagnostic, every figure, from one folder.
+
+The demo (``make demo``), ``make figures`` and the notebooks share this module, so a figure is
+made one way wherever it is shown. Each step writes its results into the study folder and
+reuses them when they are there: rerunning finishes what is missing and repeats nothing.
+
+    out/
+      runs/<target>/<k>shot_<n>ep/<method>/   run folders of the episodic runner (with states)
+      episodes/                               one episode file per target and shot setting
+      episodes.csv, accuracy_table.csv        one row per episode; mean, 95% CI, paired differences
+      diagnostics/<table>.csv                 pretrained and fine-tuned models, episode 0
+      cka_domains.csv, cka_finetuned.csv      CKA per layer: source vs targets; pretrained vs fine-tuned
+      atha_strengths.csv                      ATHA's learned alpha and beta per block and episode
+      figures/                                every figure as PNG and PDF
+
+The default is the embedded world and CLIP; a real study changes the model, the data root, the
+source and the targets (the notebooks' parameter cell shows how).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from analysis import figures as fig
+from analysis.cka import cka, domain_cka_table, layer_features, sample_layer_features
+from analysis.run_diagnostics import diagnose_run
+from cdfsl_core.compare import paired_difference
+from cdfsl_core.data import load_dataset
+from cdfsl_core.data.synthetic import SYNTHETIC_TARGETS
+from cdfsl_core.episodes import EpisodeConfig
+from cdfsl_core.methods import MethodConfig
+from cdfsl_core.models import EMBEDDED_MODEL, ClipBundle, load_clip
+from cdfsl_core.runner import (DataConfig, ModelConfig, RunConfig, TrainConfig, load_run, load_state,
+                               prepare_episode, protocol_transform, run, state_path)
+from cdfsl_core.world_report import domain_similarity
+from cdfsl_core.zeroshot import image_features
+
+__all__ = ["BASELINE", "METHODS", "Study"]
+
+# (label, adaptation, intervention); zero-shot first: the others add LoRA to the shared model.
+METHODS = (
+    ("zero-shot", "zeroshot", "none"),
+    ("coop+lora", "coop+lora", "none"),
+    ("coop+lora+atha", "coop+lora", "atha"),
+    ("coop+lora+tir", "coop+lora", "tir"),
+)
+BASELINE = "coop+lora"
+TABLES = ("norms", "sinks", "head_tail", "attention", "rollout", "attribution")
+
+
+@dataclass
+class Study:
+    """What to run and where its results live."""
+
+    out: Path  # the study folder
+    model: str = EMBEDDED_MODEL[0]  # open_clip architecture
+    pretrained: str = EMBEDDED_MODEL[1]  # tag or local weights file
+    data_root: str | None = None  # real datasets' root (None: $CDFSL_DATA_ROOT; the embedded world needs none)
+    source: str = "synthetic"  # the source domain, for CKA and similarity
+    targets: tuple[str, ...] = SYNTHETIC_TARGETS  # target domains, in order of shift
+    shots: tuple[int, ...] = (1, 5)
+    episodes: int = 2  # episodes per target, shot setting and method
+    steps: int = 100  # training steps per episode (protocol: 100)
+    seed: int = 0
+    device: str = "cpu"
+    methods: tuple[tuple[str, str, str], ...] = METHODS
+    diagnose_shots: int = 5  # the shot setting whose episode 0 is diagnosed
+    attribution_steps: int = 8  # integrated-gradients steps of the attribution maps
+    cka_images: int = 200  # images per domain for the domain CKA
+    progress: bool = True
+    _bundle: ClipBundle | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.diagnose_shots not in self.shots:
+            raise ValueError(f"diagnose_shots={self.diagnose_shots} is not among shots={self.shots}.")
+
+    # ------------------------------------------------------------------ shared pieces
+    @property
+    def bundle(self) -> ClipBundle:
+        if self._bundle is None:
+            self._bundle = load_clip(self.model, self.pretrained, device=self.device)
+        return self._bundle
+
+    def dataset_options(self, name: str) -> dict[str, Any]:
+        return {"images_per_class": 60, "seed": self.seed} if name.startswith("synthetic-") else {}
+
+    def run_folder(self, target: str, shots: int, label: str) -> Path:
+        """One folder per cell; the episode count is in the name, so another ``episodes`` never
+        meets a run folder of a different config."""
+        return self.out / "runs" / target / f"{shots}shot_{self.episodes}ep" / label
+
+    def run_config(self, target: str, shots: int, adaptation: str, intervention: str) -> RunConfig:
+        episode_file = self.out / "episodes" / f"{target}_5w{shots}s15q_{self.episodes}ep_seed{self.seed}.json"
+        return RunConfig(
+            model=ModelConfig(self.model, self.pretrained, self.device),
+            data=DataConfig(target, self.data_root, self.dataset_options(target), str(episode_file)),
+            episodes=EpisodeConfig(5, shots, 15, self.episodes, self.seed),
+            method=MethodConfig(adaptation, intervention, logit_scale=2.0 if shots == 1 else 4.0),
+            train=replace(TrainConfig(), steps=self.steps),
+        )
+
+    @property
+    def fine_tuned(self) -> list[str]:
+        return [label for label, adaptation, _ in self.methods if adaptation != "zeroshot"]
+
+    def _cached(self, path: Path, make) -> pd.DataFrame:
+        if path.exists():
+            return pd.read_csv(path)
+        table = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        table.to_csv(tmp, index=False)
+        tmp.replace(path)
+        return table
+
+    # ------------------------------------------------------------------ accuracy
+    def run_all(self) -> pd.DataFrame:
+        """Every (method, target, shots) run, resumed where finished; one row per episode."""
+        rows = []
+        for label, adaptation, intervention in self.methods:
+            for target in self.targets:
+                for k in self.shots:
+                    folder = self.run_folder(target, k, label)
+                    run(self.run_config(target, k, adaptation, intervention), folder, bundle=self.bundle,
+                        progress=self.progress, save_states=adaptation != "zeroshot")
+                    for line in (folder / "episodes.jsonl").read_text().splitlines():
+                        row = json.loads(line)
+                        rows.append({"domain": target, "shots": k, "method": label, "episode": row["episode"],
+                                     "accuracy": row["accuracy"], "status": row["status"],
+                                     "seconds": row.get("seconds")})
+        table = pd.DataFrame(rows)
+        table.to_csv(self.out / "episodes.csv", index=False)
+        return table
+
+    def accuracy_table(self, episodes: pd.DataFrame) -> pd.DataFrame:
+        """Mean accuracy and 95% CI per cell, and the paired difference against the baseline."""
+        ok = episodes[episodes["status"] == "ok"]
+        summary = ok.groupby(["domain", "shots", "method"], sort=False)["accuracy"].agg(
+            mean="mean", std="std", episodes="count").reset_index()
+        summary["ci95"] = 1.96 * summary["std"].fillna(0) / summary["episodes"] ** 0.5
+        diffs = []
+        for _, row in summary.iterrows():
+            if row["method"] == BASELINE:
+                diffs.append((0.0, 0.0))
+                continue
+            result = paired_difference(self.run_folder(row["domain"], row["shots"], row["method"]),
+                                       self.run_folder(row["domain"], row["shots"], BASELINE))
+            diffs.append((result["mean_difference"], result["ci95"]))
+        summary["diff_vs_baseline"] = [d for d, _ in diffs]
+        summary["diff_ci95"] = [c for _, c in diffs]
+        summary.to_csv(self.out / "accuracy_table.csv", index=False)
+        return summary
+
+    # ------------------------------------------------------------------ diagnostics
+    def diagnostics(self) -> dict[str, pd.DataFrame]:
+        """Every token diagnostic of episode 0 at ``diagnose_shots``: the pretrained model once per
+        target, and each fine-tuned method rebuilt from its saved state."""
+        def make() -> dict[str, pd.DataFrame]:
+            parts: dict[str, list[pd.DataFrame]] = {}
+            for target in self.targets:
+                for i, label in enumerate(self.fine_tuned):
+                    folder = self.run_folder(target, self.diagnose_shots, label)
+                    tables = diagnose_run(folder, [0], attribution_steps=self.attribution_steps,
+                                          pretrained=i == 0, model_label=label)
+                    for name, table in tables.items():
+                        parts.setdefault(name, []).append(table)
+            return {name: pd.concat(tables, ignore_index=True) for name, tables in parts.items()}
+
+        folder = self.out / "diagnostics"
+        if all((folder / f"{name}.csv").exists() for name in TABLES):
+            return {name: pd.read_csv(folder / f"{name}.csv") for name in TABLES}
+        tables = make()
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, table in tables.items():
+            table.to_csv(folder / f"{name}.csv", index=False)
+        return tables
+
+    def atha_strengths(self) -> pd.DataFrame:
+        """ATHA's learned alpha and beta per block, from the runs' episode lines."""
+        labels = [label for label, _, intervention in self.methods if intervention == "atha"]
+        rows = []
+        for label in labels:
+            for target in self.targets:
+                for k in self.shots:
+                    folder = self.run_folder(target, k, label)
+                    config = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+                    for line in (folder / "episodes.jsonl").read_text().splitlines():
+                        row = json.loads(line)
+                        for block, (alpha, beta) in enumerate(zip(row["atha_alpha"], row["atha_beta"])):
+                            rows.append({"method": label, "domain": target, "shots": k, "episode": row["episode"],
+                                         "block": block, "alpha": alpha, "beta": beta,
+                                         "alpha_init": config.method.atha.alpha_init})
+        table = pd.DataFrame(rows)
+        table.to_csv(self.out / "atha_strengths.csv", index=False)
+        return table
+
+    # ------------------------------------------------------------------ CKA and similarity
+    @cached_property
+    def _transform(self):
+        return protocol_transform(self.bundle, 1.15)
+
+    def _source_features(self) -> dict[int, torch.Tensor]:
+        source = load_dataset(self.source, self.data_root, **({"split": "test"} if self.source == "synthetic" else {}))
+        return sample_layer_features(self.bundle.model, source, self.cka_images, self._transform, self.seed)
+
+    def cka_domains(self) -> pd.DataFrame:
+        """Debiased linear CKA of CLS tokens per layer, source vs each target (unpaired images,
+        20 random pairings), with the within-source and noise-floor references."""
+        def make() -> pd.DataFrame:
+            source = self._source_features()
+            tables = []
+            for target in self.targets:
+                dataset = load_dataset(target, self.data_root, **self.dataset_options(target))
+                features = sample_layer_features(self.bundle.model, dataset, self.cka_images, self._transform, self.seed)
+                tables.append(domain_cka_table(source, features, "linear", "debiased", 20, self.seed,
+                                               source=self.source, target=target, pool="cls"))
+            return pd.concat(tables, ignore_index=True)
+        return self._cached(self.out / "cka_domains.csv", make)
+
+    def cka_finetuned(self) -> pd.DataFrame:
+        """Linear CKA per layer between the pretrained and each fine-tuned model of episode 0 on
+        the episode's query images (paired, biased estimator: Kornblith et al.'s for models)."""
+        def make() -> pd.DataFrame:
+            rows = []
+            for target in self.targets:
+                for label in self.fine_tuned:
+                    folder = self.run_folder(target, self.diagnose_shots, label)
+                    config, _, dataset, episodes = load_run(folder)
+                    method, _, _, query, _ = prepare_episode(config, self.bundle, dataset, episodes, 0)
+                    before = layer_features(method, images=query)
+                    load_state(method, state_path(folder, 0))
+                    after = layer_features(method, images=query)
+                    for layer in before:
+                        rows.append({"target": target, "method": label, "layer": layer, "images": len(query),
+                                     "cka": cka(before[layer], after[layer], "linear", "biased"),
+                                     "kernel": "linear", "estimator": "biased", "pool": "cls"})
+                    method.reset_parameters()
+            return pd.DataFrame(rows)
+        return self._cached(self.out / "cka_finetuned.csv", make)
+
+    def similarity(self) -> dict[str, float]:
+        """1 - MMD^2/2 between the source's and each target's image features (final embedding)."""
+        def make() -> pd.DataFrame:
+            source = load_dataset(self.source, self.data_root, **({"split": "test", "images_per_class": 8}
+                                                                   if self.source == "synthetic" else {}))
+            source_features = image_features(self.bundle, source, range(0, len(source), max(1, len(source) // 512)))
+            rows = []
+            for target in self.targets:
+                dataset = load_dataset(target, self.data_root, **self.dataset_options(target))
+                target_features = image_features(self.bundle, dataset, range(0, len(dataset), max(1, len(dataset) // 300)))
+                rows.append({"target": target, "similarity": domain_similarity(source_features, target_features)})
+            return pd.DataFrame(rows)
+        table = self._cached(self.out / "similarity.csv", make)
+        return dict(zip(table["target"], table["similarity"]))
+
+    # ------------------------------------------------------------------ figures
+    def samples(self, per_domain: int = 8) -> dict[str, list]:
+        """Example images with their class names, per domain (embedded world: from the renderer)."""
+        out = {}
+        for name in (self.source, *self.targets):
+            options = {"split": "test", "images_per_class": 8} if name == self.source == "synthetic" else \
+                self.dataset_options(name)
+            dataset = load_dataset(name, self.data_root, **options)
+            stride = max(1, len(dataset) // per_domain)
+            out[name] = [(_array(dataset, i), dataset.classes[dataset.targets[i]])
+                         for i in range(0, per_domain * stride, stride)[:per_domain]]
+        return out
+
+    def figures(self, folder: str | Path | None = None) -> dict[str, list[Path]]:
+        """Run what is missing, then write every figure (PNG and PDF) into ``folder``
+        (default ``out/figures``); returns the paths by figure name."""
+        folder = Path(folder) if folder is not None else self.out / "figures"
+        episodes = self.run_all()
+        summary = self.accuracy_table(episodes)
+        tables = self.diagnostics()
+        made = {
+            "world_samples": fig.world_samples(self.samples()),
+            "accuracy_by_domain": fig.accuracy_by_domain(episodes[episodes["status"] == "ok"], self.similarity()),
+            "paired_differences": fig.paired_differences(summary, BASELINE),
+            "token_norms_by_bucket": fig.token_norms_by_bucket(tables["norms"]),
+            "sink_counts": fig.sink_counts(tables["sinks"]),
+            "head_tail_similarity": fig.head_tail_similarity(tables["head_tail"]),
+            "attention_maps": fig.attention_maps(tables["attention"], tables["rollout"], tables["attribution"]),
+            "cka_domains": fig.cka_by_layer(self.cka_domains()),
+            "cka_finetuned": fig.cka_finetuned(self.cka_finetuned()),
+        }
+        if any(intervention == "atha" for _, _, intervention in self.methods):
+            made["atha_strengths"] = fig.atha_strengths(self.atha_strengths())
+        import matplotlib.pyplot as plt
+
+        paths = {}
+        for name, figure in made.items():
+            paths[name] = fig.save_figure(figure, folder, name)
+            plt.close(figure)
+        return paths
+
+
+def _array(dataset: Any, index: int):
+    """An image as uint8 [H, W, 3] (the renderer's array for the embedded world, else the file)."""
+    import numpy as np
+
+    if hasattr(dataset, "array"):
+        return dataset.array(index)
+    return np.asarray(dataset.load_image(index).convert("RGB"))
