@@ -6,16 +6,10 @@ import csv
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from cdfsl_core.data import FewShotDataset
-from cdfsl_core.episodes import EpisodeConfig
-from cdfsl_core.lora import LoRAConfig
-from cdfsl_core.methods import MethodConfig
-from cdfsl_core.runner import DataConfig, ModelConfig, RunConfig, TrainConfig
+from helpers import CHESTX_ROWS, EUROSAT_FOLDERS, write_image
 
 PLANTVILLAGE_CLASSES = [
     "Apple___Apple_scab", "Apple___Black_rot", "Apple___Cedar_apple_rust", "Apple___healthy",
@@ -32,18 +26,7 @@ PLANTVILLAGE_CLASSES = [
     "Tomato___Target_Spot", "Tomato___Tomato_Yellow_Leaf_Curl_Virus", "Tomato___Tomato_mosaic_virus",
     "Tomato___healthy",
 ]
-EUROSAT_FOLDERS = [
-    "AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
-    "Pasture", "PermanentCrop", "Residential", "River", "SeaLake",
-]
 ISIC_COLUMNS = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
-
-
-def write_image(path: Path, seed: int = 0, size: int = 8) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-    return path
 
 
 @pytest.fixture
@@ -78,22 +61,6 @@ def isic_root(tmp_path: Path) -> Path:
         writer.writerow(["image", *ISIC_COLUMNS])
         writer.writerows(rows)
     return tmp_path
-
-
-CHESTX_ROWS = [
-    ("00000001_000.png", "Cardiomegaly"),
-    ("00000001_001.png", "Cardiomegaly|Emphysema"),
-    ("00000002_000.png", "No Finding"),
-    ("00000003_000.png", "Atelectasis"),
-    ("00000004_000.png", "Effusion"),
-    ("00000005_000.png", "Infiltration"),
-    ("00000006_000.png", "Mass"),
-    ("00000007_000.png", "Nodule"),
-    ("00000008_000.png", "Pneumothorax"),
-    ("00000009_000.png", "Pneumonia"),
-    ("00000010_000.png", "Hernia"),
-    ("00000011_000.png", "Atelectasis"),
-]
 
 
 @pytest.fixture
@@ -138,19 +105,6 @@ def mini_folder_root(tmp_path: Path) -> Path:
     return tmp_path
 
 
-class LabelsOnly(FewShotDataset):
-    """A dataset of labels only, for episode tests (no images are read)."""
-
-    def __init__(self, counts: list[int], name: str = "labels-only") -> None:
-        self.name = name
-        self.classes = [f"class {c}" for c in range(len(counts))]
-        self.targets = [c for c, n in enumerate(counts) for _ in range(n)]
-        self.transform = None
-
-    def image_key(self, index: int) -> str:
-        return f"{index}"
-
-
 @pytest.fixture
 def bundle():
     """The 2-block test architecture with seeded random weights, new for each test."""
@@ -172,11 +126,3 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
-# A run small enough for unit tests: the 2-block test architecture with random weights.
-TINY = RunConfig(
-    model=ModelConfig("cdfsl-test-vit", None, "cpu"),
-    data=DataConfig("synthetic-crops", None, {"images_per_class": 8}),
-    episodes=EpisodeConfig(n_way=3, k_shot=1, n_query=2, n_episodes=4, seed=0),
-    method=MethodConfig("coop+lora", "tir", lora=LoRAConfig(rank=2)),
-    train=TrainConfig(steps=3),
-)

@@ -10,7 +10,7 @@ import torch
 from cdfsl_core.data import DATA_ROOT_ENV, list_datasets, load_dataset
 from cdfsl_core.data.real import plantvillage_name
 from cdfsl_core.errors import DatasetError, ImageReadError
-from conftest import CHESTX_ROWS, EUROSAT_FOLDERS, write_image
+from helpers import CHESTX_ROWS, EUROSAT_FOLDERS, write_image
 
 
 def test_registry_lists_the_real_datasets():

@@ -11,7 +11,7 @@ import torch
 
 from cdfsl_core.episodes import EpisodeConfig, generate_episodes, load_episodes, main, save_episodes
 from cdfsl_core.errors import EpisodeError
-from conftest import LabelsOnly
+from helpers import LabelsOnly
 
 
 @pytest.fixture

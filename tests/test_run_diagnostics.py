@@ -6,7 +6,7 @@ import pytest
 
 from analysis.run_diagnostics import diagnose_run, main
 from cdfsl_core.runner import run
-from conftest import TINY
+from helpers import TINY
 
 
 def test_diagnose_run_reproduces_the_episode_and_writes_every_table(tmp_path, capsys):

@@ -21,7 +21,7 @@ from cdfsl_core.compare import main as compare_main
 from cdfsl_core.finetune import main as finetune_main
 from cdfsl_core.models import load_clip
 from cdfsl_core.runner import RunConfig, TrainConfig, run
-from conftest import TINY
+from helpers import TINY
 
 def _rows(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "episodes.jsonl").read_text().splitlines()]
