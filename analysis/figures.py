@@ -22,6 +22,7 @@ __all__ = [
     "attention_maps",
     "cka_by_layer",
     "cka_finetuned",
+    "feature_view",
     "head_tail_similarity",
     "paired_differences",
     "save_figure",
@@ -401,5 +402,28 @@ def attention_maps(attention: pd.DataFrame, rollout: pd.DataFrame | None = None,
     notes = ["CLS attention: mean over heads and query images"]
     notes += [t["definition"].iloc[0] for _, t in extra if "definition" in t]
     figure.suptitle("; ".join(notes), fontsize=7, wrap=True)
+    figure.tight_layout()
+    return figure
+
+
+def feature_view(table: pd.DataFrame) -> plt.Figure:
+    """Image features of every domain in two dimensions, one colour per domain.
+
+    Args:
+        table: one row per image: ``domain``, ``x``, ``y``, ``method`` ('pca' or 'tsne'), and for
+            PCA ``explained_variance`` (fraction of variance of the two components).
+    """
+    _require(table, {"domain", "x", "y", "method"}, "feature_view")
+    figure, ax = plt.subplots(figsize=(5.5, 4.5))
+    domains = list(dict.fromkeys(table["domain"]))
+    for domain, colour in zip(domains, sns.color_palette(n_colors=len(domains))):
+        part = table[table["domain"] == domain]
+        ax.scatter(part["x"], part["y"], s=8, alpha=0.6, color=colour, label=_short(domain))
+    method = table["method"].iloc[0]
+    note = f", {100 * table['explained_variance'].iloc[0]:.0f}% of the variance" if "explained_variance" in table else ""
+    ax.set_title(f"Final image features, {method.upper()} fitted on all domains{note}", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=7, markerscale=2)
     figure.tight_layout()
     return figure

@@ -294,6 +294,38 @@ class Study:
         table = self._cached(self.out / "similarity.csv", make)
         return dict(zip(table["target"], table["similarity"]))
 
+    def feature_view(self, method: str = "pca", per_domain: int = 150) -> pd.DataFrame:
+        """2-D view of the final image features of the source and every target (scikit-learn
+        PCA, or t-SNE with ``method='tsne'``, fitted on all domains together): one row per image
+        with ``domain``, ``class``, ``x``, ``y``."""
+        if method not in ("pca", "tsne"):
+            raise ValueError(f"method={method!r}; expected 'pca' or 'tsne'.")
+
+        def make() -> pd.DataFrame:
+            from sklearn.decomposition import PCA
+            from sklearn.manifold import TSNE
+
+            parts, rows = [], []
+            for name in (self.source, *self.targets):
+                options = {"split": "test"} if name == self.source == "synthetic" else self.dataset_options(name)
+                dataset = load_dataset(name, self.data_root, **options)
+                step = max(1, len(dataset) // per_domain)
+                indices = list(range(0, len(dataset), step))[:per_domain]
+                parts.append(image_features(self.bundle, dataset, indices).cpu().numpy())
+                rows += [{"domain": name, "class": dataset.classes[dataset.targets[i]]} for i in indices]
+            import numpy as np
+
+            features = np.concatenate(parts)
+            reducer = PCA(2, random_state=self.seed) if method == "pca" else \
+                TSNE(2, init="pca", perplexity=min(30.0, len(features) / 4), random_state=self.seed)
+            coords = reducer.fit_transform(features)
+            table = pd.DataFrame(rows)
+            table["x"], table["y"], table["method"] = coords[:, 0], coords[:, 1], method
+            if method == "pca":
+                table["explained_variance"] = float(reducer.explained_variance_ratio_.sum())
+            return table
+        return self._cached(self.out / f"feature_view_{method}.csv", make)
+
     # ------------------------------------------------------------------ figures
     def samples(self, per_domain: int = 8) -> dict[str, list]:
         """Example images with their class names, per domain (embedded world: from the renderer)."""
@@ -317,6 +349,7 @@ class Study:
         tables = self.diagnostics()
         made = {
             "world_samples": fig.world_samples(self.samples()),
+            "feature_view": fig.feature_view(self.feature_view()),
             "accuracy_by_domain": fig.accuracy_by_domain(episodes[episodes["status"] == "ok"], self.similarity()),
             "paired_differences": fig.paired_differences(summary, BASELINE),
             "token_norms_by_bucket": fig.token_norms_by_bucket(tables["norms"]),

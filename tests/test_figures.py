@@ -11,6 +11,7 @@ from analysis.figures import (
     atha_strengths,
     attention_maps,
     cka_finetuned,
+    feature_view,
     head_tail_similarity,
     paired_differences,
     save_figure,
@@ -152,3 +153,13 @@ def test_attention_maps_rows_per_model_and_columns_per_layer():
     image = figure.axes[0].get_images()[0].get_array()
     assert np.allclose(image, [[1.5, 0.5], [0.5, 1.5]])  # mean over heads
     assert "rollout def" in figure._suptitle.get_text()
+
+
+def test_feature_view_one_scatter_per_domain_with_the_variance_it_shows():
+    table = pd.DataFrame({"domain": ["src", "src", "synthetic-xray"], "x": [0.0, 1.0, 2.0], "y": [0.0, 1.0, -1.0],
+                          "method": "pca", "explained_variance": 0.42})
+    figure = feature_view(table)
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["src", "xray"]
+    assert [len(c.get_offsets()) for c in ax.collections] == [2, 1]
+    assert "PCA" in ax.get_title() and "42%" in ax.get_title()
