@@ -153,6 +153,23 @@ def _short(domain: str) -> str:
     return domain.replace("synthetic-", "")
 
 
+def _palette(names: Sequence[str]) -> dict[str, tuple]:
+    """One colour per name, in order of first appearance."""
+    names = list(dict.fromkeys(names))
+    return dict(zip(names, sns.color_palette(n_colors=len(names))))
+
+
+def _chosen_layers(recorded: Sequence[int], layers: Sequence[int] | None) -> list[int]:
+    """``layers``, checked against the recorded ones; by default the first, middle and last."""
+    recorded = sorted(recorded)
+    if layers is None:
+        return sorted({recorded[0], recorded[len(recorded) // 2], recorded[-1]})
+    missing = [layer for layer in layers if layer not in recorded]
+    if missing:
+        raise ValueError(f"layers {missing} are not in the table; recorded: {recorded}")
+    return list(layers)
+
+
 def paired_differences(summary: pd.DataFrame, baseline: str = "coop+lora") -> plt.Figure:
     """Paired accuracy differences against the baseline, in points with 95% CI, one panel per
     shot setting, one row per domain, one marker per method.
@@ -239,8 +256,8 @@ def sink_counts(sinks: pd.DataFrame) -> plt.Figure:
     definitions = list(dict.fromkeys(sinks["definition"]))
     labels = sinks.drop_duplicates("definition").set_index("definition")["label"]
     pooled = _weighted(sinks, ["definition", "model", "layer"], "mean_count", "images")
-    models = list(dict.fromkeys(sinks["model"]))
-    palette = dict(zip(models, sns.color_palette(n_colors=len(models))))
+    palette = _palette(sinks["model"])
+    models = list(palette)
     figure, axes = plt.subplots(1, len(definitions), figsize=(3.6 * len(definitions) + 0.5, 3.4), squeeze=False)
     for ax, definition in zip(axes[0], definitions):
         part = pooled[pooled["definition"] == definition]
@@ -267,14 +284,9 @@ def head_tail_similarity(head_tail: pd.DataFrame, layers: Sequence[int] | None =
     """
     _require(head_tail, {"model", "layer", "bin_left", "bin_right", "count", "head_cut", "tail_cut", "rho_head",
                          "rho_tail"}, "head_tail_similarity")
-    recorded = sorted(head_tail["layer"].unique())
-    if layers is None:
-        layers = sorted({recorded[0], recorded[len(recorded) // 2], recorded[-1]})
-    missing = [layer for layer in layers if layer not in recorded]
-    if missing:
-        raise ValueError(f"layers {missing} are not in the table; recorded: {recorded}")
-    models = list(dict.fromkeys(head_tail["model"]))
-    palette = dict(zip(models, sns.color_palette(n_colors=len(models))))
+    layers = _chosen_layers(head_tail["layer"].unique(), layers)
+    palette = _palette(head_tail["model"])
+    models = list(palette)
     figure, axes = plt.subplots(1, len(layers), figsize=(3.8 * len(layers) + 0.5, 3.4), squeeze=False)
     for ax, layer in zip(axes[0], layers):
         part = head_tail[head_tail["layer"] == layer]
@@ -306,8 +318,8 @@ def atha_strengths(table: pd.DataFrame) -> plt.Figure:
     """
     _require(table, {"domain", "episode", "block", "alpha", "beta"}, "atha_strengths")
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.4), squeeze=False)
-    domains = list(dict.fromkeys(table["domain"]))
-    palette = dict(zip(domains, sns.color_palette(n_colors=len(domains))))
+    palette = _palette(table["domain"])
+    domains = list(palette)
     for ax, name in zip(axes[0], ("alpha", "beta")):
         stats = table.groupby(["domain", "block"], sort=False)[name].agg(["mean", "std", "count"]).reset_index()
         stats["ci95"] = 1.96 * stats["std"].fillna(0) / np.sqrt(stats["count"])
@@ -336,8 +348,8 @@ def cka_finetuned(table: pd.DataFrame) -> plt.Figure:
     """
     _require(table, {"target", "method", "layer", "cka"}, "cka_finetuned")
     targets = list(dict.fromkeys(table["target"]))
-    methods = list(dict.fromkeys(table["method"]))
-    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
+    palette = _palette(table["method"])
+    methods = list(palette)
     figure, axes = plt.subplots(1, len(targets), figsize=(3.2 * len(targets) + 0.5, 3.2), squeeze=False, sharey=True)
     for ax, target in zip(axes[0], targets):
         part = table[table["target"] == target]
@@ -373,9 +385,7 @@ def attention_maps(attention: pd.DataFrame, rollout: pd.DataFrame | None = None,
         layers: the attention layers to draw (default: the first, middle and last).
     """
     _require(attention, {"model", "layer", "head", "row", "col", "value"}, "attention_maps")
-    recorded = sorted(attention["layer"].unique())
-    if layers is None:
-        layers = sorted({recorded[0], recorded[len(recorded) // 2], recorded[-1]})
+    layers = _chosen_layers(attention["layer"].unique(), layers)
     models = list(dict.fromkeys(attention["model"]))
     extra = [(name, t) for name, t in (("rollout", rollout), ("attribution", attribution)) if t is not None]
     cols = len(layers) + len(extra)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
-import torch
 
 from analysis import figures as fig
 from analysis.cka import cka, domain_cka_table, layer_features, sample_layer_features
@@ -83,7 +82,6 @@ class Study:
         self.targets, self.shots = tuple(self.targets), tuple(self.shots)
         if self.diagnose_shots not in self.shots:
             raise ValueError(f"diagnose_shots={self.diagnose_shots} is not among shots={self.shots}.")
-        self._checked = False
 
     def settings(self) -> dict[str, Any]:
         """What determines the study's results (``study.json`` in the folder)."""
@@ -116,7 +114,14 @@ class Study:
         return self._bundle
 
     def dataset_options(self, name: str) -> dict[str, Any]:
+        """Loader options of a target (the runs') or of the source (its held-out test split, for
+        the embedded world); real datasets need none."""
+        if name == self.source == "synthetic":
+            return {"split": "test", "images_per_class": 8}  # 512 held-out source images
         return {"images_per_class": 60, "seed": self.seed} if name.startswith("synthetic-") else {}
+
+    def load(self, name: str) -> Any:
+        return load_dataset(name, self.data_root, **self.dataset_options(name))
 
     def run_folder(self, target: str, shots: int, label: str) -> Path:
         """One folder per cell; the episode count is in the name, so another ``episodes`` never
@@ -239,19 +244,17 @@ class Study:
     def _transform(self):
         return protocol_transform(self.bundle, 1.15)
 
-    def _source_features(self) -> dict[int, torch.Tensor]:
-        source = load_dataset(self.source, self.data_root, **({"split": "test"} if self.source == "synthetic" else {}))
-        return sample_layer_features(self.bundle.model, source, self.cka_images, self._transform, self.seed)
 
     def cka_domains(self) -> pd.DataFrame:
         """Debiased linear CKA of CLS tokens per layer, source vs each target (unpaired images,
         20 random pairings), with the within-source and noise-floor references."""
         def make() -> pd.DataFrame:
-            source = self._source_features()
+            source = sample_layer_features(self.bundle.model, self.load(self.source), self.cka_images, self._transform,
+                                           self.seed)
             tables = []
             for target in self.targets:
-                dataset = load_dataset(target, self.data_root, **self.dataset_options(target))
-                features = sample_layer_features(self.bundle.model, dataset, self.cka_images, self._transform, self.seed)
+                features = sample_layer_features(self.bundle.model, self.load(target), self.cka_images, self._transform,
+                                                 self.seed)
                 tables.append(domain_cka_table(source, features, "linear", "debiased", 20, self.seed,
                                                source=self.source, target=target, pool="cls"))
             return pd.concat(tables, ignore_index=True)
@@ -282,12 +285,11 @@ class Study:
     def similarity(self) -> dict[str, float]:
         """1 - MMD^2/2 between the source's and each target's image features (final embedding)."""
         def make() -> pd.DataFrame:
-            source = load_dataset(self.source, self.data_root, **({"split": "test", "images_per_class": 8}
-                                                                   if self.source == "synthetic" else {}))
+            source = self.load(self.source)
             source_features = image_features(self.bundle, source, range(0, len(source), max(1, len(source) // 512)))
             rows = []
             for target in self.targets:
-                dataset = load_dataset(target, self.data_root, **self.dataset_options(target))
+                dataset = self.load(target)
                 target_features = image_features(self.bundle, dataset, range(0, len(dataset), max(1, len(dataset) // 300)))
                 rows.append({"target": target, "similarity": domain_similarity(source_features, target_features)})
             return pd.DataFrame(rows)
@@ -307,8 +309,7 @@ class Study:
 
             parts, rows = [], []
             for name in (self.source, *self.targets):
-                options = {"split": "test"} if name == self.source == "synthetic" else self.dataset_options(name)
-                dataset = load_dataset(name, self.data_root, **options)
+                dataset = self.load(name)
                 step = max(1, len(dataset) // per_domain)
                 indices = list(range(0, len(dataset), step))[:per_domain]
                 parts.append(image_features(self.bundle, dataset, indices).cpu().numpy())
@@ -331,9 +332,7 @@ class Study:
         """Example images with their class names, per domain (embedded world: from the renderer)."""
         out = {}
         for name in (self.source, *self.targets):
-            options = {"split": "test", "images_per_class": 8} if name == self.source == "synthetic" else \
-                self.dataset_options(name)
-            dataset = load_dataset(name, self.data_root, **options)
+            dataset = self.load(name)
             stride = max(1, len(dataset) // per_domain)
             out[name] = [(_array(dataset, i), dataset.classes[dataset.targets[i]])
                          for i in range(0, per_domain * stride, stride)[:per_domain]]
