@@ -163,3 +163,15 @@ def test_feature_view_one_scatter_per_domain_with_the_variance_it_shows():
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["src", "xray"]
     assert [len(c.get_offsets()) for c in ax.collections] == [2, 1]
     assert "PCA" in ax.get_title() and "42%" in ax.get_title()
+
+
+def test_importing_the_figures_keeps_a_notebooks_backend():
+    import os
+    import subprocess
+    import sys
+
+    inline = "module://matplotlib_inline.backend_inline"
+    code = "import analysis.figures, matplotlib; print(matplotlib.get_backend())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MPLBACKEND": inline})
+    assert out.stdout.strip() == inline  # figures show in notebooks, not only in files
