@@ -46,7 +46,7 @@ def _record_and_reduce(method: FewShotCLIP, images: torch.Tensor, labels: dict[s
     layers = list(range(len(visual.transformer.resblocks)))
     # every model's tokens are compared with the text read-out the interventions use (METHODS:
     # after text block n - 2), also for a baseline without intervention, so tables compare
-    text, readout = method.text_features(readout=True)
+    _, readout = method.text_features(readout=True)
     diagnostics = TokenDiagnostics(visual, readout, layers, **diagnostic_settings)
     attention_sum = None
     rollout_sum = None

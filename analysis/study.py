@@ -34,6 +34,7 @@ from cdfsl_core.compare import paired_difference
 from cdfsl_core.data import load_dataset
 from cdfsl_core.data.synthetic import SYNTHETIC_TARGETS
 from cdfsl_core.episodes import EpisodeConfig
+from cdfsl_core.lora import lora_modules, remove_lora
 from cdfsl_core.methods import MethodConfig
 from cdfsl_core.models import EMBEDDED_MODEL, ClipBundle, load_clip
 from cdfsl_core.runner import (DataConfig, ModelConfig, RunConfig, TrainConfig, load_run, load_state,
@@ -165,6 +166,8 @@ class Study:
             for target in self.targets:
                 for k in self.shots if shots is None else shots:
                     folder = self.run_folder(target, k, label)
+                    if adaptation == "zeroshot" and lora_modules(self.bundle.model):
+                        remove_lora(self.bundle.model)  # a fine-tuned run came first; zero-shot needs the plain model
                     run(self.run_config(target, k, adaptation, intervention), folder, bundle=self.bundle,
                         progress=self.progress, save_states=adaptation != "zeroshot")
                     for line in (folder / "episodes.jsonl").read_text().splitlines():

@@ -27,3 +27,10 @@ def test_bad_study_settings(tmp_path):
         Study(tmp_path, shots=(1,))
     with pytest.raises(ValueError, match="method='umap'"):
         Study(tmp_path).feature_view("umap")
+
+
+def test_zero_shot_runs_after_fine_tuned_runs_on_the_shared_model(tmp_path):
+    study = Study(tmp_path, targets=("synthetic-crops",), shots=(5,), episodes=1, steps=1, progress=False)
+    study.run_all(["coop+lora"])  # puts LoRA on the study's model
+    rows = study.run_all(["zero-shot"])
+    assert rows["status"].eq("ok").all() and set(rows["method"]) == {"zero-shot"}
