@@ -13,8 +13,9 @@ fixed-size statistics:
   over heads), ``massive-activation`` (some channel above tau x the median absolute activation
   of the image's patch tokens, the median estimated on every 8th channel);
 - **head/tail similarity**: a histogram of m_j = max_c cos(x_j, u~_c) (ATHA's class vectors in
-  the residual space) with the mean head and tail cut points (the similarity of the
-  floor(rho_head L)-th largest and the floor(rho_tail L)-th smallest token).
+  the residual space, from :func:`~cdfsl_core.token_text.atha_class_vectors`, the function the
+  intervention calls, with the same ``text_norm``) with the mean head and tail cut points (the
+  similarity of the floor(rho_head L)-th largest and the floor(rho_tail L)-th smallest token).
 
 ``tables(**labels)`` returns tidy pandas tables (one row per layer and bucket, definition or
 bin), labelled with model, dataset, episode and the definition used.
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from analysis.recorder import ActivationCache
-from cdfsl_core.token_text import class_vectors_in_residual, project_tokens, sum_score
+from cdfsl_core.token_text import atha_class_vectors, project_tokens, sum_score
 
 __all__ = ["SINK_DEFINITIONS", "SinkDefinition", "TokenDiagnostics"]
 
@@ -80,7 +81,7 @@ class TokenDiagnostics:
     """Streaming token statistics over the recorded layers."""
 
     visual: Any  # the open_clip vision tower (ln_post, proj)
-    text: torch.Tensor  # [C, embed_dim] class text features (L2-normalised)
+    text: torch.Tensor  # [C, embed_dim] the text read-out the interventions use, as the tower gives it (not normalised)
     layers: Sequence[int]
     rho: float = 0.3  # TIR's top-k fraction for the Sum score
     rho_head: float = 0.3  # ATHA's head fraction
@@ -90,6 +91,7 @@ class TokenDiagnostics:
     sinks: Sequence[SinkDefinition] = field(default_factory=lambda: list(SINK_DEFINITIONS.values()))
     bins: int = 40  # head/tail histogram bins over [-1, 1]
     head_tail: bool = True  # also the head/tail similarity histogram (False: norms and sinks only, cheaper)
+    text_norm: str = "none"  # ATHA's class vectors from the read-out as it is ('none') or normalised ('unit'), as ATHAConfig
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:
@@ -109,7 +111,8 @@ class TokenDiagnostics:
         self._hist = np.zeros((n_layers, self.bins))
         self._cuts = np.zeros((n_layers, 3))  # images, sum of head cut, sum of tail cut
         with torch.no_grad():
-            self._vectors = class_vectors_in_residual(self.visual, self.text.float())
+            self._unit_text = F.normalize(self.text.float(), dim=-1)  # the Sum score ranks cosines
+            self._vectors = atha_class_vectors(self.visual, self.text.float(), self.text_norm)
             self._unit_vectors = F.normalize(self._vectors, dim=-1)
 
     @torch.no_grad()
@@ -122,7 +125,7 @@ class TokenDiagnostics:
             projected = project_tokens(self.visual, x)
             projected_norms = projected.norm(dim=-1)[:, 1:]
             # cosines as products divided by norms: no normalised copy of the tokens
-            similarity = F.linear(projected[:, 1:], self.text.float()) / projected_norms.clamp_min(1e-12).unsqueeze(-1)
+            similarity = F.linear(projected[:, 1:], self._unit_text) / projected_norms.clamp_min(1e-12).unsqueeze(-1)
             counts = sum_score(similarity, self.rho)  # [B, L]
             residual_norms = x.norm(dim=-1)[:, 1:]
             norms = projected_norms if self.space == "projected" else residual_norms

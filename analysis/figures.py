@@ -308,34 +308,48 @@ def head_tail_similarity(head_tail: pd.DataFrame, layers: Sequence[int] | None =
 
 
 def atha_strengths(table: pd.DataFrame) -> plt.Figure:
-    """ATHA's learned per-block strengths, alpha (head) and beta (tail), mean over episodes with
-    95% CI, one line per domain.
+    """How hard ATHA pushes, per block: its strengths alpha (head) and beta (tail), and the size of
+    its edit relative to the tokens it edits, before training (dotted) and after (solid), mean
+    over episodes with 95% CI, one colour per domain.
 
     Args:
-        table: one row per (domain, shots, episode, block): ``alpha``, ``beta``; an optional
-            ``initial_alpha``/``initial_beta`` is drawn as a dotted reference.
+        table: one row per (domain, episode, block, stage): ``stage`` ('init' or 'trained'),
+            ``alpha``, ``beta``, ``head_edit`` (alpha_i x mean norm of the class vectors head tokens
+            move along / mean patch-token norm entering block i), ``tail_edit`` (the same with beta).
     """
-    _require(table, {"domain", "episode", "block", "alpha", "beta"}, "atha_strengths")
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.4), squeeze=False)
+    _require(table, {"domain", "episode", "block", "stage", "alpha", "beta", "head_edit", "tail_edit"}, "atha_strengths")
+    panels = (("alpha", "alpha: head strength"), ("beta", "beta: tail strength"),
+              ("head_edit", "head edit / token norm"), ("tail_edit", "tail edit / token norm"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(15, 3.4), squeeze=False)
     palette = _palette(table["domain"])
-    domains = list(palette)
-    for ax, name in zip(axes[0], ("alpha", "beta")):
-        stats = table.groupby(["domain", "block"], sort=False)[name].agg(["mean", "std", "count"]).reset_index()
-        stats["ci95"] = 1.96 * stats["std"].fillna(0) / np.sqrt(stats["count"])
-        for domain in domains:
-            part = stats[stats["domain"] == domain].sort_values("block")
-            ax.errorbar(part["block"], part["mean"], yerr=part["ci95"], fmt="o-", capsize=2, color=palette[domain],
-                        label=_short(domain))
-        initial = f"initial_{name}"
-        if initial in table:
-            ax.axhline(table[initial].iloc[0], color="grey", linestyle=":", label="initial value")
-        ax.set_title(f"{name}: {'head' if name == 'alpha' else 'tail'} strength per block", fontsize=9)
+    for ax, (name, title) in zip(axes[0], panels):
+        stats = table.groupby(["domain", "stage", "block"], sort=False)[name].agg(["mean", _ci95]).reset_index()
+        for domain in palette:
+            for stage, style in (("init", ":"), ("trained", "-")):
+                part = stats[(stats["domain"] == domain) & (stats["stage"] == stage)].sort_values("block")
+                if len(part):
+                    ax.errorbar(part["block"], part["mean"], yerr=part["_ci95"], fmt="o" + style, capsize=2,
+                                color=palette[domain], markersize=3 if stage == "init" else 5,
+                                label=f"{_short(domain)}" if stage == "trained" else None)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("vision block")
+    axes[0, 0].plot([], [], "k:", label="before training")
     axes[0, 0].legend(fontsize=7)
     shots = ", ".join(f"{k}-shot" for k in sorted(table["shots"].unique())) if "shots" in table else ""
-    figure.suptitle(f"ATHA's learned strengths ({shots}); bars: 95% CI over episodes", fontsize=10)
+    norm = ""
+    if "text_norm" in table:
+        norm = f"; class vectors from the {'unit-norm' if table['text_norm'].iloc[0] == 'unit' else 'unnormalised'} read-out"
+    figure.suptitle(f"How hard ATHA pushes ({shots}){norm}; solid: after training, dotted: before; "
+                    "bars: 95% CI over episodes", fontsize=9)
     figure.tight_layout()
     return figure
+
+
+def _ci95(values: pd.Series) -> float:
+    """The 95% CI half-width of a mean (see :func:`cdfsl_core.zeroshot.mean_ci95`)."""
+    from cdfsl_core.zeroshot import mean_ci95
+
+    return mean_ci95(values.dropna().tolist())[1] if values.notna().any() else np.nan
 
 
 def cka_finetuned(table: pd.DataFrame) -> plt.Figure:

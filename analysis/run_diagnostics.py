@@ -47,6 +47,7 @@ def _record_and_reduce(method: FewShotCLIP, images: torch.Tensor, labels: dict[s
     # every model's tokens are compared with the text read-out the interventions use (METHODS:
     # after text block n - 2), also for a baseline without intervention, so tables compare
     _, readout = method.text_features(readout=True)
+    diagnostic_settings.setdefault("text_norm", method.config.atha.text_norm)  # ATHA's class vectors, as it builds them
     diagnostics = TokenDiagnostics(visual, readout, layers, **diagnostic_settings)
     attention_sum = None
     rollout_sum = None

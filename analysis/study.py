@@ -223,7 +223,11 @@ class Study:
         return tables
 
     def atha_strengths(self) -> pd.DataFrame:
-        """ATHA's learned alpha and beta per block, from the runs' episode lines."""
+        """How hard ATHA pushes, from the runs' episode lines: one row per (method, domain, shots,
+        episode, block, stage), stage ``init`` (before training) or ``trained``, with alpha, beta,
+        the mean norm of the tokens entering the block and of the class vectors head and tail
+        tokens move along, and the relative edit sizes ``head_edit`` and ``tail_edit``
+        (:meth:`cdfsl_core.interventions.ATHA.measuring`), measured on the episode's queries."""
         labels = [label for label, _, intervention in self.methods if intervention == "atha"]
         self.run_all(labels)
         rows = []
@@ -234,10 +238,12 @@ class Study:
                     config = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
                     for line in (folder / "episodes.jsonl").read_text().splitlines():
                         row = json.loads(line)
-                        for block, (alpha, beta) in enumerate(zip(row["atha_alpha"], row["atha_beta"])):
-                            rows.append({"method": label, "domain": target, "shots": k, "episode": row["episode"],
-                                         "block": block, "alpha": alpha, "beta": beta,
-                                         "alpha_init": config.method.atha.alpha_init})
+                        for stage, blocks in row.get("intervention_stats", {}).items():
+                            for block, stats in blocks.items():
+                                rows.append({"method": label, "domain": target, "shots": k, "episode": row["episode"],
+                                             "block": int(block), "stage": stage, **stats,
+                                             "alpha_init": config.method.atha.alpha_init,
+                                             "text_norm": config.method.atha.text_norm})
         table = pd.DataFrame(rows)
         table.to_csv(self.out / "atha_strengths.csv", index=False)
         return table

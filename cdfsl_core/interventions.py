@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cdfsl_core.token_text import (
-    class_vectors_in_residual,
+    TEXT_NORMS,
+    atha_class_vectors,
     head_tail_sets,
     project_tokens,
     sum_score,
@@ -29,7 +31,7 @@ from cdfsl_core.token_text import (
     token_class_similarity,
 )
 
-__all__ = ["ATHA", "ATHAConfig", "Intervention", "NoIntervention", "TIR", "TIRConfig"]
+__all__ = ["ATHA", "ATHAConfig", "EDIT_STATISTICS", "Intervention", "NoIntervention", "TIR", "TIRConfig"]
 
 TAIL_CLASS_CHOICES = ("least", "most", "mean")
 
@@ -51,6 +53,13 @@ class Intervention(nn.Module):
 
     def reset_parameters(self) -> None:
         """Back to the initial state (between episodes)."""
+
+    @contextmanager
+    def measuring(self) -> Iterator[dict[int, dict[str, float]]]:
+        """Within the block, forwards add what the intervention measures about its own action,
+        per block (e.g. ATHA's edit size); the yielded dict is filled as forwards run. Nothing by
+        default."""
+        yield {}
 
     @contextmanager
     def active(self, visual: nn.Module, text: torch.Tensor | None) -> Iterator[None]:
@@ -118,11 +127,14 @@ class TIR(Intervention):
         return sorted({min(n_blocks - 1, round(n_blocks * f)) for f in (8 / 12, 10 / 12)})
 
     def edit(self, block: int, x: torch.Tensor, state: dict) -> torch.Tensor:
-        patches = x[:, 1:]
-        similarity = token_class_similarity(project_tokens(state["visual"], patches), state["text"])
-        counts = sum_score(similarity, self.config.rho)
-        weights = tir_weights(counts, state["text"].shape[0], self.config.lam).to(x.dtype)
-        return torch.cat([x[:, :1], patches * weights.unsqueeze(-1)], dim=1)
+        # The Sum score only selects (its counts carry no gradient): computed without autograd,
+        # in fp32 whatever the autocast context.
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            projected = project_tokens(state["visual"], x[:, 1:].float())
+            counts = sum_score(token_class_similarity(projected, state["text"]), self.config.rho)
+            weights = tir_weights(counts, state["text"].shape[0], self.config.lam)
+            weights = torch.cat([weights.new_ones(len(x), 1), weights], dim=1)  # CLS keeps weight 1
+        return x * weights.unsqueeze(-1).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -136,11 +148,23 @@ class ATHAConfig:
     alpha_init_block: int | None = None  # None: n // 2 (6 of 12)
     tail_class: str = "least"  # push tail tokens away from the 'least' (code), 'most' similar class, or the 'mean'
     include_cls: bool = False  # True: rank CLS with the patches (the authors' code; we exclude it)
+    text_norm: str = "none"  # class vectors from the read-out as it is ('none', the authors') or L2-normalised ('unit')
+
+
+EDIT_STATISTICS = ("token_norm", "head_vector_norm", "tail_vector_norm", "head_edit", "tail_edit")
 
 
 class ATHA(Intervention):
     """Adaptive tail-head alignment: pull head tokens toward their best class vector and push tail
-    tokens away from a class vector, with learnable per-block strengths alpha and beta."""
+    tokens away from a class vector, with learnable per-block strengths alpha and beta.
+
+    The edit before block i is ``x_j + alpha_i u~_{c+_j}`` for head tokens and
+    ``x_j - beta_i u~_{c-_j}`` for tail tokens. It is computed as one product of a small
+    ``[batch, tokens, classes]`` coefficient tensor with the class vectors ``[classes, width]``:
+    no per-token copy of the vectors. The selection (similarities, head and tail sets, c+ and c-)
+    carries no gradient and runs in fp32; the gradient reaches alpha, beta and, through the class
+    vectors, the text side.
+    """
 
     name = "atha"
 
@@ -148,6 +172,8 @@ class ATHA(Intervention):
         super().__init__()
         if config.tail_class not in TAIL_CLASS_CHOICES:
             raise ValueError(f"ATHA tail_class={config.tail_class!r}; expected one of {TAIL_CLASS_CHOICES}.")
+        if config.text_norm not in TEXT_NORMS:
+            raise ValueError(f"ATHA text_norm={config.text_norm!r}; expected one of {TEXT_NORMS}.")
         self.config = config
         self.n_blocks = n_blocks
         init_block = config.alpha_init_block if config.alpha_init_block is not None else n_blocks // 2
@@ -155,6 +181,7 @@ class ATHA(Intervention):
         self.init_block = init_block
         self.alpha = nn.Parameter(torch.zeros(n_blocks))  # one per vision block
         self.beta = nn.Parameter(torch.zeros(n_blocks))
+        self._measured: dict[int, dict[str, float]] | None = None
         self.reset_parameters()
 
     def blocks(self, n_blocks: int) -> list[int]:
@@ -170,22 +197,75 @@ class ATHA(Intervention):
         self.beta.zero_()
 
     def prepare(self, visual: nn.Module, text: torch.Tensor) -> dict:
-        return {"vectors": class_vectors_in_residual(visual, text)}  # [C, width], once per forward
+        vectors = atha_class_vectors(visual, text, self.config.text_norm)  # [C, width] fp32, once per forward
+        with torch.no_grad():
+            unit = F.normalize(vectors.detach(), dim=-1)
+        return {"vectors": vectors, "unit": unit}
+
+    def selection(self, tokens: torch.Tensor, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head and tail coefficients for ``tokens`` [B, L, width] and unit class vectors [C, width]:
+        ``[B, L, C]`` one-hot (or 1/C for ``tail_class='mean'``) rows on head tokens' best class
+        and on tail tokens' pushed class, zero elsewhere. fp32, no gradient."""
+        with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):
+            tokens = tokens.float()
+            similarity = (tokens @ unit.T) / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [B, L, C] cosines
+            best, best_class = similarity.max(dim=-1)
+            head, tail = head_tail_sets(best, self.config.rho_head, self.config.rho_tail)
+            n_classes = unit.shape[0]
+            head_coef = F.one_hot(best_class, n_classes).float() * head.unsqueeze(-1)
+            if self.config.tail_class == "least":
+                tail_coef = F.one_hot(similarity.argmin(dim=-1), n_classes).float()
+            elif self.config.tail_class == "most":
+                tail_coef = F.one_hot(best_class, n_classes).float()
+            else:
+                tail_coef = torch.full_like(similarity, 1.0 / n_classes)
+            return head_coef, tail_coef * tail.unsqueeze(-1)
 
     def edit(self, block: int, x: torch.Tensor, state: dict) -> torch.Tensor:
-        vectors = state["vectors"].to(x.dtype)
         start = 0 if self.config.include_cls else 1
-        tokens = x[:, start:]
-        similarity = token_class_similarity(tokens, vectors)  # [B, L, C]
-        best, best_class = similarity.max(dim=-1)
-        head, tail = head_tail_sets(best, self.config.rho_head, self.config.rho_tail)
-        if self.config.tail_class == "least":
-            tail_vectors = vectors[similarity.argmin(dim=-1)]
-        elif self.config.tail_class == "most":
-            tail_vectors = vectors[best_class]
-        else:
-            tail_vectors = vectors.mean(dim=0).expand_as(tokens)
-        edit = (self.alpha[block] * head.unsqueeze(-1) * vectors[best_class]
-                - self.beta[block] * tail.unsqueeze(-1) * tail_vectors)
-        tokens = tokens + edit.to(x.dtype)
-        return torch.cat([x[:, :start], tokens], dim=1)
+        head_coef, tail_coef = self.selection(x[:, start:], state["unit"])
+        if start:  # CLS gets a zero row: one product and one add edit the whole stream, no concatenation
+            head_coef, tail_coef = F.pad(head_coef, (0, 0, 1, 0)), F.pad(tail_coef, (0, 0, 1, 0))
+        if self._measured is not None:
+            self._measure(block, x, start, head_coef, tail_coef, state["vectors"])
+        coefficients = self.alpha[block] * head_coef - self.beta[block] * tail_coef  # [B, 1 + L, C]
+        return x + (coefficients @ state["vectors"]).to(x.dtype)
+
+    @torch.no_grad()
+    def _measure(self, block: int, x: torch.Tensor, start: int, head_coef: torch.Tensor, tail_coef: torch.Tensor,
+                 vectors: torch.Tensor) -> None:
+        """Accumulate the mean norm of the ranked tokens entering ``block`` and the mean norm of the
+        class vector each head / tail token is moved along."""
+        sums = self._measured.setdefault(block, {"tokens": 0.0, "token_norm": 0.0, "head": 0.0, "head_vector_norm": 0.0,
+                                                 "tail": 0.0, "tail_vector_norm": 0.0})
+        ranked = x[:, start:].float()
+        sums["tokens"] += ranked.shape[0] * ranked.shape[1]
+        sums["token_norm"] += float(ranked.norm(dim=-1).sum())
+        for kind, coef in (("head", head_coef), ("tail", tail_coef)):
+            moved = coef.sum(dim=-1) > 0  # [B, T]
+            sums[kind] += float(moved.sum())
+            sums[f"{kind}_vector_norm"] += float((coef @ vectors.float()).norm(dim=-1)[moved].sum())
+
+    @contextmanager
+    def measuring(self) -> Iterator[dict[int, dict[str, float]]]:
+        """How hard ATHA pushes, per block, over the forwards run within the block: the mean norm
+        of the ranked tokens entering the block (``token_norm``), the mean norm of the class
+        vector a head / tail token moves along (``head_vector_norm``, ``tail_vector_norm``), and
+        the edit relative to the tokens it edits, ``head_edit = |alpha_i| head_vector_norm /
+        token_norm`` and ``tail_edit = |beta_i| tail_vector_norm / token_norm``, with the
+        strengths as they are when the block exits."""
+        result: dict[int, dict[str, float]] = {}
+        self._measured = {}
+        try:
+            yield result
+        finally:
+            sums, self._measured = self._measured, None
+            alpha, beta = self.alpha.detach().cpu().tolist(), self.beta.detach().cpu().tolist()
+            for block, s in sorted(sums.items()):
+                token_norm = s["token_norm"] / s["tokens"] if s["tokens"] else float("nan")
+                head_norm = s["head_vector_norm"] / s["head"] if s["head"] else float("nan")
+                tail_norm = s["tail_vector_norm"] / s["tail"] if s["tail"] else float("nan")
+                result[block] = {"alpha": alpha[block], "beta": beta[block], "token_norm": token_norm,
+                                 "head_vector_norm": head_norm, "tail_vector_norm": tail_norm,
+                                 "head_edit": abs(alpha[block]) * head_norm / token_norm,
+                                 "tail_edit": abs(beta[block]) * tail_norm / token_norm}

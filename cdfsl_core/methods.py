@@ -163,17 +163,21 @@ class FewShotCLIP(nn.Module):
 
     # -------------------------------------------------------------- forward
     def text_features(self, readout: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(classifier text features, intervention text features), L2-normalised, [C, embed_dim].
+        """(classifier text features, L2-normalised; intervention read-out, as the tower gives it),
+        both [C, embed_dim] fp32.
 
-        The second is the read-out after ``readout_block``; it is computed when the intervention
-        needs it, or always with ``readout=True`` (the diagnostics compare every model's tokens
-        with the same text features), and is None otherwise."""
+        The read-out is ``ln_final`` of the EOT residual after ``readout_block`` times the text
+        projection, **not** normalised: ATHA's class vectors take their scale from it, as in the
+        authors' code (:func:`~cdfsl_core.token_text.atha_class_vectors`; TIR only uses cosines).
+        It is computed when the intervention needs it, or always with ``readout=True`` (the
+        diagnostics compare every model's tokens with the same text features), and is None
+        otherwise."""
         needs_readout = self.config.intervention != "none" if readout is None else readout
         final, readouts = encode_text_embeddings(
             self.model, self.prompts.embeddings(), self.prompts.tokens,
             readout_blocks=(self.readout_block,) if needs_readout else (),
         )
-        readout = F.normalize(readouts[self.readout_block].float(), dim=-1) if needs_readout else None
+        readout = readouts[self.readout_block].float() if needs_readout else None
         return F.normalize(final.float(), dim=-1), readout
 
     def encode_image(self, images: torch.Tensor, readout: torch.Tensor | None) -> torch.Tensor:

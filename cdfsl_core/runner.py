@@ -225,6 +225,11 @@ def evaluate(method: FewShotCLIP, images: torch.Tensor, labels: torch.Tensor, ba
     return correct / len(images)
 
 
+def _rounded(stats: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per-block statistics for a JSON line: block keys as strings, 6 significant digits."""
+    return {str(block): {k: float(f"{v:.6g}") for k, v in values.items()} for block, values in stats.items()}
+
+
 def episode_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
@@ -413,8 +418,15 @@ def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | Non
                 config, bundle, dataset, episodes, index, method, transform)
             row: dict[str, Any] = {"episode": index, "classes": names}
             try:
+                # the queries at the initial state: the method's accuracy before training, and what
+                # the intervention measures about its own action (ATHA: its edit size per block)
+                with method.intervention.measuring() as before:
+                    row["accuracy_init"] = evaluate(method, query, query_labels, config.train.eval_batch_size)
                 row.update(train_episode(method, support, support_labels, config.train))
-                row["accuracy"] = evaluate(method, query, query_labels, config.train.eval_batch_size)
+                with method.intervention.measuring() as after:
+                    row["accuracy"] = evaluate(method, query, query_labels, config.train.eval_batch_size)
+                if before or after:
+                    row["intervention_stats"] = {"init": _rounded(before), "trained": _rounded(after)}
                 row["status"] = "ok"
             except NonFiniteLoss as err:
                 row.update(status="non-finite-loss", accuracy=None, message=str(err))

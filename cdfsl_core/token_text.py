@@ -3,15 +3,23 @@
 Shapes: ``x`` is a residual stream ``[batch, 1 + L, width]`` (CLS first), ``text`` class text
 features ``[n_classes, embed_dim]``. Everything here is pure tensor math on an open_clip
 ``VisionTransformer`` (its ``ln_post`` and ``proj``); nothing registers hooks.
+
+ATHA's class vectors come from one function, :func:`atha_class_vectors`, which both the
+intervention and the diagnostics call: the text read-out exactly as the text tower gives it
+(not L2-normalised, as in the authors' code; ``text_norm="unit"`` normalises it first).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "TEXT_NORMS",
+    "atha_class_vectors",
     "class_vectors_in_residual",
     "head_tail_sets",
     "project_tokens",
@@ -27,22 +35,97 @@ def project_tokens(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out @ visual.proj if visual.proj is not None else out
 
 
+TEXT_NORMS = ("none", "unit")  # ATHA's read-out as the text tower gives it (authors), or L2-normalised
+
+class _PerTensor:
+    """A value derived from a tensor, kept while that tensor lives and is not modified in place
+    (its version counter is unchanged); keyed by identity, since tensors compare elementwise."""
+
+    def __init__(self) -> None:
+        self._store: dict[int, tuple[weakref.ref, int, object]] = {}
+
+    def get(self, tensor: torch.Tensor) -> object | None:
+        entry = self._store.get(id(tensor))
+        if entry is not None and entry[0]() is tensor and entry[1] == tensor._version:
+            return entry[2]
+        return None
+
+    def put(self, tensor: torch.Tensor, value: object) -> None:
+        key = id(tensor)
+        self._store[key] = (weakref.ref(tensor, lambda _: self._store.pop(key, None)), tensor._version, value)
+
+
+# pinv(P^T) of the frozen visual projection: the solve depends neither on the block nor on the
+# text, so it runs once per projection, not every forward.
+_PINV = _PerTensor()
+_GAIN_CHECKED = _PerTensor()
+
+
+def _projection_pinv(proj: torch.Tensor) -> torch.Tensor:
+    """pinv(P^T) [width, embed_dim] in fp32, recomputed only when ``proj`` changes."""
+    cached = _PINV.get(proj)
+    if cached is not None and cached.device == proj.device:  # module.to() swaps .data without a new version
+        return cached
+    with torch.no_grad(), torch.autocast(proj.device.type, enabled=False):
+        pinv = torch.linalg.pinv(proj.detach().float().T)  # min-norm solution of P^T u = t is pinv(P^T) t
+    _PINV.put(proj, pinv)
+    return pinv
+
+
+def _check_gain(gamma: torch.Tensor) -> None:
+    """ln_post's gain divides the class vectors: a zero or near-zero gain gives inf or NaN tokens.
+    Checked once per gain tensor and version (not every forward)."""
+    if _GAIN_CHECKED.get(gamma) is not None:
+        return
+    magnitude = gamma.detach().abs()
+    smallest, channel = magnitude.min(dim=0)
+    if float(smallest) <= 1e-6 * max(float(magnitude.max()), 1e-30):
+        raise ValueError(
+            f"The vision tower's ln_post (the layer norm after its last block) has gain |gamma| = "
+            f"{float(smallest):.3g} at channel {int(channel)} (largest |gamma| {float(magnitude.max()):.3g}). "
+            "ATHA undoes ln_post by dividing by gamma, which would give infinite or NaN tokens. "
+            "Check the checkpoint (a pruned or corrupted ln_post?), or use another intervention."
+        )
+    _GAIN_CHECKED.put(gamma, True)
+
+
 def class_vectors_in_residual(visual: nn.Module, text: torch.Tensor) -> torch.Tensor:
-    """ATHA's class vectors in the residual space, [n_classes, width].
+    """ATHA's class vectors in the residual space, [n_classes, width], fp32.
 
     u_c is the minimum-norm solution of P^T u = t_c (P the width x embed_dim projection), then
     the ln_post affine is undone: u~_c = (u_c - beta) / gamma. So ``u~_c * gamma + beta`` projected
-    by P gives back t_c.
+    by P gives back t_c. Computed in fp32 whatever the autocast context; differentiable in
+    ``text`` (the CoOp context and the text adapters train through it).
     """
-    proj = visual.proj.float()  # [width, embed_dim]
-    u = torch.linalg.pinv(proj.T) @ text.float().T  # [width, n_classes]
-    gamma, beta = visual.ln_post.weight.float(), visual.ln_post.bias.float()
-    return ((u.T - beta) / gamma).to(text.dtype)
+    gamma, beta = visual.ln_post.weight, visual.ln_post.bias
+    _check_gain(gamma)
+    with torch.autocast(text.device.type, enabled=False):
+        u = text.float() @ _projection_pinv(visual.proj).T  # [n_classes, width]
+        return (u - beta.float()) / gamma.float()
+
+
+def atha_class_vectors(visual: nn.Module, readout: torch.Tensor, text_norm: str = "none") -> torch.Tensor:
+    """The class vectors ATHA pushes with and the diagnostics compare with: [n_classes, width].
+
+    ``readout`` is the text tower's read-out ``ln_final(h[EOT]) @ text_projection`` after the
+    read-out block, [n_classes, embed_dim], as the tower gives it. ``text_norm="none"`` (the
+    authors' code) solves with it as it is, so its norm (about 8 to 12 for CLIP) sets the size of
+    ATHA's edit; ``"unit"`` L2-normalises it first. The two differ in direction too, since the
+    ln_post bias is subtracted after the solve.
+    """
+    if text_norm not in TEXT_NORMS:
+        raise ValueError(f"ATHA text_norm={text_norm!r}; expected one of {TEXT_NORMS}.")
+    text = F.normalize(readout.float(), dim=-1) if text_norm == "unit" else readout
+    return class_vectors_in_residual(visual, text)
 
 
 def token_class_similarity(tokens: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every token with every class vector: [batch, L, dim] x [C, dim] -> [batch, L, C]."""
-    return F.normalize(tokens, dim=-1) @ F.normalize(vectors, dim=-1).T
+    """Cosine similarity of every token with every class vector: [batch, L, dim] x [C, dim] -> [batch, L, C].
+
+    A ranking quantity: computed in fp32 whatever the autocast context (bf16 would reorder
+    near-ties, so Sum scores and head/tail sets would depend on the precision)."""
+    with torch.autocast(tokens.device.type, enabled=False):
+        return F.normalize(tokens.float(), dim=-1) @ F.normalize(vectors.float(), dim=-1).T
 
 
 def head_tail_sets(max_similarity: torch.Tensor, rho_head: float, rho_tail: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,13 +133,13 @@ def head_tail_sets(max_similarity: torch.Tensor, rho_head: float, rho_tail: floa
     floor(rho_tail L) tokens with the smallest ``max_similarity`` [batch, L]."""
     batch, length = max_similarity.shape
     n_head, n_tail = int(rho_head * length), int(rho_tail * length)
-    order = max_similarity.argsort(dim=-1, descending=True)
-    head = torch.zeros_like(max_similarity, dtype=torch.bool)
-    tail = torch.zeros_like(max_similarity, dtype=torch.bool)
+    values = max_similarity.float()
+    head = torch.zeros(batch, length, dtype=torch.bool, device=values.device)
+    tail = torch.zeros_like(head)
     if n_head:
-        head.scatter_(1, order[:, :n_head], True)
+        head.scatter_(1, values.topk(n_head, dim=-1, largest=True).indices, True)
     if n_tail:
-        tail.scatter_(1, order[:, length - n_tail :], True)
+        tail.scatter_(1, values.topk(n_tail, dim=-1, largest=False).indices, True)
     return head, tail
 
 
@@ -70,7 +153,7 @@ def sum_score(similarity: torch.Tensor, rho: float) -> torch.Tensor:
     counts = torch.zeros(batch, length, dtype=torch.long, device=similarity.device)
     if k == 0:
         return counts
-    top = similarity.topk(k, dim=1).indices  # [batch, k, C]
+    top = similarity.float().topk(k, dim=1).indices  # [batch, k, C]
     counts.scatter_add_(1, top.reshape(batch, -1), torch.ones_like(top.reshape(batch, -1)))
     return counts
 

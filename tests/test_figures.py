@@ -108,15 +108,21 @@ def test_head_tail_similarity_histograms_and_cut_lines():
         head_tail_similarity(table, layers=[7])
 
 
-def test_atha_strengths_mean_over_episodes_per_domain():
-    rows = [{"domain": d, "shots": 5, "episode": e, "block": b, "alpha": 0.1 * b + e, "beta": 0.0, "initial_alpha": 0.0}
-            for d in ("synthetic-crops", "synthetic-xray") for e in (0, 1) for b in range(3)]
+def test_atha_strengths_draw_strengths_and_edit_sizes_before_and_after_training():
+    rows = [{"domain": d, "shots": 5, "episode": e, "block": b, "stage": stage,
+             "alpha": 0.1 * b + e if stage == "trained" else 0.0, "beta": 0.0,
+             "head_edit": 0.2 * e if stage == "trained" else 0.05, "tail_edit": 0.0, "text_norm": "none"}
+            for d in ("synthetic-crops", "synthetic-xray") for e in (0, 1) for b in range(3) for stage in ("init", "trained")]
     figure = atha_strengths(pd.DataFrame(rows))
-    alpha, beta = figure.axes
-    assert "alpha" in alpha.get_title() and "beta" in beta.get_title()
+    alpha, beta, head, tail = figure.axes
+    assert "alpha" in alpha.get_title() and "beta" in beta.get_title() and "head edit" in head.get_title()
     lines = _lines(alpha)
-    assert lines["crops"] == ([0, 1, 2], [0.5, 0.6, 0.7]) and "xray" in lines
-    assert "95% CI" in figure._suptitle.get_text() and "5-shot" in figure._suptitle.get_text()
+    assert lines["crops"] == ([0, 1, 2], [0.5, 0.6, 0.7]) and "xray" in lines  # mean over episodes 0 and 1
+    # the head edit after training: mean of 0.0 and 0.2; the dotted line before training: 0.05
+    edits = [c.lines[0] for c in head.containers]
+    assert sorted({round(float(v), 6) for line in edits for v in line.get_ydata()}) == [0.05, 0.1]
+    title = figure._suptitle.get_text()
+    assert "95% CI" in title and "5-shot" in title and "unnormalised" in title
 
 
 def test_cka_finetuned_panels_per_target():

@@ -43,20 +43,20 @@ def test_a_run_folder_holds_config_manifest_episodes_and_summary(tmp_path):
 
 def test_an_interrupted_run_resumes_to_the_same_results(tmp_path, monkeypatch):
     reference = run(TINY, tmp_path / "whole", progress=False)
-    real_evaluate = runner.evaluate
+    real_train = runner.train_episode
     calls = {"n": 0}
 
     def dies_on_the_third_episode(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
+        return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "evaluate", dies_on_the_third_episode)
+    monkeypatch.setattr(runner, "train_episode", dies_on_the_third_episode)
     with pytest.raises(KeyboardInterrupt):
         run(TINY, tmp_path / "resumed", progress=False)
     assert len(_rows(tmp_path / "resumed")) == 2 and not (tmp_path / "resumed" / "summary.json").exists()
-    monkeypatch.setattr(runner, "evaluate", real_evaluate)
+    monkeypatch.setattr(runner, "train_episode", real_train)
     resumed = run(TINY, tmp_path / "resumed", progress=False)
     assert resumed == reference
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
