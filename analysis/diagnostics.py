@@ -117,55 +117,101 @@ class TokenDiagnostics:
 
     @torch.no_grad()
     def update(self, cache: ActivationCache) -> None:
-        """Add one batch from the cache of the last forward."""
-        # Per-token quantities are computed on the whole contiguous stream and the CLS row is
-        # dropped from the small results: slicing first would copy every layer's tokens.
-        for li, layer in enumerate(self.layers):
-            x = cache[f"blocks.{layer}.resid_post"].float()  # [B, 1 + L, D]
-            projected = project_tokens(self.visual, x)
-            projected_norms = projected.norm(dim=-1)[:, 1:]
-            # cosines as products divided by norms: no normalised copy of the tokens
-            similarity = F.linear(projected[:, 1:], self._unit_text) / projected_norms.clamp_min(1e-12).unsqueeze(-1)
-            counts = sum_score(similarity, self.rho)  # [B, L]
-            residual_norms = x.norm(dim=-1)[:, 1:]
-            norms = projected_norms if self.space == "projected" else residual_norms
-            values = (norms.log() if self.transform == "log" else norms).flatten().double()
-            flat, size = counts.flatten(), self.n_classes + 1
-            self._norm[li, :, 0] += torch.bincount(flat, minlength=size).numpy()
-            self._norm[li, :, 1] += torch.bincount(flat, weights=values, minlength=size).numpy()
-            self._norm[li, :, 2] += torch.bincount(flat, weights=values * values, minlength=size).numpy()
-            for si, sink in enumerate(self.sinks):
-                per_image = self._sink_count(sink, layer, cache, x, counts, residual_norms).double()
-                self._sink[li, si] += (per_image.numel(), per_image.sum().item(), per_image.pow(2).sum().item())
-            if not self.head_tail:
-                continue
-            best = (F.linear(x, self._unit_vectors)[:, 1:] / residual_norms.clamp_min(1e-12).unsqueeze(-1)).amax(dim=-1)
-            self._hist[li] += torch.histc(best, bins=self.bins, min=-1.0, max=1.0).numpy()
-            ordered = best.sort(dim=-1, descending=True).values
-            length = ordered.shape[1]
-            n_head, n_tail = max(1, int(self.rho_head * length)), max(1, int(self.rho_tail * length))
-            self._cuts[li] += (len(best), ordered[:, n_head - 1].sum().item(), ordered[:, length - n_tail].sum().item())
+        """Add one batch from the cache of the last forward.
 
-    def _sink_count(self, sink: SinkDefinition, layer: int, cache: ActivationCache, x: torch.Tensor,
-                    counts: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-        """Sink tokens per image: ``x`` the stream [B, 1 + L, D], ``counts`` and ``norms`` per patch [B, L]."""
+        Everything is reduced on the device the cache is on, in fp32 whatever the autocast
+        context (rankings and counts must not depend on the precision of the forward), and the
+        small per-layer statistics move to the host in one transfer per batch."""
+        device = cache[f"blocks.{self.layers[0]}.resid_post"].device
+        size = self.n_classes + 1
+        parts: list[torch.Tensor] = []
+        with torch.autocast(device.type, enabled=False):
+            for layer in self.layers:
+                # Per-token quantities are computed on the whole contiguous stream and the CLS row is
+                # dropped from the small results: slicing first would copy every layer's tokens.
+                x = cache[f"blocks.{layer}.resid_post"].float()  # [B, 1 + L, D]
+                counts, residual_norms, projected_norms = self._scores(x)  # [B, L] each
+                norms = projected_norms if self.space == "projected" else residual_norms
+                values = (norms.log() if self.transform == "log" else norms).flatten().double()
+                flat = counts.flatten()
+                parts += [torch.bincount(flat, minlength=size).double(),  # [buckets] x 3: count, sum, sum of squares
+                          torch.bincount(flat, weights=values, minlength=size),
+                          torch.bincount(flat, weights=values * values, minlength=size)]
+                for sink in self.sinks:
+                    per_image = self._sink_mask(sink, layer, cache, x, counts, residual_norms).sum(dim=-1).double()
+                    parts.append(torch.stack([per_image.new_tensor(per_image.numel()), per_image.sum(),
+                                              per_image.pow(2).sum()]))
+                if not self.head_tail:
+                    continue
+                best = (F.linear(x, self._unit_vectors.to(device))[:, 1:]
+                        / residual_norms.clamp_min(1e-12).unsqueeze(-1)).amax(dim=-1)  # [B, L] max cosine
+                length = best.shape[1]
+                n_head, n_tail = max(1, int(self.rho_head * length)), max(1, int(self.rho_tail * length))
+                head_cut = best.topk(n_head, dim=-1).values[:, -1]  # the n_head-th largest
+                tail_cut = best.topk(n_tail, dim=-1, largest=False).values[:, -1]  # the n_tail-th smallest
+                parts += [torch.histc(best, bins=self.bins, min=-1.0, max=1.0).double(),
+                          torch.stack([best.new_tensor(len(best)), head_cut.sum(), tail_cut.sum()]).double()]
+        host = torch.cat(parts).cpu().numpy()  # the one transfer of this batch
+        offset = 0
+
+        def take(n: int) -> np.ndarray:
+            nonlocal offset
+            offset += n
+            return host[offset - n:offset]
+
+        for li in range(len(self.layers)):
+            self._norm[li] += take(3 * size).reshape(3, size).T
+            for si in range(len(self.sinks)):
+                self._sink[li, si] += take(3)
+            if self.head_tail:
+                self._hist[li] += take(self.bins)
+                self._cuts[li] += take(3)
+
+    def _sink_mask(self, sink: SinkDefinition, layer: int, cache: ActivationCache, x: torch.Tensor,
+                   counts: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """Which patch tokens are sinks, [B, L] bool: ``x`` the stream [B, 1 + L, D], ``counts`` (Sum
+        scores) and ``norms`` per patch [B, L]."""
         if sink.name == "sum-all":
-            return (counts == self.n_classes).sum(dim=-1)
+            return counts == self.n_classes
         if sink.name == "high-norm":
-            return (norms > sink.tau * _row_median(norms).unsqueeze(-1)).sum(dim=-1)
+            return norms > sink.tau * _row_median(norms).unsqueeze(-1)
         if sink.name == "massive-activation":
             # the median |activation| estimated on every 8th channel of every patch token: an
             # estimate is enough for a threshold of tau x median; a token is a sink when its
             # largest |activation| passes the threshold
             median = _row_median(x[:, 1:, ::8].abs().flatten(1))  # [B]
             largest = torch.maximum(x.amax(dim=-1), x.amin(dim=-1).neg())[:, 1:]  # max |activation|, no |x| copy
-            return (largest > sink.tau * median.unsqueeze(-1)).sum(dim=-1)
+            return largest > sink.tau * median.unsqueeze(-1)
         key = f"blocks.{layer}.attn.pattern"
         if key not in cache:
             raise ValueError("the attention-mass definition needs 'attn.pattern' in the recording.")
         pattern = cache[key].float().mean(dim=1)  # [B, T, T], mean over heads
         received = pattern[:, 0, 1:] if sink.source == "cls" else pattern[:, :, 1:].mean(dim=1)
-        return (received > sink.tau / pattern.shape[-1]).sum(dim=-1)
+        return received > sink.tau / pattern.shape[-1]
+
+    def _scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sum scores, residual norms and projected norms of the patch tokens of ``x`` [B, 1 + L, D], each [B, L]."""
+        projected = project_tokens(self.visual, x)
+        projected_norms = projected.norm(dim=-1)[:, 1:]
+        # cosines as products divided by norms: no normalised copy of the tokens
+        similarity = F.linear(projected[:, 1:], self._unit_text.to(x.device)) / projected_norms.clamp_min(1e-12).unsqueeze(-1)
+        return sum_score(similarity, self.rho), x.norm(dim=-1)[:, 1:], projected_norms
+
+    @torch.no_grad()
+    def sink_masks(self, cache: ActivationCache) -> dict[int, dict[str, torch.Tensor]]:
+        """Per recorded layer and definition, which patch tokens of the last forward are sinks:
+        ``{layer: {definition: [B, L] bool}}`` (patch index j is token j + 1 of the stream). The
+        counts of :meth:`update` are these masks summed; the positive controls use them to check
+        that the planted token itself is found."""
+        result = {}
+        for layer in self.layers:
+            x = cache[f"blocks.{layer}.resid_post"]
+            with torch.autocast(x.device.type, enabled=False):
+                x = x.float()
+                counts, residual_norms, _ = self._scores(x)
+                result[layer] = {sink.name: self._sink_mask(sink, layer, cache, x, counts, residual_norms)
+                                 for sink in self.sinks}
+        return result
 
     def tables(self, **labels: Any) -> dict[str, pd.DataFrame]:
         """Tidy tables ``norms``, ``sinks`` and (when computed) ``head_tail``; ``labels`` (model, dataset, episode, ...)

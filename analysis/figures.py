@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from cdfsl_core.stats import mean_ci95
+
 __all__ = [
     "accuracy_by_domain",
     "atha_strengths",
@@ -24,6 +26,7 @@ __all__ = [
     "feature_view",
     "head_tail_similarity",
     "paired_differences",
+    "positive_controls",
     "save_figure",
     "sink_counts",
     "token_norms_by_bucket",
@@ -82,8 +85,8 @@ def accuracy_by_domain(table: pd.DataFrame, similarity: Mapping[str, float] | No
     domains = list(dict.fromkeys(table["domain"]))
     methods = list(dict.fromkeys(table["method"]))
     shots = sorted(table["shots"].unique())
-    stats = table.groupby(["domain", "shots", "method"], sort=False)["accuracy"].agg(["mean", "std", "count"]).reset_index()
-    stats["ci95"] = 1.96 * stats["std"].fillna(0) / np.sqrt(stats["count"])
+    stats = table.groupby(["domain", "shots", "method"], sort=False)["accuracy"].agg(["mean", _ci95]).reset_index()
+    stats["ci95"] = stats["_ci95"]
     figure, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots) + 1, 3.8), squeeze=False, sharey=True)
     width = 0.8 / len(methods)
     x = np.arange(len(domains))
@@ -346,10 +349,43 @@ def atha_strengths(table: pd.DataFrame) -> plt.Figure:
 
 
 def _ci95(values: pd.Series) -> float:
-    """The 95% CI half-width of a mean (see :func:`cdfsl_core.zeroshot.mean_ci95`)."""
-    from cdfsl_core.zeroshot import mean_ci95
-
+    """The 95% CI half-width of a mean, the project's one convention (:func:`cdfsl_core.stats.mean_ci95`)."""
     return mean_ci95(values.dropna().tolist())[1] if values.notna().any() else np.nan
+
+
+def positive_controls(table: pd.DataFrame) -> plt.Figure:
+    """Sink tokens per image at one block of a real model, without a plant and with one known
+    artefact planted per image: each definition must flag the planted token meant for it in every
+    image (framed cells, with the share of images where it did), so its zeros on real models are
+    real zeros. A planted token can also displace natural sinks (a planted attention sink takes
+    CLS's attention from the natural ones; a token in every top set pushes others out).
+
+    Args:
+        table: one row per (plant, definition): ``plant`` ('none' first), ``definition``,
+            ``mean_count``, ``found_by`` (bool), ``layer``, optional ``label`` and ``planted_token_found``.
+    """
+    _require(table, {"plant", "definition", "mean_count", "found_by", "layer"}, "positive_controls")
+    plants = list(dict.fromkeys(table["plant"]))
+    definitions = list(dict.fromkeys(table["definition"]))
+    grid = table.pivot_table(index="plant", columns="definition", values="mean_count", sort=False).reindex(
+        index=plants, columns=definitions)
+    figure, ax = plt.subplots(figsize=(1.6 * len(definitions) + 2.5, 0.55 * len(plants) + 1.6))
+    sns.heatmap(grid, annot=True, fmt=".2f", cmap="Blues", cbar=False, ax=ax, linewidths=0.5)
+    for _, row in table[table["found_by"]].iterrows():
+        x, y = definitions.index(row["definition"]), plants.index(row["plant"])
+        ax.add_patch(plt.Rectangle((x, y), 1, 1, fill=False, edgecolor="crimson", linewidth=2))
+        if "planted_token_found" in row and row["planted_token_found"] == row["planted_token_found"]:
+            ax.text(x + 0.5, y + 0.85, f"planted found in {100 * row['planted_token_found']:.0f}%", ha="center",
+                    va="center", fontsize=6, color="crimson")
+    ax.set_xlabel("sink definition")
+    ax.set_ylabel("planted artefact (one per image)")
+    labels = table.drop_duplicates("definition").set_index("definition")["label"] if "label" in table else None
+    if labels is not None:
+        ax.set_xticklabels([labels[d].replace(" (", "\n(") for d in definitions], fontsize=7, rotation=0)
+    ax.set_title(f"Positive controls at block {int(table['layer'].iloc[0])}: sink tokens per image; framed: the "
+                 "definition meant to find the plant (it must flag the planted token)", fontsize=9)
+    figure.tight_layout()
+    return figure
 
 
 def cka_finetuned(table: pd.DataFrame) -> plt.Figure:

@@ -50,20 +50,23 @@ def vision_tower(model: nn.Module) -> nn.Module:
 
 
 def attention_pattern(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Softmax(q k^T / sqrt(d_head)) per head for the normalised input ``x`` [batch, token, width]."""
-    if isinstance(attn, LoRAAttention):
-        q, k, _ = attn.project_qkv(x)
+    """Softmax(q k^T / sqrt(d_head)) per head for the normalised input ``x`` [batch, token, width]
+    -> [batch, head, query, key]. Recomputed in fp32 whatever the autocast context: attention-mass
+    sinks are thresholds on these probabilities, so they must not depend on the forward's precision."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        if isinstance(attn, LoRAAttention):
+            q, k, _ = attn.project_qkv(x)
+        else:
+            width = x.shape[-1]  # only q and k: v is not needed for the pattern
+            bias = attn.in_proj_bias[: 2 * width].float() if attn.in_proj_bias is not None else None
+            q, k = F.linear(x, attn.in_proj_weight[: 2 * width].float(), bias).chunk(2, dim=-1)
         heads = attn.num_heads
-    else:
-        width = x.shape[-1]  # only q and k: v is not needed for the pattern
-        bias = attn.in_proj_bias[: 2 * width] if attn.in_proj_bias is not None else None
-        q, k = F.linear(x, attn.in_proj_weight[: 2 * width], bias).chunk(2, dim=-1)
-        heads = attn.num_heads
-    batch, tokens, width = q.shape
-    d_head = width // heads
-    q = q.reshape(batch, tokens, heads, d_head).transpose(1, 2)
-    k = k.reshape(batch, tokens, heads, d_head).transpose(1, 2)
-    return torch.softmax((q.float() @ k.float().transpose(-2, -1)) / d_head**0.5, dim=-1)
+        batch, tokens, width = q.shape
+        d_head = width // heads
+        q = q.reshape(batch, tokens, heads, d_head).transpose(1, 2)
+        k = k.reshape(batch, tokens, heads, d_head).transpose(1, 2)
+        return torch.softmax((q @ k.transpose(-2, -1)) / d_head**0.5, dim=-1)
 
 
 class ActivationCache(Mapping):

@@ -113,8 +113,8 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
         if saved.exists():
             load_state(method, saved)
         else:
-            train_episode(method, support, support_labels, config.train)
-        accuracy = evaluate(method, query, query_labels, config.train.eval_batch_size)
+            train_episode(method, support, support_labels, config.train, config.model.precision)
+        accuracy = evaluate(method, query, query_labels, config.train.eval_batch_size, config.model.precision)
         expected = recorded.get(index, {}).get("accuracy")
         after = diagnose_model(method, query, query_labels, {**common, "model": model_label or f"fine-tuned {method_label}"},
                                attribution_steps)

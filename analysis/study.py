@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
+import torch
 
 from analysis import figures as fig
 from analysis.cka import cka, domain_cka_table, layer_features, sample_layer_features
@@ -39,6 +40,7 @@ from cdfsl_core.methods import MethodConfig
 from cdfsl_core.models import EMBEDDED_MODEL, ClipBundle, load_clip
 from cdfsl_core.runner import (DataConfig, ModelConfig, RunConfig, TrainConfig, load_run, load_state,
                                prepare_episode, protocol_transform, run, state_path)
+from cdfsl_core.stats import mean_ci95
 from cdfsl_core.world_report import domain_similarity
 from cdfsl_core.zeroshot import image_features
 
@@ -181,8 +183,7 @@ class Study:
         """Mean accuracy and 95% CI per cell, and the paired difference against the baseline."""
         ok = episodes[episodes["status"] == "ok"]
         summary = ok.groupby(["domain", "shots", "method"], sort=False)["accuracy"].agg(
-            mean="mean", std="std", episodes="count").reset_index()
-        summary["ci95"] = 1.96 * summary["std"].fillna(0) / summary["episodes"] ** 0.5
+            mean="mean", episodes="count", ci95=lambda values: mean_ci95(values.tolist())[1]).reset_index()
         diffs = []
         for _, row in summary.iterrows():
             if row["method"] == BASELINE:
@@ -247,6 +248,47 @@ class Study:
         table = pd.DataFrame(rows)
         table.to_csv(self.out / "atha_strengths.csv", index=False)
         return table
+
+    def controls(self, layer: int | None = None, images: int = 16) -> pd.DataFrame:
+        """Positive controls beside the real model: sink tokens per image at ``layer`` (default: the
+        middle block) of the pretrained model on ``images`` images of the first target, without a
+        plant and with each artefact of :mod:`analysis.controls` planted into patch token 0.
+        One row per (plant, definition): ``mean_count`` (all sinks), ``planted_token_found`` (the
+        fraction of images whose planted token the definition flags) and ``found_by`` (the
+        definition meant to find the plant)."""
+        def make() -> pd.DataFrame:
+            from analysis.controls import FINDS, PLANTS, Plant, planted
+            from analysis.diagnostics import TokenDiagnostics
+            from analysis.recorder import record
+            from cdfsl_core.methods import create_method
+
+            bundle = load_clip(self.model, self.pretrained, device=self.device)  # a clean model, whatever ran before
+            dataset = self.load(self.targets[0])
+            step = max(1, len(dataset) // images)
+            batch = torch.stack([self._transform(dataset.load_image(i)) for i in range(0, len(dataset), step)[:images]])
+            batch = batch.to(self.device)
+            method = create_method(bundle, dataset.classes[:5], "zeroshot", "none").eval()
+            with torch.no_grad():
+                _, readout = method.text_features(readout=True)
+            n_blocks = len(bundle.model.visual.transformer.resblocks)
+            block = n_blocks // 2 if layer is None else layer
+            rows = []
+            for kind in ("none", *PLANTS):
+                plants = [] if kind == "none" else [Plant(kind, block, token=0)]
+                diagnostics = TokenDiagnostics(bundle.model.visual, readout, [block], head_tail=False)
+                with planted(method, plants, text=readout), record(method, layers=[block]) as cache, torch.no_grad():
+                    method.encode_image(batch, readout)
+                diagnostics.update(cache)
+                masks = diagnostics.sink_masks(cache)[block]
+                for _, row in diagnostics.tables()["sinks"].iterrows():
+                    found = float(masks[row["definition"]][:, 0].float().mean()) if plants else float("nan")
+                    rows.append({"plant": kind, "planted_per_image": len(plants), "definition": row["definition"],
+                                 "label": row["label"], "layer": block, "images": row["images"],
+                                 "mean_count": row["mean_count"], "planted_token_found": found,
+                                 "found_by": FINDS.get(kind) == row["definition"],
+                                 "dataset": self.targets[0], "model": "pretrained"})
+            return pd.DataFrame(rows)
+        return self._cached(self.out / "diagnostics" / "controls.csv", make)
 
     # ------------------------------------------------------------------ CKA and similarity
     @cached_property
@@ -362,6 +404,7 @@ class Study:
             "paired_differences": fig.paired_differences(summary, BASELINE),
             "token_norms_by_bucket": fig.token_norms_by_bucket(tables["norms"]),
             "sink_counts": fig.sink_counts(tables["sinks"]),
+            "positive_controls": fig.positive_controls(self.controls()),
             "head_tail_similarity": fig.head_tail_similarity(tables["head_tail"]),
             "attention_maps": fig.attention_maps(tables["attention"], tables["rollout"], tables["attribution"]),
             "cka_domains": fig.cka_by_layer(self.cka_domains()),

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cdfsl_core.zeroshot import mean_ci95
+from cdfsl_core.stats import mean_ci95
 
 
 def _load_run(folder: Path) -> tuple[str, dict[int, float]]:

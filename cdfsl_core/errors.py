@@ -21,3 +21,7 @@ class EpisodeError(CDFSLError, ValueError):
 
 class CheckpointError(CDFSLError, FileNotFoundError):
     """Model weights are missing, not cached, or do not fit the architecture."""
+
+
+class DeviceError(CDFSLError, ValueError):
+    """The requested device or precision is not available on this machine, or differs from a run's."""

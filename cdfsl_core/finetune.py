@@ -20,6 +20,7 @@ import torch
 from cdfsl_core.episodes import SHORT_CLASS_POLICIES, EpisodeConfig
 from cdfsl_core.lora import LoRAConfig
 from cdfsl_core.methods import ADAPTATIONS, INTERVENTIONS, MethodConfig
+from cdfsl_core.models import PRECISIONS
 from cdfsl_core.runner import DataConfig, ModelConfig, RunConfig, TrainConfig, run
 
 
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--logit-scale", default="auto", help="number, 'learned', or 'auto' (2 for 1-shot, 4 otherwise)")
     parser.add_argument("--augment", action="store_true", help="the authors' 5 views per support image")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="'auto': bf16 autocast on CUDA, fp32 on CPU; 'bf16' or 'fp32' on any device")
+    parser.add_argument("--allow-mixed-precision", action="store_true",
+                        help="resume a run on another device type or precision than its first episodes")
     parser.add_argument("--out", required=True, help="run folder")
     return parser
 
@@ -63,7 +68,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         scale = float(args.logit_scale)
     episode_file = args.episode_file or str(default_episode_file(args.dataset, episodes))
     return RunConfig(
-        model=ModelConfig(args.model, None if args.pretrained == "none" else args.pretrained, args.device),
+        model=ModelConfig(args.model, None if args.pretrained == "none" else args.pretrained, args.device, args.precision),
         data=DataConfig(args.dataset, args.data_root, {}, episode_file),
         episodes=episodes,
         method=MethodConfig(args.adaptation, args.intervention, logit_scale=scale,
@@ -75,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
-    summary = run(config_from_args(args), args.out)
+    summary = run(config_from_args(args), args.out, allow_mixed_precision=args.allow_mixed_precision)
     print(json.dumps(summary, indent=2))
     print(f"{100 * summary['mean_accuracy']:.2f} +- {100 * summary['ci95']:.2f} % over {summary['episodes']} episodes; run folder {args.out}")
     return 0

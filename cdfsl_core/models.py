@@ -28,16 +28,18 @@ import open_clip
 import torch
 from torch import nn
 
-from cdfsl_core.errors import CheckpointError
+from cdfsl_core.errors import CheckpointError, DeviceError
 
 __all__ = [
     "EMBEDDED_MODEL",
     "ClipBundle",
     "PretrainedSource",
     "list_architectures",
+    "PRECISIONS",
     "load_clip",
     "register_pretrained",
     "resolve_device",
+    "resolve_precision",
     "save_checkpoint",
 ]
 
@@ -78,10 +80,52 @@ def list_architectures(package_only: bool = False) -> list[str]:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to torch."""
+    """``"auto"`` picks CUDA when available, else CPU; ``"cuda"`` without a CUDA device is a
+    :class:`~cdfsl_core.errors.DeviceError` that says what to pass instead."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise DeviceError(f"device={str(device)!r} is not a device torch knows ({err}). "
+                          "Pass 'auto', 'cpu' or 'cuda' (or 'cuda:N').") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise DeviceError(
+                f"device={str(device)!r} was requested, but no CUDA device is available here (torch "
+                f"{torch.__version__}, {build}; torch.cuda.is_available() is False). Pass --device cpu "
+                "(or 'auto', which uses a GPU when there is one)."
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise DeviceError(f"device={str(device)!r}: this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}.")
+    elif resolved.type != "cpu":
+        raise DeviceError(f"device={str(device)!r}: expected 'auto', 'cpu' or 'cuda' (or 'cuda:N').")
+    return resolved
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """The precision forwards and training run in: ``"bf16"`` (autocast) or ``"fp32"``.
+
+    ``"auto"`` is bf16 autocast on CUDA and fp32 on the CPU (the runner's default). ``"bf16"``
+    asks for bf16 autocast on any device (on the CPU it is the GPU proxy the tests use). Whatever
+    the precision, selections and rankings (similarities, Sum scores, head/tail sets, the
+    projection solve, recomputed attention) run in fp32: see the README's precision contract.
+    """
+    if precision not in PRECISIONS:
+        raise DeviceError(f"precision={precision!r}: expected one of {PRECISIONS}.")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DeviceError(
+            f"precision='bf16' was requested on {torch.cuda.get_device_name(device)}, which does not support "
+            "bf16. Pass --precision fp32 (or run on a GPU with bf16 support, compute capability 8.0 or newer)."
+        )
+    return precision
 
 
 class ClipBundle(NamedTuple):

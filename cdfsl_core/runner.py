@@ -39,8 +39,10 @@ from cdfsl_core.episodes import EpisodeConfig, EpisodeFile, generate_episodes, l
 from cdfsl_core.interventions import ATHAConfig, TIRConfig
 from cdfsl_core.lora import LoRAConfig
 from cdfsl_core.methods import FewShotCLIP, MethodConfig
-from cdfsl_core.models import ClipBundle, load_clip, resolve_device
-from cdfsl_core.zeroshot import autocast_for, mean_ci95
+from cdfsl_core.errors import DeviceError
+from cdfsl_core.models import ClipBundle, load_clip, resolve_device, resolve_precision
+from cdfsl_core.stats import mean_ci95
+from cdfsl_core.zeroshot import autocast_for
 
 __all__ = [
     "DataConfig",
@@ -65,6 +67,7 @@ class ModelConfig:
     name: str = "cdfsl-synth-vit"  # open_clip architecture
     pretrained: str | None = "synthetic"  # tag or local weights file
     device: str = "auto"  # 'auto', 'cpu', 'cuda'
+    precision: str = "auto"  # 'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32', 'bf16'
 
 
 @dataclass(frozen=True)
@@ -172,9 +175,10 @@ def check_labels(method: FewShotCLIP, labels: torch.Tensor) -> None:
 
 
 def train_episode(
-    method: FewShotCLIP, images: torch.Tensor, labels: torch.Tensor, train: TrainConfig
+    method: FewShotCLIP, images: torch.Tensor, labels: torch.Tensor, train: TrainConfig, precision: str = "auto"
 ) -> dict[str, Any]:
-    """Full-batch training on the support set; returns the first and last loss."""
+    """Full-batch training on the support set (forwards under ``precision``'s autocast, see
+    :func:`~cdfsl_core.models.resolve_precision`); returns the first and last loss."""
     check_labels(method, labels)
     groups = method.parameter_groups()
     optimisers: list[torch.optim.Optimizer] = []
@@ -192,7 +196,7 @@ def train_episode(
     first = last = None
     try:
         for step in range(train.steps):
-            with autocast_for(device):
+            with autocast_for(device, precision):
                 logits = method(images)
             loss = F.cross_entropy(logits.float(), labels)
             value = loss.item()
@@ -211,11 +215,13 @@ def train_episode(
 
 
 @torch.no_grad()
-def evaluate(method: FewShotCLIP, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+def evaluate(method: FewShotCLIP, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+             precision: str = "auto") -> float:
+    """Accuracy on ``images`` (forwards under ``precision``'s autocast)."""
     check_labels(method, labels)
     method.eval()
     device = images.device
-    with autocast_for(device):
+    with autocast_for(device, precision):
         text, readout = method.text_features()
         correct = 0
         for start in range(0, len(images), batch_size):
@@ -255,9 +261,9 @@ def _manifest(config: RunConfig, episodes: EpisodeFile, device: torch.device, bu
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
         "numpy": np.__version__,
-        "device": str(device),
+        "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "autocast": "bf16" if device.type == "cuda" else "none (fp32)",
+        "precision": resolve_precision(device, config.model.precision),
         "checkpoint": bundle.info.get("checkpoint"),
         "episode_file": str(episodes.path) if episodes.path else None,
         "episode_file_sha256": episodes.sha256,
@@ -375,10 +381,30 @@ def load_state(method: FewShotCLIP, path: Path) -> None:
     method.load_trainable_state(load_file(str(path), device=str(device)))
 
 
+def _check_precision(out: Path, manifest: dict[str, Any], has_episodes: bool, allow_mixed: bool) -> None:
+    """A resumed run computes on the device type and in the precision its first episodes did,
+    unless mixing is allowed (every episode line records its own device and precision)."""
+    path = out / "manifest.json"
+    if not has_episodes or not path.exists() or allow_mixed:
+        return
+    saved = json.loads(path.read_text())
+    differ = {key: (saved.get(key), manifest[key]) for key in ("device", "precision") if saved.get(key) != manifest[key]}
+    if differ:
+        described = "; ".join(f"{key}: the run has {old!r}, this process {new!r}" for key, (old, new) in differ.items())
+        raise DeviceError(
+            f"{out} holds episodes computed with another device or precision ({described}). A mean over "
+            "both would mix precisions. Resume on the same kind of device and precision (--device, "
+            "--precision), use a new --out folder, or pass --allow-mixed-precision to resume anyway "
+            "(each episode line records its device and precision)."
+        )
+
+
 def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | None = None, progress: bool = True,
-        save_states: bool = False) -> dict[str, Any]:
+        save_states: bool = False, allow_mixed_precision: bool = False) -> dict[str, Any]:
     """Run (or resume) every episode of a run folder; returns the summary. ``save_states`` also
-    keeps each episode's trained parameters (:func:`state_path`); it does not change results."""
+    keeps each episode's trained parameters (:func:`state_path`); it does not change results.
+    A resume on another device type or precision than the run's is refused unless
+    ``allow_mixed_precision``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.json"
@@ -402,10 +428,17 @@ def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | Non
         bundle = load_clip(config.model.name, config.model.pretrained, device=device)
     dataset = load_dataset(config.data.dataset, config.data.root, **config.data.options)
     episodes = _episode_file(config, dataset, out)
-    (out / "manifest.json").write_text(json.dumps(_manifest(config, episodes, device, bundle), indent=2) + "\n")
-
+    precision = resolve_precision(device, config.model.precision)
+    manifest = _manifest(config, episodes, device, bundle)
     results_path = out / "episodes.jsonl"
     finished = _read_finished(results_path)
+    _check_precision(out, manifest, bool(finished), allow_mixed_precision)
+    if not finished or not (out / "manifest.json").exists():
+        _write_json(out / "manifest.json", manifest)
+    elif allow_mixed_precision:
+        saved = json.loads((out / "manifest.json").read_text())
+        if (saved.get("device"), saved.get("precision")) != (manifest["device"], manifest["precision"]):
+            _write_json(out / "manifest.json", {**saved, "mixed_precision": True})
     transform = protocol_transform(bundle, config.train.resize_ratio)
     method: FewShotCLIP | None = None
     todo = [i for i in range(len(episodes)) if i not in finished]
@@ -421,10 +454,10 @@ def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | Non
                 # the queries at the initial state: the method's accuracy before training, and what
                 # the intervention measures about its own action (ATHA: its edit size per block)
                 with method.intervention.measuring() as before:
-                    row["accuracy_init"] = evaluate(method, query, query_labels, config.train.eval_batch_size)
-                row.update(train_episode(method, support, support_labels, config.train))
+                    row["accuracy_init"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
+                row.update(train_episode(method, support, support_labels, config.train, precision))
                 with method.intervention.measuring() as after:
-                    row["accuracy"] = evaluate(method, query, query_labels, config.train.eval_batch_size)
+                    row["accuracy"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
                 if before or after:
                     row["intervention_stats"] = {"init": _rounded(before), "trained": _rounded(after)}
                 row["status"] = "ok"
@@ -436,13 +469,19 @@ def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | Non
             if config.method.intervention == "atha":
                 row["atha_alpha"] = [round(v, 6) for v in method.intervention.alpha.tolist()]
                 row["atha_beta"] = [round(v, 6) for v in method.intervention.beta.tolist()]
+            row["device"], row["precision"] = device.type, precision
             row["seconds"] = round(time.perf_counter() - start, 3)
             handle.write(json.dumps(row) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
             finished[index] = row
     summary = summarise([finished[i] for i in sorted(finished)], episodes)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out / "summary.json")
+    _write_json(out / "summary.json", summary)
     return summary
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    """Atomically: a killed process never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    tmp.replace(path)

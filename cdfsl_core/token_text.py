@@ -30,9 +30,13 @@ __all__ = [
 
 
 def project_tokens(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """f_j = ln_post(x_j) P for every token: [batch, tokens, width] -> [batch, tokens, embed_dim]."""
-    out = visual.ln_post(x)
-    return out @ visual.proj if visual.proj is not None else out
+    """f_j = ln_post(x_j) P for every token: [batch, tokens, width] -> [batch, tokens, embed_dim].
+
+    Used to rank tokens (TIR's Sum score, the diagnostics), so computed in fp32 whatever the
+    autocast context."""
+    with torch.autocast(x.device.type, enabled=False):
+        out = visual.ln_post(x.float())
+        return out @ visual.proj.float() if visual.proj is not None else out
 
 
 TEXT_NORMS = ("none", "unit")  # ATHA's read-out as the text tower gives it (authors), or L2-normalised

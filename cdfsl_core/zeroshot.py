@@ -14,16 +14,18 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from cdfsl_core.models import ClipBundle
+from cdfsl_core.models import ClipBundle, resolve_precision
+from cdfsl_core.stats import mean_ci95  # noqa: F401  (re-exported: one CI convention)
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 
-def autocast_for(device: torch.device | str):
-    """bf16 autocast on CUDA, nothing on CPU (fp32 there)."""
+def autocast_for(device: torch.device | str, precision: str = "auto"):
+    """The autocast context of a forward: bf16 when ``precision`` resolves to it (``"auto"``: on
+    CUDA), nothing otherwise (fp32)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if resolve_precision(device, precision) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -67,14 +69,6 @@ def image_features(
 def accuracy(logits: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:
     labels = torch.as_tensor(labels, device=logits.device)
     return (logits.argmax(-1) == labels).float().mean().item()
-
-
-def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the 95% CI half-width 1.96 std / sqrt(n), as both papers report."""
-    array = np.asarray(values, dtype=float)
-    if array.size == 0:
-        return float("nan"), float("nan")
-    return float(array.mean()), float(1.96 * array.std() / np.sqrt(array.size))
 
 
 @torch.no_grad()

@@ -31,8 +31,23 @@ def test_integrated_gradients_are_one_value_per_patch_and_complete(method):
     assert torch.allclose(attribution.sum(dim=(1, 2)), expected, rtol=0.1, atol=0.05)
 
 
-def test_gradient_x_activation_and_bad_method(method):
-    images = torch.randn(1, 3, 32, 32)
-    assert PatchAttribution(method, "gradient-x-activation")(images, 1).shape == (1, 4, 4)
+def test_gradient_x_activation_is_the_gradient_times_the_patch_embedding_and_bad_method(method):
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    attribution = PatchAttribution(method, "gradient-x-activation")(images, 1)
+    assert attribution.shape == (2, 4, 4)
+    # by hand: keep the patch embeddings (conv1's output), differentiate the class-1 logits w.r.t. them
+    kept = {}
+
+    def keep(module, args, out):
+        out.retain_grad()
+        kept["embedding"] = out
+
+    handle = method.model.visual.conv1.register_forward_hook(keep)
+    try:
+        method(images.clone().requires_grad_())[:, 1].sum().backward()
+    finally:
+        handle.remove()
+    expected = (kept["embedding"].grad * kept["embedding"]).sum(dim=1).detach()
+    assert torch.allclose(attribution, expected, atol=1e-6)
     with pytest.raises(ValueError, match="'saliency'"):
         PatchAttribution(method, "saliency")

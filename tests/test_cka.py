@@ -65,12 +65,38 @@ def test_streaming_sums_hsic_terms_not_per_batch_cka():
     assert acc.value() == pytest.approx(sums[0] / (sums[1] * sums[2]) ** 0.5, abs=1e-12)
 
 
-def test_domain_cka_reports_spread_and_references():
-    source = _x(80, 6)
-    close = source[torch.randperm(80, generator=torch.Generator().manual_seed(0))] + 0.01 * _x(80, 6, seed=9)
-    result = domain_cka(source, close, "linear", "debiased", pairings=5)
-    assert set(result) >= {"cka_mean", "cka_std", "within_source_mean", "noise_floor_mean"}
-    assert result["cka_std"] >= 0 and abs(result["noise_floor_mean"]) < 0.1
+def test_debiased_hsic_is_the_u_statistic_written_out_with_loops():
+    """HSIC_u = (n)_2^-1 sum_{i!=j} k_ij l_ij + (n)_4^-1 sum_{i,j,q,r distinct} k_ij l_qr
+    - 2 (n)_3^-1 sum_{i,j,q distinct} k_ij l_iq (the U-statistic of Song et al. 2012)."""
+    from itertools import permutations
+
+    n = 7
+    k, l = gram(_x(n, 3, seed=11)), gram(torch.tanh(_x(n, 3, seed=12)), "rbf")
+    two = sum(float(k[i, j] * l[i, j]) for i, j in permutations(range(n), 2)) / (n * (n - 1))
+    three = sum(float(k[i, j] * l[i, q]) for i, j, q in permutations(range(n), 3)) / (n * (n - 1) * (n - 2))
+    four = sum(float(k[i, j] * l[q, r]) for i, j, q, r in permutations(range(n), 4)) / (n * (n - 1) * (n - 2) * (n - 3))
+    assert float(hsic(k, l, "debiased")) == pytest.approx(two + four - 2 * three, rel=1e-9)
+
+
+def test_random_pairing_cka_has_its_predicted_value_and_no_information():
+    """Source and target unpaired: averaged over random pairings of all n images, biased linear CKA
+    is tr(Kc) tr(Lc) / ((n - 1) ||Kc|| ||Lc||) = sqrt(PR_s PR_t) / (n - 1), whatever relates the two
+    sets (derived: E over permutations of tr(Kc P Lc P^T)); debiased CKA averages to about 0."""
+    n = 40
+    source = _x(n, 6, seed=20) * torch.tensor([3.0, 2, 1, 1, 0.5, 0.5], dtype=torch.float64)
+    same = source + 0.01 * _x(n, 6, seed=21)  # nearly the same images, in another order below
+    shifted = _x(n, 6, seed=22) * torch.tensor([0.5, 0.5, 1, 1, 2, 3], dtype=torch.float64) + 4.0
+
+    def predicted(a, b):
+        ac, bc = a - a.mean(0), b - b.mean(0)
+        kc, lc = ac @ ac.T, bc @ bc.T
+        return float(torch.trace(kc) * torch.trace(lc) / ((n - 1) * kc.norm() * lc.norm()))
+
+    for target in (same[torch.randperm(n, generator=torch.Generator().manual_seed(0))], shifted):
+        biased = domain_cka(source, target, "linear", "biased", pairings=400, seed=1)
+        assert biased["cka_mean"] == pytest.approx(predicted(source, target), rel=0.05)
+        debiased = domain_cka(source, target, "linear", "debiased", pairings=400, seed=1)
+        assert abs(debiased["cka_mean"]) < 0.02
 
 
 def test_bad_input():

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from analysis.diagnostics import SINK_DEFINITIONS, SinkDefinition, TokenDiagnostics, _row_median
-from analysis.recorder import ActivationCache, record
+from analysis.recorder import ActivationCache
 
 
 def _cache(x: torch.Tensor, pattern: torch.Tensor | None = None) -> ActivationCache:
@@ -29,6 +31,18 @@ def test_a_token_with_a_known_huge_norm_is_one_high_norm_sink(bundle):
     assert row["definition"] == "high-norm" and "2 x median patch norm" in row["label"] and row["model"] == "m"
 
 
+def test_high_norm_compares_with_the_median_not_the_mean(bundle):
+    # patch norms 1, 1, 1, 1, 1, 2.5, 2.5: median 1, so 2 tokens pass 2 x median; the mean, 1.43,
+    # would put the threshold at 2.86 and find none
+    x = torch.zeros(1, 8, 64)
+    for j, norm in enumerate([1, 1, 1, 1, 1, 2.5, 2.5]):
+        x[0, 1 + j, j] = norm
+    text = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    diag = TokenDiagnostics(bundle.model.visual, text, [0], sinks=[SINK_DEFINITIONS["high-norm"]], head_tail=False)
+    diag.update(_cache(x))
+    assert diag.tables()["sinks"]["mean_count"].iloc[0] == 2.0
+
+
 def test_massive_activation_and_attention_mass_counts(bundle):
     x = torch.randn(1, 17, 64, generator=torch.Generator().manual_seed(1))
     x[0, 3, 7] = 1e4  # one massive channel in token 2 (patch index)
@@ -45,44 +59,73 @@ def test_massive_activation_and_attention_mass_counts(bundle):
     assert counts["massive-activation"] == 2 and counts["attention-mass"] == 2
 
 
-def test_norms_by_bucket_add_up_and_sum_all_counts_tokens_relevant_to_every_class(bundle):
-    visual = bundle.model.visual
-    with record(bundle.model, what=("resid_post",)) as cache, torch.no_grad():
-        bundle.model.encode_image(torch.randn(4, 3, 32, 32))
-    text = F.normalize(torch.randn(5, 32), dim=-1)
-    diag = TokenDiagnostics(visual, text, [0, 1], sinks=[SINK_DEFINITIONS["sum-all"]])
-    diag.update(cache)
-    diag.update(cache)  # streaming: a second batch doubles the counts
-    tables = diag.tables(dataset="d", episode=0)
-    norms = tables["norms"]
-    assert set(norms["bucket"]) == set(range(6))
-    assert norms.groupby("layer")["count"].sum().tolist() == [2 * 4 * 16] * 2
-    per_layer = norms[norms["layer"] == 1].set_index("bucket")
-    patches = cache["blocks.1.resid_post"][:, 1:]
-    from cdfsl_core.token_text import project_tokens, sum_score
+class HandBuiltTower(nn.Module):
+    """ln_post with gain 1 and bias 0, P = I: for zero-mean tokens, cos(ln_post(x) P, t) = cos(x, t)."""
 
-    counts = sum_score(F.normalize(project_tokens(visual, patches), dim=-1) @ text.T, 0.3)
-    assert per_layer.loc[5, "count"] == 2 * int((counts == 5).sum())
-    expected_mean = patches.norm(dim=-1)[counts == 0].mean().item() if (counts == 0).any() else float("nan")
-    if (counts == 0).any():
-        assert per_layer.loc[0, "mean"] == pytest.approx(expected_mean, rel=1e-5)
-    sinks = tables["sinks"].set_index("layer")
-    assert sinks.loc[1, "mean_count"] == pytest.approx(float((counts == 5).sum(-1).float().mean()))
-    head_tail = tables["head_tail"]
-    assert head_tail.groupby("layer")["count"].sum().tolist() == [2 * 4 * 16] * 2
-    assert (head_tail["head_cut"] >= head_tail["tail_cut"]).all()
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln_post = nn.LayerNorm(4)
+        self.proj = nn.Parameter(torch.eye(4))
 
 
-def test_memory_does_not_grow_with_batches(bundle):
-    diag = TokenDiagnostics(bundle.model.visual, F.normalize(torch.randn(3, 32), dim=-1), [0])
-    x = torch.randn(8, 17, 64)
-    pattern = torch.softmax(torch.randn(8, 2, 17, 17), dim=-1)
-    diag.update(_cache(x, pattern))
-    sizes = (diag._norm.nbytes, diag._sink.nbytes, diag._hist.nbytes)
-    for _ in range(5):
-        diag.update(_cache(x, pattern))
-    assert (diag._norm.nbytes, diag._sink.nbytes, diag._hist.nbytes) == sizes
-    assert diag.tables()["sinks"]["images"].iloc[0] == 48
+# Two classes t_0 = (1, -1, 0, 0), t_1 = (0, 0, 1, -1); five zero-mean patch tokens per image.
+# rho = 0.4: k = floor(0.4 x 5) = 2 tokens per class. Cosines (class 0, class 1), Sum score m, norm:
+#   image 1: T1 (2,-2,1,-1) (.894,.447) m=1 |.|=sqrt10; T2 (1,-1,2,-2) (.447,.894) m=1 sqrt10;
+#            T3 (1,-1,1,-1) (.707,.707) m=2 (in both top-2 sets) 2; T4 (-1,1,0,0) (-1, 0) m=0 sqrt2;
+#            T5 (0,0,-1,1) (0,-1) m=0 sqrt2
+#   image 2: T3 replaced by (-1,1,-1,1) (-.707,-.707): class 0's top-2 is {T1, T2}, class 1's {T2, T1},
+#            so T1 and T2 have m=2, T3 m=0.
+TEXT_2 = torch.tensor([[1.0, -1, 0, 0], [0, 0, 1, -1]])
+IMAGE_1 = [[2, -2, 1, -1], [1, -1, 2, -2], [1, -1, 1, -1], [-1, 1, 0, 0], [0, 0, -1, 1]]
+IMAGE_2 = [[2, -2, 1, -1], [1, -1, 2, -2], [-1, 1, -1, 1], [-1, 1, 0, 0], [0, 0, -1, 1]]
+
+
+def _hand_stream() -> torch.Tensor:
+    cls = [0.0, 0, 0, 0]
+    return torch.tensor([[cls, *IMAGE_1], [cls, *IMAGE_2]], dtype=torch.float32)
+
+
+def test_sum_buckets_norms_and_sum_all_sinks_on_a_hand_built_case():
+    diag = TokenDiagnostics(HandBuiltTower(), TEXT_2, [0], rho=0.4, sinks=[SINK_DEFINITIONS["sum-all"]])
+    diag.update(_cache(_hand_stream()))
+    tables = diag.tables()
+    norms = tables["norms"].set_index("bucket")
+    # m = 0: T4, T5 of image 1 and T3', T4, T5 of image 2; m = 1: T1, T2 of image 1; m = 2: T3, then T1, T2
+    assert norms["count"].tolist() == [5, 2, 3]
+    r2, r10 = 2 ** 0.5, 10 ** 0.5
+    assert norms.loc[0, "mean"] == pytest.approx((r2 + r2 + 2 + r2 + r2) / 5)
+    assert norms.loc[1, "mean"] == pytest.approx(r10)
+    assert norms.loc[2, "mean"] == pytest.approx((2 + r10 + r10) / 3)
+    sinks = tables["sinks"].iloc[0]
+    assert sinks["images"] == 2 and sinks["mean_count"] == pytest.approx(1.5)  # 1 sink in image 1, 2 in image 2
+    assert sinks["std_count"] == pytest.approx(0.5)
+
+
+def test_head_and_tail_cuts_on_a_hand_built_case():
+    # ATHA's class vectors with gain 1, bias 0, P = I are the text vectors: max cosines per token
+    # image 1: .894 .894 .707 0 0; image 2: .894 .894 -.707 0 0. rho_head 0.6: the 3rd largest
+    # (.707 and 0); rho_tail 0.2: the smallest (0 and -.707).
+    diag = TokenDiagnostics(HandBuiltTower(), TEXT_2, [0], rho_head=0.6, rho_tail=0.2, sinks=[])
+    diag.update(_cache(_hand_stream()))
+    table = diag.tables()["head_tail"]
+    assert table["head_cut"].iloc[0] == pytest.approx((0.7071 + 0.0) / 2, abs=1e-4)
+    assert table["tail_cut"].iloc[0] == pytest.approx((0.0 + -0.7071) / 2, abs=1e-4)
+    assert table["count"].sum() == 10
+    counts = dict(zip(table["bin_left"].round(2), table["count"]))
+    assert counts[0.85] == 4 and counts[0.7] == 1 and counts[0.0] == 4 and counts[-0.75] == 1  # bins of width 0.05
+
+
+def test_streaming_two_batches_equals_one_batch_of_both(bundle):
+    x = torch.randn(6, 17, 64, generator=torch.Generator().manual_seed(3))
+    pattern = torch.softmax(torch.randn(6, 2, 17, 17, generator=torch.Generator().manual_seed(4)), dim=-1)
+    text = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
+    whole = TokenDiagnostics(bundle.model.visual, text, [0])
+    parts = TokenDiagnostics(bundle.model.visual, text, [0])
+    whole.update(_cache(x, pattern))
+    parts.update(_cache(x[:2], pattern[:2]))
+    parts.update(_cache(x[2:], pattern[2:]))
+    for name, table in whole.tables().items():
+        pd.testing.assert_frame_equal(table, parts.tables()[name], check_exact=False, rtol=1e-6)
 
 
 def test_bad_settings(bundle):

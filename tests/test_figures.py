@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
@@ -14,6 +15,7 @@ from analysis.figures import (
     feature_view,
     head_tail_similarity,
     paired_differences,
+    positive_controls,
     save_figure,
     sink_counts,
     token_norms_by_bucket,
@@ -181,3 +183,16 @@ def test_importing_the_figures_keeps_a_notebooks_backend():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "MPLBACKEND": inline})
     assert out.stdout.strip() == inline  # figures show in notebooks, not only in files
+
+
+def test_positive_controls_frame_the_definition_meant_for_each_plant():
+    rows = [{"plant": p, "definition": d, "mean_count": float(p != "none" and d == "high-norm") + 0.5 * (d == "attention-mass"),
+             "found_by": p == "high-norm" and d == "high-norm", "layer": 3, "label": f"{d} (x)"}
+            for p in ("none", "high-norm") for d in ("high-norm", "attention-mass")]
+    figure = positive_controls(pd.DataFrame(rows))
+    ax = figure.axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["0.00", "0.50", "1.00", "0.50"]  # row 'none', then the planted row
+    frames = [p for p in ax.patches if isinstance(p, plt.Rectangle) and p.get_edgecolor()[0] > 0.5 and not p.get_fill()]
+    assert [(f.get_x(), f.get_y()) for f in frames] == [(0, 1)]  # high-norm column, planted row
+    assert "block 3" in ax.get_title()

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from cdfsl_core.interventions import ATHA, TIR, ATHAConfig, TIRConfig
 from cdfsl_core.lora import LoRAAttention, LoRAConfig, apply_lora, lora_modules, remove_lora
 from cdfsl_core.methods import create_method, list_methods
-from cdfsl_core.models import load_clip
 from cdfsl_core.token_text import (
     class_vectors_in_residual,
     head_tail_sets,
@@ -86,22 +85,32 @@ def test_lora_has_one_adapter_per_projection_and_fused_is_smaller(bundle):
 
 
 def test_merge_and_unmerge_agree(bundle, images):
+    before = _zero_shot_logits(bundle, images, NAMES)  # the same model, before any adapter
     adapters = apply_lora(bundle.model, LoRAConfig(rank=4, targets=("q", "k", "v", "o")))
-    original = {id(m): m.base.in_proj_weight.detach().clone() for m in adapters}
+    original = {id(m): (m.base.in_proj_weight.detach().clone(), m.base.out_proj.weight.detach().clone()) for m in adapters}
     with torch.no_grad():
         for m in adapters:
             for b in m.lora_B.values():
                 b.normal_(0, 0.05)
     bundle.model.eval()
     unmerged = _zero_shot_logits(bundle, images, NAMES)
+    assert (unmerged - before).abs().max() > 1e-3  # the adapters act
     for m in adapters:
         m.merge()
+        # merged weights are W + scale B A, written out from the parameters
+        width = m.base.embed_dim
+        q_rows = original[id(m)][0][:width] + m.scale * m.lora_B["q"] @ m.lora_A["q"]
+        assert torch.allclose(m.base.in_proj_weight[:width], q_rows, atol=1e-6)
     merged = _zero_shot_logits(bundle, images, NAMES)
     assert torch.allclose(merged, unmerged, atol=1e-5)
-    assert not torch.allclose(merged, _zero_shot_logits(load_clip("cdfsl-test-vit"), images, NAMES), atol=1e-3)
     for m in adapters:
         m.unmerge()
-        assert torch.allclose(m.base.in_proj_weight, original[id(m)], atol=1e-6)
+        assert torch.allclose(m.base.in_proj_weight, original[id(m)][0], atol=1e-6)
+        assert torch.allclose(m.base.out_proj.weight, original[id(m)][1], atol=1e-6)
+    for b in (b for m in adapters for b in m.lora_B.values()):
+        with torch.no_grad():
+            b.zero_()
+    assert torch.allclose(_zero_shot_logits(bundle, images, NAMES), before, atol=1e-5)  # B = 0: the model before
 
 
 def test_remove_lora_restores_the_original_modules(bundle):

@@ -69,7 +69,11 @@ def test_records_what_an_adapted_model_with_tir_really_computes(bundle, images):
     with torch.no_grad():
         x = block.ln_1(cache["blocks.1.resid_pre"])
         expected = block(cache["blocks.1.resid_pre"])
-        q, k, _ = block.attn.project_qkv(x)  # the LoRA-adapted projections
+        # q and k written out from the parameters: W x + b + scale B (A x), per projection
+        attn = block.attn
+        weight, bias, width = attn.base.in_proj_weight, attn.base.in_proj_bias, 64
+        q = x @ weight[:width].T + bias[:width] + attn.scale * (x @ attn.lora_A["q"].T) @ attn.lora_B["q"].T
+        k = x @ weight[width:2 * width].T + bias[width:2 * width] + attn.scale * (x @ attn.lora_A["k"].T) @ attn.lora_B["k"].T
         q = q.reshape(3, 17, 2, 32).transpose(1, 2)
         k = k.reshape(3, 17, 2, 32).transpose(1, 2)
         pattern = torch.softmax(q @ k.transpose(-2, -1) / 32**0.5, dim=-1)

@@ -1,0 +1,230 @@
+"""Positive controls: known artefacts planted into a model's residual stream.
+
+A detector that reports 0 has only been tested if it also reports 1 when there is 1. Each
+:class:`Plant` puts one known artefact into every image at one vision block, through a hook that
+:func:`planted` registers and always removes; the sink definition that should find it must then
+count exactly one more token per image at that block (for attention sinks: exactly the planted
+ones, which take CLS's attention from any natural sink):
+
+==================  ==========================================================  ===================
+plant               what is planted at ``layer`` into patch token ``token``     found by
+==================  ==========================================================  ===================
+high-norm           the block's output token rescaled to ``strength`` (10) x    ``high-norm``
+                    the image's median patch-token norm (direction kept)
+massive-activation  one channel of the block's output token set to ``strength``  ``massive-activation``
+                    (1000) x the image's median absolute activation
+attention-sink      the token's input to the block's attention (``ln_1``'s      ``attention-mass``
+                    output) chosen so its key is a multiple of the CLS query:   (from CLS)
+                    its attention logit from CLS exceeds every other by
+                    ``strength`` (30) in every head, so the planted tokens
+                    share CLS's attention and natural sinks lose theirs
+every-class-top     the block's output token replaced by a vector whose         ``sum-all``
+                    projection ``ln_post(x) P`` has a cosine with every class
+                    above that class's top-k cut among the image's other
+                    tokens (gradient ascent per image), at the image's median
+                    patch-token norm; impossible placements are an error
+==================  ==========================================================  ===================
+
+Use them beside real models: a zero from a definition on a real model means something only if
+the same definition finds the planted token.
+
+    with planted(model, [Plant("high-norm", layer=3)]), record(model) as cache:
+        model.encode_image(images)
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from analysis.recorder import vision_tower
+from cdfsl_core.lora import LoRAAttention
+from cdfsl_core.token_text import project_tokens
+
+__all__ = ["FINDS", "PLANTS", "Plant", "planted"]
+
+PLANTS = ("high-norm", "massive-activation", "attention-sink", "every-class-top")
+FINDS = {"high-norm": "high-norm", "massive-activation": "massive-activation", "attention-sink": "attention-mass",
+         "every-class-top": "sum-all"}  # plant -> the sink definition that must find it
+DEFAULT_STRENGTH = {"high-norm": 10.0, "massive-activation": 1000.0, "attention-sink": 30.0, "every-class-top": 0.0}
+
+
+@dataclass(frozen=True)
+class Plant:
+    """One artefact in every image: ``kind`` (one of :data:`PLANTS`) at vision block ``layer``,
+    patch token ``token`` (0-based, CLS excluded), ``channel`` for a massive activation."""
+
+    kind: str
+    layer: int
+    token: int = 0
+    strength: float | None = None  # None: DEFAULT_STRENGTH[kind]
+    channel: int = 0  # massive-activation only
+    rho: float = 0.3  # every-class-top only: the top-set fraction of the Sum score it must enter
+
+    @property
+    def finds(self) -> str:
+        return FINDS[self.kind]
+
+    def value(self) -> float:
+        return DEFAULT_STRENGTH[self.kind] if self.strength is None else self.strength
+
+
+def _median_norm(x: torch.Tensor) -> torch.Tensor:
+    return x[:, 1:].norm(dim=-1).median(dim=-1).values  # [B]
+
+
+def _keys(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The block's key projection of ``z`` [..., width] (adapters included)."""
+    if isinstance(attn, LoRAAttention):
+        return attn.project_qkv(z)[1]
+    width = z.shape[-1]
+    bias = attn.in_proj_bias[width:2 * width] if attn.in_proj_bias is not None else None
+    return F.linear(z, attn.in_proj_weight[width:2 * width], bias)
+
+
+def _queries(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    if isinstance(attn, LoRAAttention):
+        return attn.project_qkv(z)[0]
+    width = z.shape[-1]
+    bias = attn.in_proj_bias[:width] if attn.in_proj_bias is not None else None
+    return F.linear(z, attn.in_proj_weight[:width], bias)
+
+
+@torch.no_grad()
+def _attention_sink_inputs(attn: nn.Module, z: torch.Tensor, tokens: Sequence[int], margin: float) -> torch.Tensor:
+    """ln_1 outputs [B, len(tokens), width] for the planted ``tokens``: each one's key is the same
+    multiple s of the CLS query, s large enough for their logit from CLS to exceed every other
+    token's by ``margin`` in every head; so they share CLS's attention equally and the rest get
+    less than exp(-margin) of it."""
+    z = z.float()
+    width = z.shape[-1]
+    heads = attn.num_heads
+    d_head = width // heads
+    eye = torch.eye(width, device=z.device)
+    offset = _keys(attn, torch.zeros(1, width, device=z.device))  # b_k
+    weight_t = _keys(attn, eye) - offset  # [width, width]: k = z @ weight_t + b_k
+    query = _queries(attn, z[:, :1])[:, 0]  # [B, width] the CLS query
+    per_head = lambda t: t.reshape(*t.shape[:-1], heads, d_head)  # noqa: E731
+    q, k = per_head(query), per_head(_keys(attn, z))  # [B, H, dh], [B, T, H, dh]
+    others = torch.einsum("bhd,bthd->bht", q, k) / d_head**0.5
+    others[..., [1 + t for t in tokens]] = -torch.inf
+    best_other = others.amax(dim=-1)  # [B, H]
+    own = q.pow(2).sum(dim=-1) / d_head**0.5  # logit per unit s: ||q_h||^2 / sqrt(dh)
+    scale = ((best_other + margin) / own.clamp_min(1e-12)).amax(dim=-1).clamp_min(1.0)  # [B]
+    wanted = (scale.unsqueeze(-1) * query - offset) @ torch.linalg.pinv(weight_t)  # [B, width]
+    return wanted.unsqueeze(1).expand(-1, len(tokens), -1)
+
+
+def _every_class_tokens(visual: nn.Module, out: torch.Tensor, tokens: Sequence[int], text: torch.Tensor, rho: float,
+                        steps: int = 500) -> torch.Tensor:
+    """Residual-stream vectors [B, width], one per image, whose projection ln_post(x) P has a cosine
+    with every class text feature above that image's top-k cut (k = floor(rho L)) among the other
+    patch tokens, so ``len(tokens)`` copies enter every class's top set; at the image's median
+    patch-token norm. Found by gradient ascent on the smallest margin (a smooth minimum, Adam,
+    deterministic); an impossible plant is an error, never a silent miss."""
+    targets = F.normalize(text.detach().float(), dim=-1)  # [C, embed_dim]
+    patches = out[:, 1:].detach().float()
+    length = patches.shape[1]
+    rank = int(rho * length) - len(tokens) + 1  # the planted tokens must beat this natural rank
+    if rank < 1:
+        raise ValueError(f"cannot plant {len(tokens)} every-class-top tokens when the top set holds floor({rho} x {length}) "
+                         f"= {int(rho * length)}; plant fewer.")
+    keep = [j for j in range(length) if j not in tokens]
+    with torch.no_grad():
+        natural = F.normalize(project_tokens(visual, patches[:, keep]), dim=-1) @ targets.T  # [B, L', C]
+        cut = natural.topk(rank, dim=1).values[:, -1]  # [B, C]
+    start = torch.linalg.pinv(visual.proj.detach().float().T) @ targets.mean(dim=0)
+    x = start.expand(len(out), -1).clone().requires_grad_()
+    optimiser = torch.optim.Adam([x], lr=0.05)
+    with torch.enable_grad():
+        for _ in range(steps):
+            margin = F.normalize(project_tokens(visual, x.unsqueeze(1)), dim=-1)[:, 0] @ targets.T - cut  # [B, C]
+            if bool((margin > 0.02).all()):
+                break
+            loss = (torch.logsumexp(-50.0 * margin, dim=-1) / 50.0).sum()  # minus a smooth minimum
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    with torch.no_grad():
+        margin = F.normalize(project_tokens(visual, x.unsqueeze(1)), dim=-1)[:, 0] @ targets.T - cut
+        if not bool((margin > 0).all()):
+            raise ValueError(
+                f"could not plant a token in every class's top set: in some image no direction has a cosine above "
+                f"the top-{rank} cut of every class (smallest margin {float(margin.min()):.3f}). The class text "
+                "features are too far apart for this control at this block; try another block or fewer planted tokens.")
+        return x.detach() * (patches.norm(dim=-1).median(dim=-1).values / x.detach().norm(dim=-1)).unsqueeze(-1)
+
+
+@contextmanager
+def planted(model: nn.Module, plants: Sequence[Plant], text: torch.Tensor | None = None) -> Iterator[None]:
+    """Plant ``plants`` during forwards inside the block; ``text`` [C, embed_dim] (class text
+    features) is needed by ``every-class-top``. Hooks run before any other hook on the same module
+    (a recorder entered inside sees the planted stream) and are removed on exit, also when the
+    forward raises."""
+    visual = vision_tower(model)
+    blocks = visual.transformer.resblocks
+    for plant in plants:
+        if plant.kind not in PLANTS:
+            raise ValueError(f"unknown plant {plant.kind!r}; expected one of {PLANTS}.")
+        if not 0 <= plant.layer < len(blocks):
+            raise ValueError(f"plant layer {plant.layer} out of range: blocks 0..{len(blocks) - 1}.")
+        if plant.kind == "every-class-top" and text is None:
+            raise ValueError("the every-class-top plant needs the class text features: planted(model, plants, text=...).")
+
+    def output_hook(plant: Plant):
+        def hook(module, args, out):
+            out = out.clone()
+            j = 1 + plant.token
+            with torch.no_grad():
+                if plant.kind == "high-norm":
+                    scale = plant.value() * _median_norm(out) / out[:, j].norm(dim=-1).clamp_min(1e-12)
+                    out[:, j] = out[:, j] * scale.unsqueeze(-1)
+                else:  # massive-activation
+                    median = out[:, 1:].abs().flatten(1).median(dim=-1).values
+                    out[:, j, plant.channel] = plant.value() * median
+            return out
+        return hook
+
+    def every_class_hook(group: list[Plant]):
+        def hook(module, args, out):
+            out = out.clone()
+            planted_tokens = _every_class_tokens(visual, out, [p.token for p in group], text, group[0].rho)
+            out[:, [1 + p.token for p in group]] = planted_tokens.unsqueeze(1).to(out.dtype)
+            return out
+        return hook
+
+    def attention_hook(layer: int, group: list[Plant]):
+        tokens = [1 + plant.token for plant in group]
+
+        def hook(module, args, out):
+            out = out.clone()
+            out[:, tokens] = _attention_sink_inputs(blocks[layer].attn, out, [p.token for p in group],
+                                                    max(p.value() for p in group)).to(out.dtype)
+            return out
+        return hook
+
+    # planted tokens of one block that depend on each other (attention sinks share CLS's attention,
+    # every-class-top tokens share the top sets) are placed by one hook per block
+    grouped: dict[tuple[str, int], list[Plant]] = {}
+    for plant in plants:
+        if plant.kind in ("attention-sink", "every-class-top"):
+            grouped.setdefault((plant.kind, plant.layer), []).append(plant)
+    handles = []
+    try:
+        for (kind, layer), group in grouped.items():
+            if kind == "attention-sink":
+                handles.append(blocks[layer].ln_1.register_forward_hook(attention_hook(layer, group), prepend=True))
+            else:
+                handles.append(blocks[layer].register_forward_hook(every_class_hook(group), prepend=True))
+        for plant in plants:
+            if plant.kind in ("high-norm", "massive-activation"):
+                handles.append(blocks[plant.layer].register_forward_hook(output_hook(plant), prepend=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

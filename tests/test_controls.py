@@ -1,0 +1,102 @@
+"""Positive controls: every sink definition finds exactly the artefacts planted for it.
+
+On the embedded CLIP and four source images, at a middle block where no norm-, activation- or
+Sum-score sink exists without a plant (asserted, so the expected counts are exact): one planted
+token per image is one sink per image, two planted tokens two, under the definition meant to find
+them. Planted attention sinks take CLS's attention from the model's natural ones, so exactly the
+planted tokens remain above the threshold.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analysis.controls import FINDS, PLANTS, Plant, planted
+from analysis.diagnostics import TokenDiagnostics
+from analysis.recorder import record
+from cdfsl_core.data import load_dataset
+from cdfsl_core.methods import create_method
+from cdfsl_core.models import EMBEDDED_MODEL, load_clip
+from cdfsl_core.runner import protocol_transform
+
+LAYER = 3
+NAMES = ["striped red shape", "dotted blue shape", "plain green shape", "wavy pink shape", "checked black shape"]
+
+
+@pytest.fixture(scope="module")
+def setting():
+    bundle = load_clip(*EMBEDDED_MODEL)
+    dataset = load_dataset("synthetic", split="test", images_per_class=1)
+    transform = protocol_transform(bundle, 1.15)
+    images = torch.stack([transform(dataset.load_image(i)) for i in (0, 9, 20, 41)])
+    method = create_method(bundle, NAMES, "zeroshot", "none").eval()
+    with torch.no_grad():
+        _, readout = method.text_features(readout=True)
+    return method, images, readout
+
+
+def _counts(method, images, readout, plants=(), masks=None) -> dict[str, float]:
+    """Mean sink tokens per image at LAYER under every definition (and the sink masks, into ``masks``)."""
+    diagnostics = TokenDiagnostics(method.model.visual, readout, [LAYER], head_tail=False)
+    with planted(method, plants, text=readout), record(method, layers=[LAYER]) as cache, torch.no_grad():
+        method.encode_image(images, readout)
+    diagnostics.update(cache)
+    if masks is not None:
+        masks.update(diagnostics.sink_masks(cache)[LAYER])
+    table = diagnostics.tables()["sinks"]
+    assert (table["images"] == len(images)).all()
+    return dict(zip(table["definition"], table["mean_count"]))
+
+
+def test_without_a_plant_only_the_attention_definition_finds_sinks_at_the_control_layer(setting):
+    counts = _counts(*setting)
+    assert {k: v for k, v in counts.items() if k != "attention-mass"} == {"sum-all": 0.0, "high-norm": 0.0,
+                                                                          "massive-activation": 0.0}
+    assert counts["attention-mass"] > 1.0  # the embedded CLIP has natural attention sinks here
+
+
+@pytest.mark.parametrize("kind", PLANTS)
+def test_each_definition_finds_exactly_one_planted_token_per_image(setting, kind):
+    # attention sinks: the planted token takes CLS's attention, natural sinks drop below 5 x uniform
+    masks = {}
+    counts = _counts(*setting, plants=[Plant(kind, LAYER, token=5)], masks=masks)
+    assert counts[FINDS[kind]] == 1.0
+    flagged = masks[FINDS[kind]]  # [images, patches]: exactly the planted token, patch 5, in every image
+    assert flagged[:, 5].all() and flagged.sum() == len(flagged)
+
+
+@pytest.mark.parametrize("kind", PLANTS)
+def test_two_planted_tokens_are_two_sinks(setting, kind):
+    counts = _counts(*setting, plants=[Plant(kind, LAYER, token=5), Plant(kind, LAYER, token=40)])
+    assert counts[FINDS[kind]] == 2.0
+
+
+def test_a_high_norm_token_is_only_a_high_norm_sink(setting):
+    # scaling a token changes neither its direction (Sum score), nor the attention of its block
+    # (computed on the block's input), nor, at 10x the median norm, passes 100x the median activation
+    counts, plain = _counts(*setting, plants=[Plant("high-norm", LAYER, token=5)]), _counts(*setting)
+    assert counts == {**plain, "high-norm": 1.0}
+
+
+def test_a_weak_plant_below_the_threshold_is_not_found(setting):
+    # 1.5x the median norm is below the high-norm threshold of 2x: the detector must not fire
+    assert _counts(*setting, plants=[Plant("high-norm", LAYER, token=5, strength=1.5)])["high-norm"] == 0.0
+
+
+def test_plants_are_removed_after_the_block_and_bad_plants_are_refused(setting):
+    method, images, readout = setting
+    modules = list(method.model.visual.modules())
+    with pytest.raises(RuntimeError, match="boom"):
+        with planted(method, [Plant(kind, LAYER) for kind in PLANTS], text=readout):
+            raise RuntimeError("boom")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
+    with pytest.raises(ValueError, match="unknown plant 'bright'"):
+        with planted(method, [Plant("bright", LAYER)]):
+            pass
+    with pytest.raises(ValueError, match="layer 9 out of range"):
+        with planted(method, [Plant("high-norm", 9)]):
+            pass
+    with pytest.raises(ValueError, match="needs the class text features"):
+        with planted(method, [Plant("every-class-top", LAYER)]):
+            pass

@@ -1,0 +1,77 @@
+"""The CUDA path: bf16 training against fp32 selections, recorder and diagnostics on the device.
+
+Marked ``gpu`` and skipped without CUDA (the default run deselects them): run with
+``.venv/bin/python -m pytest -m gpu tests/test_gpu.py`` on a machine with a GPU. The CPU proxy of
+the same contract (bf16 autocast on the CPU) runs everywhere in ``test_precision.py``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+NAMES = ["striped red shape", "dotted blue shape", "plain green shape", "wavy pink shape", "checked black shape"]
+
+
+@pytest.fixture(scope="module")
+def on_gpu():
+    from cdfsl_core.data import load_dataset
+    from cdfsl_core.methods import create_method
+    from cdfsl_core.models import EMBEDDED_MODEL, load_clip
+    from cdfsl_core.runner import protocol_transform
+
+    bundle = load_clip(*EMBEDDED_MODEL, device="cuda")
+    dataset = load_dataset("synthetic-lesions", images_per_class=4)
+    transform = protocol_transform(bundle, 1.15)
+    images = torch.stack([transform(dataset.load_image(i)) for i in range(0, 28, 2)]).cuda()
+    method = create_method(bundle, NAMES, "coop+lora", "tir").eval()
+    return bundle, method, images
+
+
+def test_tir_sum_scores_and_atha_sets_under_cuda_bf16_equal_fp32(on_gpu):
+    from analysis.recorder import record
+    from cdfsl_core.methods import create_method
+    from cdfsl_core.token_text import project_tokens, sum_score, token_class_similarity
+
+    bundle, method, images = on_gpu
+    with torch.no_grad():
+        _, readout = method.text_features()
+        with record(method, layers=[4], what=("resid_pre",)) as cache:
+            method.encode_image(images, readout)
+    x = cache["blocks.4.resid_pre"]
+    visual = bundle.model.visual
+    fp32 = sum_score(token_class_similarity(project_tokens(visual, x[:, 1:]), readout), 0.3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16 = sum_score(token_class_similarity(project_tokens(visual, x[:, 1:]), readout), 0.3)
+        atha = create_method(bundle, NAMES, "coop", "atha").eval().intervention
+        state = atha.prepare(visual, readout)
+        proxy = atha.selection(x[:, 1:], state["unit"])
+    assert torch.equal(fp32, bf16)
+    state = atha.prepare(visual, readout)
+    assert all(torch.equal(a, b) for a, b in zip(proxy, atha.selection(x[:, 1:], state["unit"])))
+
+
+def test_diagnostics_reduce_on_the_device(on_gpu):
+    from analysis.run_diagnostics import diagnose_model
+
+    _, method, images = on_gpu
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        tables = diagnose_model(method, images[:5], torch.arange(5, device="cuda"), {"model": "m"}, attribution_steps=2)
+    assert tables["sinks"]["images"].eq(5).all()
+    assert tables["norms"]["count"].sum() > 0
+
+
+def test_a_short_run_on_cuda_records_bf16(tmp_path):
+    from dataclasses import replace
+
+    from cdfsl_core.runner import run
+    from helpers import TINY
+
+    config = replace(TINY, model=replace(TINY.model, device="cuda"))
+    summary = run(config, tmp_path / "run", progress=False)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["device"] == "cuda" and manifest["precision"] == "bf16" and summary["episodes"] == 4
