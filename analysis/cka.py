@@ -18,13 +18,42 @@ Paired use: the same images through two models or two layers. Domain use
 
 from __future__ import annotations
 
-import math
-import warnings
-from dataclasses import dataclass, field
+import argparse
+from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
+from cdfsl_core.cli import command, parser, positive_int
+
+
+def build_parser() -> argparse.ArgumentParser:
+    result = parser("python -m analysis.cka", "Per-layer CKA between a source and a target domain.")
+    result.add_argument("--source", default="synthetic", help="source dataset")
+    result.add_argument("--target", default="synthetic-xray", help="target dataset")
+    result.add_argument("--data-root", default=None, help="folder holding the datasets (None: $CDFSL_DATA_ROOT)")
+    result.add_argument("--model", default="cdfsl-synth-vit", help="open_clip architecture")
+    result.add_argument("--pretrained", default="synthetic", help="tag or weights file")
+    result.add_argument("--images", type=positive_int, default=500, help="images per domain")
+    result.add_argument("--kernel", choices=("linear", "rbf"), default="linear", help="CKA kernel")
+    result.add_argument("--estimator", choices=("biased", "debiased"), default="debiased", help="HSIC estimator")
+    result.add_argument("--pool", choices=("cls", "mean"), default="cls", help="CLS token or mean patch token")
+    result.add_argument("--pairings", type=positive_int, default=20, help="random pairings of the unpaired images")
+    result.add_argument("--seed", type=int, default=0, help="sampling seed")
+    result.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    result.add_argument("--out", type=Path, default=Path("outputs/cka"), help="output folder")
+    return result
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad arguments answer here, before PyTorch is imported
+
+import math  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from cdfsl_core.errors import ConfigError  # noqa: E402
 
 __all__ = ["CKAAccumulator", "KERNELS", "ESTIMATORS", "check_sample_size", "cka", "domain_cka", "hsic"]
 
@@ -34,15 +63,15 @@ ESTIMATORS = ("biased", "debiased")
 
 def _check(kernel: str, estimator: str) -> None:
     if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r}; expected one of {KERNELS}.")
+        raise ConfigError(f"kernel={kernel!r}; expected one of {KERNELS}.")
     if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator={estimator!r}; expected one of {ESTIMATORS}.")
+        raise ConfigError(f"estimator={estimator!r}; expected one of {ESTIMATORS}.")
 
 
 def _features(x: torch.Tensor, name: str) -> torch.Tensor:
     x = x.reshape(len(x), -1).double()
     if not torch.isfinite(x).all():
-        raise ValueError(f"{name} holds NaN or infinite values ({int((~torch.isfinite(x)).sum())} entries); "
+        raise ConfigError(f"{name} holds NaN or infinite values ({int((~torch.isfinite(x)).sum())} entries); "
                          "check the model's outputs (a diverged run?) before computing CKA.")
     return x
 
@@ -66,7 +95,7 @@ def hsic(k: torch.Tensor, l: torch.Tensor, estimator: str = "biased") -> torch.T
         h = torch.eye(n, dtype=k.dtype, device=k.device) - 1.0 / n
         return torch.trace(k @ h @ l @ h) / (n - 1) ** 2
     if n < 4:
-        raise ValueError(f"debiased HSIC needs at least 4 examples per batch; got n = {n}. Use larger batches "
+        raise ConfigError(f"debiased HSIC needs at least 4 examples per batch; got n = {n}. Use larger batches "
                          "or estimator='biased'.")
     k = k.clone().fill_diagonal_(0)
     l = l.clone().fill_diagonal_(0)
@@ -82,7 +111,7 @@ def cka(x: torch.Tensor, y: torch.Tensor, kernel: str = "linear", estimator: str
     _check(kernel, estimator)
     x, y = _features(x, "x"), _features(y, "y")
     if len(x) != len(y):
-        raise ValueError(f"CKA pairs examples: x has {len(x)} rows, y has {len(y)}.")
+        raise ConfigError(f"CKA pairs examples: x has {len(x)} rows, y has {len(y)}.")
     k, l = gram(x, kernel, bandwidth), gram(y, kernel, bandwidth)
     xy, xx, yy = hsic(k, l, estimator), hsic(k, k, estimator), hsic(l, l, estimator)
     return float(xy / torch.sqrt(xx * yy))
@@ -114,7 +143,7 @@ class CKAAccumulator:
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = _features(x, "x"), _features(y, "y")
         if len(x) != len(y):
-            raise ValueError(f"paired batches need equal rows: x has {len(x)}, y has {len(y)}.")
+            raise ConfigError(f"paired batches need equal rows: x has {len(x)}, y has {len(y)}.")
         k, l = gram(x, self.kernel, self.bandwidth), gram(y, self.kernel, self.bandwidth)
         for i, value in enumerate((hsic(k, l, self.estimator), hsic(k, k, self.estimator), hsic(l, l, self.estimator))):
             self.sums[i] += float(value)
@@ -123,7 +152,7 @@ class CKAAccumulator:
 
     def value(self) -> float:
         if self.n == 0:
-            raise ValueError("no batch was added.")
+            raise ConfigError("no batch was added.")
         check_sample_size(self.n, max(self.dims), self.estimator)
         denominator = math.sqrt(max(self.sums[1], 0.0) * max(self.sums[2], 0.0))
         return self.sums[0] / denominator if denominator > 0 else float("nan")
@@ -151,7 +180,7 @@ def domain_cka(
     rng = np.random.default_rng(seed)
     m = min(len(source), len(target))
     if estimator == "debiased" and m < 4:
-        raise ValueError(f"debiased CKA needs at least 4 images per domain; got {m}.")
+        raise ConfigError(f"debiased CKA needs at least 4 images per domain; got {m}.")
     check_sample_size(m, source.shape[1], estimator)
     values, within, noise = [], [], []
     gen = torch.Generator().manual_seed(seed)
@@ -189,7 +218,7 @@ def layer_features(model: torch.nn.Module, images: torch.Tensor | None = None, d
     from analysis.recorder import record, vision_tower
 
     if pool not in ("cls", "mean"):
-        raise ValueError(f"pool={pool!r}; expected 'cls' or 'mean'.")
+        raise ConfigError(f"pool={pool!r}; expected 'cls' or 'mean'.")
     visual = vision_tower(model)
     layers = list(range(len(visual.transformer.resblocks))) if layers is None else list(layers)
     if images is None:
@@ -238,34 +267,18 @@ def domain_cka_table(source_features: dict[int, torch.Tensor], target_features: 
     return pd.DataFrame(rows)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     """``python -m analysis.cka --source miniimagenet --target chestx --data-root DIR``."""
-    import argparse
     import json
     import os
-    from pathlib import Path
 
     from analysis.figures import cka_by_layer, save_figure
     from cdfsl_core.data import load_dataset
-    from cdfsl_core.models import EMBEDDED_MODEL, load_clip
+    from cdfsl_core.models import load_clip
     from cdfsl_core.runner import protocol_transform
 
-    parser = argparse.ArgumentParser(prog="python -m analysis.cka",
-                                     description="Per-layer CKA between a source and a target domain.")
-    parser.add_argument("--source", default="synthetic")
-    parser.add_argument("--target", default="synthetic-xray")
-    parser.add_argument("--data-root", default=None, help="data root (default: $CDFSL_DATA_ROOT)")
-    parser.add_argument("--model", default=EMBEDDED_MODEL[0])
-    parser.add_argument("--pretrained", default=EMBEDDED_MODEL[1], help="tag or weights file")
-    parser.add_argument("--images", type=int, default=500, help="images per domain")
-    parser.add_argument("--kernel", choices=KERNELS, default="linear")
-    parser.add_argument("--estimator", choices=ESTIMATORS, default="debiased")
-    parser.add_argument("--pool", choices=("cls", "mean"), default="cls")
-    parser.add_argument("--pairings", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, default=Path("outputs/cka"))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     bundle = load_clip(args.model, args.pretrained, device=args.device)
     transform = protocol_transform(bundle, 1.15)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis.recorder import vision_tower
+from cdfsl_core.errors import ConfigError
 from cdfsl_core.lora import LoRAAttention
 from cdfsl_core.token_text import project_tokens
 
@@ -132,7 +133,7 @@ def _every_class_tokens(visual: nn.Module, out: torch.Tensor, tokens: Sequence[i
     length = patches.shape[1]
     rank = int(rho * length) - len(tokens) + 1  # the planted tokens must beat this natural rank
     if rank < 1:
-        raise ValueError(f"cannot plant {len(tokens)} every-class-top tokens when the top set holds floor({rho} x {length}) "
+        raise ConfigError(f"cannot plant {len(tokens)} every-class-top tokens when the top set holds floor({rho} x {length}) "
                          f"= {int(rho * length)}; plant fewer.")
     keep = [j for j in range(length) if j not in tokens]
     with torch.no_grad():
@@ -153,7 +154,7 @@ def _every_class_tokens(visual: nn.Module, out: torch.Tensor, tokens: Sequence[i
     with torch.no_grad():
         margin = F.normalize(project_tokens(visual, x.unsqueeze(1)), dim=-1)[:, 0] @ targets.T - cut
         if not bool((margin > 0).all()):
-            raise ValueError(
+            raise ConfigError(
                 f"could not plant a token in every class's top set: in some image no direction has a cosine above "
                 f"the top-{rank} cut of every class (smallest margin {float(margin.min()):.3f}). The class text "
                 "features are too far apart for this control at this block; try another block or fewer planted tokens.")
@@ -170,11 +171,11 @@ def planted(model: nn.Module, plants: Sequence[Plant], text: torch.Tensor | None
     blocks = visual.transformer.resblocks
     for plant in plants:
         if plant.kind not in PLANTS:
-            raise ValueError(f"unknown plant {plant.kind!r}; expected one of {PLANTS}.")
+            raise ConfigError(f"unknown plant {plant.kind!r}; expected one of {PLANTS}.")
         if not 0 <= plant.layer < len(blocks):
-            raise ValueError(f"plant layer {plant.layer} out of range: blocks 0..{len(blocks) - 1}.")
+            raise ConfigError(f"plant layer {plant.layer} out of range: blocks 0..{len(blocks) - 1}.")
         if plant.kind == "every-class-top" and text is None:
-            raise ValueError("the every-class-top plant needs the class text features: planted(model, plants, text=...).")
+            raise ConfigError("the every-class-top plant needs the class text features: planted(model, plants, text=...).")
 
     def output_hook(plant: Plant):
         def hook(module, args, out):

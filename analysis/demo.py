@@ -16,23 +16,28 @@ import os
 import time
 from pathlib import Path
 
-import pandas as pd
-import torch
-
-from analysis.study import BASELINE, METHODS, Study
-
-DEMO_METHODS = METHODS
+from cdfsl_core.cli import command, parser, positive_int
 
 
+def build_parser() -> argparse.ArgumentParser:
+    result = parser("python -m analysis.demo", __doc__)
+    result.add_argument("--out", type=Path, default=Path("outputs/demo"), help="the study folder")
+    result.add_argument("--figures", type=Path, default=None, help="where the figures go (None: OUT/figures)")
+    result.add_argument("--episodes", type=positive_int, default=2, help="episodes per target, shot setting and method")
+    result.add_argument("--steps", type=positive_int, default=60,
+                        help="training steps per episode (60 to finish within 15 min; the protocol's is 100)")
+    result.add_argument("--seed", type=int, default=0, help="episode seed")
+    return result
+
+
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="the study folder")
-    parser.add_argument("--figures", type=Path, default=None, help="where the figures go (default: OUT/figures)")
-    parser.add_argument("--episodes", type=int, default=2, help="episodes per target, shot setting and method")
-    parser.add_argument("--steps", type=int, default=60,
-                        help="training steps per episode (default 60 to finish within 15 min; the protocol's is 100)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    import pandas as pd
+    import torch
+
+    from analysis.study import BASELINE, Study
+
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from analysis.recorder import ActivationCache
+from cdfsl_core.errors import ConfigError
 from cdfsl_core.token_text import atha_class_vectors, project_tokens, sum_score
 
 __all__ = ["SINK_DEFINITIONS", "SinkDefinition", "TokenDiagnostics"]
@@ -95,14 +96,14 @@ class TokenDiagnostics:
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:
-            raise ValueError(f"space={self.space!r}; expected one of {SPACES}.")
+            raise ConfigError(f"space={self.space!r}; expected one of {SPACES}.")
         if self.transform not in TRANSFORMS:
-            raise ValueError(f"transform={self.transform!r}; expected one of {TRANSFORMS}.")
+            raise ConfigError(f"transform={self.transform!r}; expected one of {TRANSFORMS}.")
         for sink in self.sinks:
             if sink.name not in SINK_DEFINITIONS:
-                raise ValueError(f"unknown sink definition {sink.name!r}; expected one of {list(SINK_DEFINITIONS)}.")
+                raise ConfigError(f"unknown sink definition {sink.name!r}; expected one of {list(SINK_DEFINITIONS)}.")
             if sink.name == "attention-mass" and sink.source not in ("cls", "mean"):
-                raise ValueError(f"attention-mass source={sink.source!r}; expected 'cls' or 'mean'.")
+                raise ConfigError(f"attention-mass source={sink.source!r}; expected 'cls' or 'mean'.")
         self.n_classes = self.text.shape[0]
         n_layers = len(self.layers)
         buckets = self.n_classes + 1
@@ -184,7 +185,7 @@ class TokenDiagnostics:
             return largest > sink.tau * median.unsqueeze(-1)
         key = f"blocks.{layer}.attn.pattern"
         if key not in cache:
-            raise ValueError("the attention-mass definition needs 'attn.pattern' in the recording.")
+            raise ConfigError("the attention-mass definition needs 'attn.pattern' in the recording.")
         pattern = cache[key].float().mean(dim=1)  # [B, T, T], mean over heads
         received = pattern[:, 0, 1:] if sink.source == "cls" else pattern[:, :, 1:].mean(dim=1)
         return received > sink.tau / pattern.shape[-1]

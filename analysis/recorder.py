@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdfsl_core.errors import ConfigError
 from cdfsl_core.lora import LoRAAttention
 
 __all__ = ["ActivationCache", "WHAT", "record", "vision_tower"]
@@ -113,10 +114,10 @@ def record(
     layers = list(range(n_blocks)) if layers is None else list(layers)
     bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < n_blocks]
     if bad:
-        raise ValueError(f"layers {bad} out of range: this vision tower has blocks 0..{n_blocks - 1}.")
+        raise ConfigError(f"layers {bad} out of range: this vision tower has blocks 0..{n_blocks - 1}.")
     unknown = [w for w in what if w not in WHAT]
     if unknown:
-        raise ValueError(f"unknown recording(s) {unknown}; expected some of {WHAT}.")
+        raise ConfigError(f"unknown recording(s) {unknown}; expected some of {WHAT}.")
     cache = ActivationCache(layers, what)
     handles = []
     try:

@@ -21,15 +21,30 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import pandas as pd
-import torch
+from cdfsl_core.cli import command, non_negative_int, parser
 
-from analysis.attention import attention_rollout, cls_attention_maps
-from analysis.attribution import PatchAttribution
-from analysis.diagnostics import TokenDiagnostics
-from analysis.recorder import record
-from cdfsl_core.methods import FewShotCLIP
-from cdfsl_core.runner import evaluate, load_run, load_state, prepare_episode, state_path, train_episode
+
+def build_parser() -> argparse.ArgumentParser:
+    result = parser("python -m analysis.run_diagnostics", __doc__)
+    result.add_argument("run", help="a run folder written by python -m cdfsl_core.finetune")
+    result.add_argument("--episodes", type=non_negative_int, nargs="+", default=[0], help="episode indices to diagnose")
+    result.add_argument("--out", default=None, help="folder for the tables (None: RUN/diagnostics)")
+    return result
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad arguments answer here, before PyTorch is imported
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from analysis.attention import attention_rollout, cls_attention_maps  # noqa: E402
+from analysis.attribution import PatchAttribution  # noqa: E402
+from analysis.diagnostics import TokenDiagnostics  # noqa: E402
+from analysis.recorder import record  # noqa: E402
+from cdfsl_core.errors import ConfigError  # noqa: E402
+from cdfsl_core.methods import FewShotCLIP  # noqa: E402
+from cdfsl_core.runner import evaluate, load_run, load_state, prepare_episode, state_path, train_episode  # noqa: E402
 
 __all__ = ["diagnose_model", "diagnose_run"]
 
@@ -103,7 +118,7 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
     method = None
     for index in episodes:
         if not 0 <= index < len(episode_file):
-            raise ValueError(f"episode {index} out of range: {folder} has episodes 0..{len(episode_file) - 1}.")
+            raise ConfigError(f"episode {index} out of range: {folder} has episodes 0..{len(episode_file) - 1}.")
         method, support, support_labels, query, query_labels = prepare_episode(
             config, bundle, dataset, episode_file, index, method)
         common = {"dataset": config.data.dataset, "episode": index}
@@ -134,12 +149,9 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
     return tables
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.run_diagnostics", description=__doc__.split("\n")[0])
-    parser.add_argument("run", help="a run folder written by python -m cdfsl_core.finetune")
-    parser.add_argument("--episodes", type=int, nargs="+", default=[0])
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     tables = diagnose_run(args.run, args.episodes, args.out)
     sinks = tables["sinks"].groupby(["model", "definition"])["mean_count"].mean().unstack()
     print("mean sink tokens per image (over layers):")

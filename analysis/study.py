@@ -35,11 +35,22 @@ from cdfsl_core.compare import paired_difference
 from cdfsl_core.data import load_dataset
 from cdfsl_core.data.synthetic import SYNTHETIC_TARGETS
 from cdfsl_core.episodes import EpisodeConfig
+from cdfsl_core.errors import ConfigError
 from cdfsl_core.lora import lora_modules, remove_lora
 from cdfsl_core.methods import MethodConfig
 from cdfsl_core.models import EMBEDDED_MODEL, ClipBundle, load_clip
-from cdfsl_core.runner import (DataConfig, ModelConfig, RunConfig, TrainConfig, load_run, load_state,
-                               prepare_episode, protocol_transform, run, state_path)
+from cdfsl_core.runner import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    load_run,
+    load_state,
+    prepare_episode,
+    protocol_transform,
+    run,
+    state_path,
+)
 from cdfsl_core.stats import mean_ci95
 from cdfsl_core.world_report import domain_similarity
 from cdfsl_core.zeroshot import image_features
@@ -84,7 +95,7 @@ class Study:
         self.out = Path(self.out)
         self.targets, self.shots = tuple(self.targets), tuple(self.shots)
         if self.diagnose_shots not in self.shots:
-            raise ValueError(f"diagnose_shots={self.diagnose_shots} is not among shots={self.shots}.")
+            raise ConfigError(f"diagnose_shots={self.diagnose_shots} is not among shots={self.shots}.")
 
     def settings(self) -> dict[str, Any]:
         """What determines the study's results (``study.json`` in the folder)."""
@@ -101,7 +112,7 @@ class Study:
             saved = json.loads(path.read_text())
             if saved != self.settings():
                 differ = sorted(k for k in set(saved) | set(self.settings()) if saved.get(k) != self.settings().get(k))
-                raise ValueError(f"{self.out} holds a study with other settings (differs in {differ}: "
+                raise ConfigError(f"{self.out} holds a study with other settings (differs in {differ}: "
                                  f"{ {k: saved.get(k) for k in differ} }). Use another folder, or the same settings "
                                  "to reuse its results.")
         else:
@@ -352,7 +363,7 @@ class Study:
         PCA, or t-SNE with ``method='tsne'``, fitted on all domains together): one row per image
         with ``domain``, ``class``, ``x``, ``y``."""
         if method not in ("pca", "tsne"):
-            raise ValueError(f"method={method!r}; expected 'pca' or 'tsne'.")
+            raise ConfigError(f"method={method!r}; expected 'pca' or 'tsne'.")
 
         def make() -> pd.DataFrame:
             from sklearn.decomposition import PCA

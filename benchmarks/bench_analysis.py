@@ -26,7 +26,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-
 ROUNDS = 21
 
 
@@ -121,7 +120,8 @@ def memory() -> dict:
 
 
 def cka() -> dict:
-    from analysis.cka import CKAAccumulator, cka as plain_cka
+    from analysis.cka import CKAAccumulator
+    from analysis.cka import cka as plain_cka
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5000, 768, generator=gen, dtype=torch.float64)

@@ -1,49 +1,80 @@
 """Paired comparison of two runs on the same episode file: ``python -m cdfsl_core.compare A B``.
 
 Prints the mean of (accuracy of A - accuracy of B) over the episodes both finished, with its 95%
-CI (1.96 std / sqrt(n)). Runs on different episode files cannot be paired and are refused.
+CI (1.96 std / sqrt(n), the project's one convention). Runs on different episode files cannot be
+paired and are refused, and so is a run whose lines disagree among themselves (lines from two
+episode files, or one episode recorded twice with different results).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
+from cdfsl_core.cli import command, parser
+from cdfsl_core.errors import RunFolderError
 from cdfsl_core.stats import mean_ci95
 
 
 def _load_run(folder: Path) -> tuple[str, dict[int, float]]:
+    """The episode file's sha256 and the accuracy of every finished episode of a run folder."""
     manifest = folder / "manifest.json"
     results = folder / "episodes.jsonl"
     if not manifest.exists() or not results.exists():
-        raise FileNotFoundError(f"{folder} is not a run folder (needs manifest.json and episodes.jsonl).")
+        raise RunFolderError(f"{folder} is not a run folder (needs manifest.json and episodes.jsonl). Pass the --out "
+                             "folder of python -m cdfsl_core.finetune.")
     sha = json.loads(manifest.read_text())["episode_file_sha256"]
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    return sha, {r["episode"]: r["accuracy"] for r in rows if r.get("status") == "ok"}
+    rows = []
+    for number, line in enumerate(results.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line of a killed run: the runner drops it on resume
+    shas = {row.get("episode_file_sha256", sha) for row in rows}
+    if shas - {sha}:
+        raise RunFolderError(
+            f"{folder}: its lines come from episode files {sorted(s[:12] for s in shas | {sha})} (manifest: {sha[:12]}); "
+            "a run mixing episode files pairs with nothing. Rerun it into a new --out folder.")
+    accuracies: dict[int, float] = {}
+    for row in rows:
+        if row.get("status") != "ok":
+            continue
+        index = row["episode"]
+        if index in accuracies and accuracies[index] != row["accuracy"]:
+            raise RunFolderError(f"{folder}: episode {index} is recorded twice with different accuracies "
+                                 f"({accuracies[index]} and {row['accuracy']}); rerun it into a new --out folder.")
+        accuracies[index] = row["accuracy"]
+    return sha, accuracies
 
 
 def paired_difference(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
+    """Mean and 95% CI of accuracy(A) - accuracy(B) over the episodes both runs finished."""
     sha_a, acc_a = _load_run(Path(run_a))
     sha_b, acc_b = _load_run(Path(run_b))
     if sha_a != sha_b:
-        raise ValueError(
+        raise RunFolderError(
             f"{run_a} and {run_b} used different episode files ({sha_a[:12]} vs {sha_b[:12]}); "
             "paired differences need the same one. Rerun one of them with --episode-file of the other."
         )
     common = sorted(set(acc_a) & set(acc_b))
     if not common:
-        raise ValueError(f"{run_a} and {run_b} have no finished episode in common.")
+        raise RunFolderError(f"{run_a} and {run_b} have no finished episode in common.")
     mean, ci = mean_ci95([acc_a[i] - acc_b[i] for i in common])
     return {"mean_difference": mean, "ci95": ci, "episodes": len(common), "episode_file_sha256": sha_a}
 
 
+def build_parser():
+    result = parser("python -m cdfsl_core.compare", __doc__)
+    result.add_argument("run_a", help="a run folder")
+    result.add_argument("run_b", help="another run folder on the same episode file (the baseline)")
+    return result
+
+
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cdfsl_core.compare", description=__doc__.split("\n")[0])
-    parser.add_argument("run_a")
-    parser.add_argument("run_b")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     result = paired_difference(args.run_a, args.run_b)
     print(f"{args.run_a} - {args.run_b}: {100 * result['mean_difference']:+.2f} +- {100 * result['ci95']:.2f} "
           f"points over {result['episodes']} paired episodes")

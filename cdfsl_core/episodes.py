@@ -254,27 +254,41 @@ def load_episodes(path: str | os.PathLike[str], dataset: Any | None = None) -> E
     return episodes
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from cdfsl_core.cli import parser, positive_int
+
+    result = parser("python -m cdfsl_core.episodes", "Write a fixed episode file (hashed; the same arguments "
+                    "always write the same bytes).")
+    result.add_argument("--dataset", required=True, help="registered dataset (python -m cdfsl_core.data list)")
+    result.add_argument("--data-root", default=None, help="folder holding the datasets (None: $CDFSL_DATA_ROOT)")
+    result.add_argument("--ways", type=positive_int, default=5, help="classes per episode (at least 2)")
+    result.add_argument("--shots", type=positive_int, default=1, help="support images per class")
+    result.add_argument("--queries", type=positive_int, default=15, help="query images per class")
+    result.add_argument("--episodes", type=positive_int, default=600, help="episodes to draw")
+    result.add_argument("--seed", type=int, default=0, help="episode i is drawn from SeedSequence([seed, i])")
+    result.add_argument("--short-class-policy", choices=SHORT_CLASS_POLICIES, default="error",
+                        help="a class with fewer than shots + queries images: fail, skip it, or cycle its queries")
+    result.add_argument("--out", required=True, help="episode file to write (.json)")
+    return result
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     """``python -m cdfsl_core.episodes --dataset eurosat --data-root DIR --shots 1 --out FILE``."""
     from cdfsl_core.data import load_dataset
 
-    parser = argparse.ArgumentParser(prog="python -m cdfsl_core.episodes", description="Write a fixed episode file.")
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--data-root", default=None, help="data root (default: $CDFSL_DATA_ROOT)")
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--queries", type=int, default=15)
-    parser.add_argument("--episodes", type=int, default=600)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--short-class-policy", choices=SHORT_CLASS_POLICIES, default="error")
-    parser.add_argument("--out", required=True, help="episode file to write (.json)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     dataset = load_dataset(args.dataset, args.data_root)
     config = EpisodeConfig(args.ways, args.shots, args.queries, args.episodes, args.seed, args.short_class_policy)
     episodes = generate_episodes(dataset, config)
     path = save_episodes(episodes, args.out)
     print(f"wrote {len(episodes)} episodes of {args.dataset} to {path} (sha256 {episodes.sha256})")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from cdfsl_core.cli import command
+
+    return command(_main)(argv)
 
 
 if __name__ == "__main__":

@@ -25,3 +25,16 @@ class CheckpointError(CDFSLError, FileNotFoundError):
 
 class DeviceError(CDFSLError, ValueError):
     """The requested device or precision is not available on this machine, or differs from a run's."""
+
+
+class ConfigError(CDFSLError, ValueError):
+    """A setting (an argument, a config field, a method or analysis option) has a value that cannot work."""
+
+
+class RunFolderError(CDFSLError, ValueError):
+    """A run folder holds another run (another config, episode file, device or precision), or its
+    files disagree among themselves; using it would mix results."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says what finished and how to resume."""

@@ -1,11 +1,12 @@
 """Fine-tune and evaluate a method over an episode file: ``python -m cdfsl_core.finetune``.
 
-    python -m cdfsl_core.finetune --dataset eurosat --data-root /data --model ViT-B-16 \\
-        --pretrained openai --adaptation coop+lora --intervention tir --shots 1 --episodes 800 \\
+    python -m cdfsl_core.finetune --dataset eurosat --data-root /data --model ViT-B-16 \
+        --pretrained openai --adaptation coop+lora --intervention tir --shots 1 --episodes 800 \
         --out runs/eurosat_tir_1shot
 
-With no arguments it runs the embedded default (the shipped CLIP on ``synthetic-crops``).
-Rerunning the same command resumes an interrupted run.
+With no arguments but --out it runs the embedded default (the shipped CLIP on synthetic-crops).
+Rerunning the same command resumes an interrupted run; everything is checked before the run
+folder is written, and paths are stored absolute.
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
-import torch
-
+from cdfsl_core.cli import command, logit_scale, non_negative_int, parser, positive_int
 from cdfsl_core.episodes import SHORT_CLASS_POLICIES, EpisodeConfig
-from cdfsl_core.lora import LoRAConfig
-from cdfsl_core.methods import ADAPTATIONS, INTERVENTIONS, MethodConfig
-from cdfsl_core.models import PRECISIONS
-from cdfsl_core.runner import DataConfig, ModelConfig, RunConfig, TrainConfig, run
+from cdfsl_core.names import ADAPTATIONS, INTERVENTIONS
+
+PRECISIONS = ("auto", "fp32", "bf16")  # as cdfsl_core.models.PRECISIONS, without importing torch
 
 
 def default_episode_file(dataset: str, episodes: EpisodeConfig) -> Path:
@@ -30,59 +30,87 @@ def default_episode_file(dataset: str, episodes: EpisodeConfig) -> Path:
     return Path("episodes") / f"{dataset}_{e.n_way}w{e.k_shot}s{e.n_query}q_{e.n_episodes}ep_seed{e.seed}.json"
 
 
+def ways(text: str) -> int:
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 classes per episode, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cdfsl_core.finetune", description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", default="synthetic-crops")
-    parser.add_argument("--data-root", default=None, help="data root (default: $CDFSL_DATA_ROOT)")
-    parser.add_argument("--model", default="cdfsl-synth-vit")
-    parser.add_argument("--pretrained", default="synthetic", help="tag or weights file ('none': random weights)")
-    parser.add_argument("--adaptation", choices=ADAPTATIONS, default="coop+lora")
-    parser.add_argument("--intervention", choices=INTERVENTIONS, default="none")
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--queries", type=int, default=15)
-    parser.add_argument("--episodes", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--short-class-policy", choices=SHORT_CLASS_POLICIES, default="error")
-    parser.add_argument("--episode-file", default=None, help="default: episodes/<dataset>_<N>w<K>s<Q>q_<n>ep_seed<s>.json")
-    parser.add_argument("--steps", type=int, default=100, help="training steps per episode")
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--logit-scale", default="auto", help="number, 'learned', or 'auto' (2 for 1-shot, 4 otherwise)")
-    parser.add_argument("--augment", action="store_true", help="the authors' 5 views per support image")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="'auto': bf16 autocast on CUDA, fp32 on CPU; 'bf16' or 'fp32' on any device")
-    parser.add_argument("--allow-mixed-precision", action="store_true",
-                        help="resume a run on another device type or precision than its first episodes")
-    parser.add_argument("--out", required=True, help="run folder")
-    return parser
+    result = parser("python -m cdfsl_core.finetune", __doc__)
+    data = result.add_argument_group("data and episodes")
+    data.add_argument("--dataset", default="synthetic-crops", help="registered dataset (python -m cdfsl_core.data list)")
+    data.add_argument("--data-root", default=None, help="folder holding the datasets (None: $CDFSL_DATA_ROOT)")
+    data.add_argument("--ways", type=ways, default=5, help="classes per episode")
+    data.add_argument("--shots", type=positive_int, default=1, help="support images per class")
+    data.add_argument("--queries", type=positive_int, default=15, help="query images per class")
+    data.add_argument("--episodes", type=positive_int, default=20, help="episodes (papers: 800 for 1-shot, 400 for 5-shot)")
+    data.add_argument("--seed", type=int, default=0, help="episode i is drawn from SeedSequence([seed, i])")
+    data.add_argument("--short-class-policy", choices=SHORT_CLASS_POLICIES, default="error",
+                      help="a class with fewer than shots + queries images: fail, skip it, or cycle its queries")
+    data.add_argument("--episode-file", default=None,
+                      help="episode file to use or create (None: episodes/<dataset>_<N>w<K>s<Q>q_<n>ep_seed<s>.json)")
+    model = result.add_argument_group("model")
+    model.add_argument("--model", default="cdfsl-synth-vit", help="open_clip architecture (python -m cdfsl_core.models list)")
+    model.add_argument("--pretrained", default="synthetic", help="tag or local weights file; 'none': random weights")
+    model.add_argument("--device", default="auto", help="'auto' (a GPU when there is one), 'cpu' or 'cuda'")
+    model.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="'auto': bf16 autocast on CUDA, fp32 on CPU; 'bf16' or 'fp32' on any device")
+    method = result.add_argument_group("method and training")
+    method.add_argument("--adaptation", choices=ADAPTATIONS, default="coop+lora", help="what trains")
+    method.add_argument("--intervention", choices=INTERVENTIONS, default="none", help="token intervention")
+    method.add_argument("--steps", type=non_negative_int, default=100,
+                        help="full-batch training steps per episode (0 only with --adaptation zeroshot)")
+    method.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA rank r")
+    method.add_argument("--logit-scale", type=logit_scale, default="auto",
+                        help="s in s * cos: a positive number, 'learned' (CLIP's), or 'auto' (2 for 1-shot, 4 otherwise)")
+    method.add_argument("--augment", action="store_true", help="the authors' 5 views per support image")
+    runs = result.add_argument_group("run folder")
+    runs.add_argument("--out", required=True, help="run folder (created; rerun the same command to resume)")
+    runs.add_argument("--allow-mixed-precision", action="store_true",
+                      help="resume a run on another device type or precision than its first episodes")
+    return result
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad arguments answer here, before PyTorch is imported
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`~cdfsl_core.runner.RunConfig` of the command line, with absolute paths."""
+    from cdfsl_core.lora import LoRAConfig
+    from cdfsl_core.methods import MethodConfig
+    from cdfsl_core.runner import DataConfig, ModelConfig, RunConfig, TrainConfig
+
     episodes = EpisodeConfig(args.ways, args.shots, args.queries, args.episodes, args.seed, args.short_class_policy)
-    if args.logit_scale == "auto":
-        scale: float | str = 2.0 if args.shots == 1 else 4.0
-    elif args.logit_scale == "learned":
-        scale = "learned"
-    else:
-        scale = float(args.logit_scale)
+    scale: float | str = (2.0 if args.shots == 1 else 4.0) if args.logit_scale == "auto" else args.logit_scale
     episode_file = args.episode_file or str(default_episode_file(args.dataset, episodes))
-    return RunConfig(
+    config = RunConfig(
         model=ModelConfig(args.model, None if args.pretrained == "none" else args.pretrained, args.device, args.precision),
         data=DataConfig(args.dataset, args.data_root, {}, episode_file),
         episodes=episodes,
-        method=MethodConfig(args.adaptation, args.intervention, logit_scale=scale,
-                            lora=LoRAConfig(rank=args.lora_rank)),
+        method=MethodConfig(args.adaptation, args.intervention, logit_scale=scale, lora=LoRAConfig(rank=args.lora_rank)),
         train=TrainConfig(steps=args.steps, augment=args.augment),
     )
+    return config.with_absolute_paths()
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    from cdfsl_core.runner import run
+
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    if args.device == "auto" and not torch.cuda.is_available():
+        print("device auto: no CUDA device is available, running on the CPU in fp32 (--device cpu says so explicitly).",
+              file=sys.stderr)
     summary = run(config_from_args(args), args.out, allow_mixed_precision=args.allow_mixed_precision)
     print(json.dumps(summary, indent=2))
-    print(f"{100 * summary['mean_accuracy']:.2f} +- {100 * summary['ci95']:.2f} % over {summary['episodes']} episodes; run folder {args.out}")
+    print(f"{100 * summary['mean_accuracy']:.2f} +- {100 * summary['ci95']:.2f} % over {summary['episodes']} episodes; "
+          f"run folder {args.out}")
     return 0
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdfsl_core.errors import ConfigError
 from cdfsl_core.token_text import (
     TEXT_NORMS,
     atha_class_vectors,
@@ -69,7 +70,7 @@ class Intervention(nn.Module):
             yield
             return
         if text is None:
-            raise ValueError(f"{self.name} needs class text features.")
+            raise ConfigError(f"{self.name} needs class text features.")
         state = self.prepare(visual, text)
         handles = []
 
@@ -99,7 +100,7 @@ class NoIntervention(Intervention):
 def _check_blocks(name: str, blocks: tuple[int, ...], n_blocks: int) -> list[int]:
     bad = [b for b in blocks if not 0 <= b < n_blocks]
     if bad:
-        raise ValueError(f"{name} blocks {bad} out of range for a vision tower of {n_blocks} blocks (0..{n_blocks - 1}).")
+        raise ConfigError(f"{name} blocks {bad} out of range for a vision tower of {n_blocks} blocks (0..{n_blocks - 1}).")
     return sorted(set(blocks))
 
 
@@ -171,9 +172,9 @@ class ATHA(Intervention):
     def __init__(self, n_blocks: int, config: ATHAConfig = ATHAConfig()) -> None:
         super().__init__()
         if config.tail_class not in TAIL_CLASS_CHOICES:
-            raise ValueError(f"ATHA tail_class={config.tail_class!r}; expected one of {TAIL_CLASS_CHOICES}.")
+            raise ConfigError(f"ATHA tail_class={config.tail_class!r}; expected one of {TAIL_CLASS_CHOICES}.")
         if config.text_norm not in TEXT_NORMS:
-            raise ValueError(f"ATHA text_norm={config.text_norm!r}; expected one of {TEXT_NORMS}.")
+            raise ConfigError(f"ATHA text_norm={config.text_norm!r}; expected one of {TEXT_NORMS}.")
         self.config = config
         self.n_blocks = n_blocks
         init_block = config.alpha_init_block if config.alpha_init_block is not None else n_blocks // 2
@@ -186,7 +187,7 @@ class ATHA(Intervention):
 
     def blocks(self, n_blocks: int) -> list[int]:
         if n_blocks != self.n_blocks:
-            raise ValueError(f"ATHA was built for {self.n_blocks} blocks, the model has {n_blocks}.")
+            raise ConfigError(f"ATHA was built for {self.n_blocks} blocks, the model has {n_blocks}.")
         blocks = self.config.blocks if self.config.blocks is not None else tuple(range(n_blocks))
         return _check_blocks("ATHA", blocks, n_blocks)
 

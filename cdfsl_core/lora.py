@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdfsl_core.errors import ConfigError
+
 __all__ = ["LoRAAttention", "LoRAConfig", "apply_lora", "lora_modules", "remove_lora"]
 
 _SLICES = {"q": 0, "k": 1, "v": 2}
@@ -45,19 +47,19 @@ class LoRAConfig:
             return self.alpha / math.sqrt(self.rank)
         if self.scaling == "linear":
             return self.alpha / self.rank
-        raise ValueError(f"LoRA scaling={self.scaling!r}; expected 'sqrt' or 'linear'.")
+        raise ConfigError(f"LoRA scaling={self.scaling!r}; expected 'sqrt' or 'linear'.")
 
     def validate(self) -> None:
         bad = [t for t in self.targets if t not in VALID_TARGETS]
         if bad or not self.targets:
-            raise ValueError(f"LoRA targets {self.targets}: expected a non-empty subset of {VALID_TARGETS}.")
+            raise ConfigError(f"LoRA targets {self.targets}: expected a non-empty subset of {VALID_TARGETS}.")
         if "qkv" in self.targets and set(self.targets) & {"q", "k", "v"}:
-            raise ValueError("LoRA targets: 'qkv' (fused) excludes 'q', 'k' and 'v'.")
+            raise ConfigError("LoRA targets: 'qkv' (fused) excludes 'q', 'k' and 'v'.")
         bad_towers = [t for t in self.towers if t not in ("visual", "text")]
         if bad_towers or not self.towers:
-            raise ValueError(f"LoRA towers {self.towers}: expected 'visual' and/or 'text'.")
+            raise ConfigError(f"LoRA towers {self.towers}: expected 'visual' and/or 'text'.")
         if self.rank < 1:
-            raise ValueError(f"LoRA rank={self.rank}: expected >= 1.")
+            raise ConfigError(f"LoRA rank={self.rank}: expected >= 1.")
         self.scale  # noqa: B018 - validates the scaling rule
 
 
@@ -198,10 +200,10 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[LoRAAttention]:
         indices = range(n_blocks) if config.blocks is None else config.blocks
         for i in indices:
             if not 0 <= i < n_blocks:
-                raise ValueError(f"LoRA block {i} out of range for the {tower} tower (0..{n_blocks - 1}).")
+                raise ConfigError(f"LoRA block {i} out of range for the {tower} tower (0..{n_blocks - 1}).")
             block = transformer.resblocks[i]
             if isinstance(block.attn, LoRAAttention):
-                raise ValueError(f"{tower} block {i} already has LoRA.")
+                raise ConfigError(f"{tower} block {i} already has LoRA.")
             block.attn = LoRAAttention(block.attn, config)
             added.append(block.attn)
     return added

@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdfsl_core.errors import ConfigError
 from cdfsl_core.interventions import ATHA, TIR, ATHAConfig, Intervention, NoIntervention, TIRConfig
 from cdfsl_core.lora import LoRAConfig, apply_lora, lora_modules
 from cdfsl_core.models import ClipBundle
+from cdfsl_core.names import ADAPTATIONS, INTERVENTIONS
 from cdfsl_core.text import PromptLearner, encode_text_embeddings
 
 __all__ = ["ADAPTATIONS", "INTERVENTIONS", "FewShotCLIP", "MethodConfig", "create_method", "list_methods"]
 
-ADAPTATIONS = ("zeroshot", "lora", "coop", "coop+lora")
-INTERVENTIONS = ("none", "atha", "tir")
 
 
 def list_methods() -> list[str]:
@@ -59,11 +59,11 @@ class MethodConfig:
 
     def validate(self) -> None:
         if self.adaptation not in ADAPTATIONS:
-            raise ValueError(f"Unknown adaptation {self.adaptation!r}; expected one of {', '.join(ADAPTATIONS)}.")
+            raise ConfigError(f"Unknown adaptation {self.adaptation!r}; expected one of {', '.join(ADAPTATIONS)}.")
         if self.intervention not in INTERVENTIONS:
-            raise ValueError(f"Unknown intervention {self.intervention!r}; expected one of {', '.join(INTERVENTIONS)}.")
+            raise ConfigError(f"Unknown intervention {self.intervention!r}; expected one of {', '.join(INTERVENTIONS)}.")
         if isinstance(self.logit_scale, str) and self.logit_scale != "learned":
-            raise ValueError(f"logit_scale={self.logit_scale!r}; expected a number or 'learned'.")
+            raise ConfigError(f"logit_scale={self.logit_scale!r}; expected a number or 'learned'.")
 
 
 class FewShotCLIP(nn.Module):
@@ -82,11 +82,11 @@ class FewShotCLIP(nn.Module):
         if self.uses_lora:
             existing = lora_modules(self.model)
             if existing and existing[0].config != config.lora:
-                raise ValueError("The model already carries LoRA with other settings; load a fresh bundle.")
+                raise ConfigError("The model already carries LoRA with other settings; load a fresh bundle.")
             self.adapters = existing or apply_lora(self.model, config.lora)
         else:
             if lora_modules(self.model):
-                raise ValueError(f"adaptation={config.adaptation!r} but the model carries LoRA; load a fresh bundle.")
+                raise ConfigError(f"adaptation={config.adaptation!r} but the model carries LoRA; load a fresh bundle.")
             self.adapters = []
         self.adapter_params = nn.ParameterList([p for m in self.adapters for p in (*m.lora_A.values(), *m.lora_B.values())])
         for p in self.adapter_params:  # adapters found on a shared model were frozen with it just above
@@ -114,7 +114,7 @@ class FewShotCLIP(nn.Module):
     def set_classes(self, class_names: Sequence[str]) -> None:
         """New class prompts (a new episode); the CoOp context starts again from its init."""
         if len(class_names) < 2:
-            raise ValueError(f"Need at least 2 class names; got {list(class_names)}.")
+            raise ConfigError(f"Need at least 2 class names; got {list(class_names)}.")
         self.class_names = list(class_names)
         self.prompts = PromptLearner(
             self.model, self.tokenizer, self.class_names, self.config.template, self.config.n_ctx, self.uses_coop
@@ -152,12 +152,12 @@ class FewShotCLIP(nn.Module):
         """Load what :meth:`trainable_state` returned (for the same method and episode classes)."""
         own = {name: p for name, p in self.named_parameters() if p.requires_grad}
         if set(own) != set(state):
-            raise ValueError(f"trainable state does not fit this method: missing {sorted(set(own) - set(state))}, "
+            raise ConfigError(f"trainable state does not fit this method: missing {sorted(set(own) - set(state))}, "
                              f"unexpected {sorted(set(state) - set(own))}. Was it saved by another method config?")
         with torch.no_grad():
             for name, p in own.items():
                 if p.shape != state[name].shape:
-                    raise ValueError(f"trainable state {name!r} has shape {tuple(state[name].shape)}; "
+                    raise ConfigError(f"trainable state {name!r} has shape {tuple(state[name].shape)}; "
                                      f"this method expects {tuple(p.shape)}.")
                 p.copy_(state[name])
 

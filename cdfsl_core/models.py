@@ -17,18 +17,20 @@ Tiny architectures for tests and the embedded default are registered from the JS
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
-
-import open_clip
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from cdfsl_core.errors import CheckpointError, DeviceError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# open_clip and torch are imported where they are used: `python -m cdfsl_core.models list` and the
+# commands' --help answer without them (open_clip alone takes seconds to import).
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -36,6 +38,7 @@ __all__ = [
     "PretrainedSource",
     "list_architectures",
     "PRECISIONS",
+    "check_checkpoint",
     "load_clip",
     "register_pretrained",
     "resolve_device",
@@ -47,14 +50,19 @@ _CONFIG_DIR = resources.files("cdfsl_core") / "model_configs"
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
-def _register_package_configs() -> list[str]:
-    """Register the package's JSON architectures with open_clip; return their names."""
-    config_dir = Path(str(_CONFIG_DIR))
-    open_clip.add_model_config(config_dir)
-    return sorted(p.stem for p in config_dir.glob("*.json"))
+PACKAGE_ARCHITECTURES: list[str] = sorted(p.stem for p in Path(str(_CONFIG_DIR)).glob("*.json"))
+_REGISTERED = False
 
 
-PACKAGE_ARCHITECTURES: list[str] = _register_package_configs()
+def _open_clip():
+    """open_clip, with the package's JSON architectures registered (once), as open_clip registers its own."""
+    global _REGISTERED
+    import open_clip
+
+    if not _REGISTERED:
+        open_clip.add_model_config(Path(str(_CONFIG_DIR)))
+        _REGISTERED = True
+    return open_clip
 
 
 @dataclass(frozen=True)
@@ -76,12 +84,14 @@ def register_pretrained(architecture: str, tag: str, source: PretrainedSource) -
 
 def list_architectures(package_only: bool = False) -> list[str]:
     """Names ``load_clip`` accepts: open_clip's built-ins and this package's tiny ones."""
-    return list(PACKAGE_ARCHITECTURES) if package_only else open_clip.list_models()
+    return list(PACKAGE_ARCHITECTURES) if package_only else _open_clip().list_models()
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` picks CUDA when available, else CPU; ``"cuda"`` without a CUDA device is a
     :class:`~cdfsl_core.errors.DeviceError` that says what to pass instead."""
+    import torch
+
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -116,6 +126,8 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     the precision, selections and rankings (similarities, Sum scores, head/tail sets, the
     projection solve, recomputed attention) run in fp32: see the README's precision contract.
     """
+    import torch
+
     if precision not in PRECISIONS:
         raise DeviceError(f"precision={precision!r}: expected one of {PRECISIONS}.")
     if precision == "auto":
@@ -142,7 +154,7 @@ def _cached_tag_file(name: str, tag: str, cache_dir: str | None) -> tuple[str | 
 
     Returns the path (or None) and the list of places looked at, for the error message.
     """
-    cfg = open_clip.get_pretrained_cfg(name, tag)
+    cfg = _open_clip().get_pretrained_cfg(name, tag)
     looked: list[str] = []
     if "file" in cfg:
         looked.append(cfg["file"])
@@ -187,6 +199,7 @@ def _resolve_pretrained(
             )
         return str(local.path), dict(local.preprocess)
 
+    open_clip = _open_clip()
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if tag_cfg:
         if allow_download:
@@ -245,13 +258,14 @@ def load_clip(
         cache_dir: where open_clip / Hugging Face caches live, if not the default.
         allow_download: let open_clip fetch a tag that is not cached.
     """
+    open_clip = _open_clip()
     if name not in open_clip.list_models():
         raise CheckpointError(
             f"Unknown architecture {name!r}. Expected an open_clip model name "
             f"(e.g. ViT-B-16, ViT-B-32, ViT-L-14, *-quickgelu) or one of this package's: "
             f"{', '.join(PACKAGE_ARCHITECTURES)}. `python -m cdfsl_core.models list` lists them."
         )
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device)  # a device that cannot be had fails here, before any weights
     pretrained_str = None if pretrained is None else os.fspath(pretrained)
     source: str | None = None
     preprocess_cfg: dict[str, Any] = {}
@@ -260,6 +274,8 @@ def load_clip(
         source, preprocess_cfg = _resolve_pretrained(name, pretrained_str, cache_dir, allow_download)
         # OpenAI's weights use QuickGELU; open_clip only warns when the config says otherwise.
         force_quick_gelu = bool(open_clip.get_pretrained_cfg(name, pretrained_str).get("quick_gelu", False))
+        if source is not None and os.path.isfile(source):
+            check_checkpoint(source)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name,
@@ -276,10 +292,11 @@ def load_clip(
         )
     except RuntimeError as err:
         if source is not None and os.path.isfile(source):
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(
-                f"Weights in {source} do not fit architecture {name!r}: {err}. Pass the architecture "
+                f"Weights in {source} do not fit architecture {name!r} ({first}). Pass the architecture "
                 "the checkpoint was trained with (its model card or config says which)."
-            ) from err
+            ) from None
         raise
     model.eval()
     tokenizer = open_clip.get_tokenizer(name)
@@ -294,11 +311,50 @@ def load_clip(
     return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, info=info)
 
 
+def check_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Fail with a :class:`CheckpointError` naming ``path`` when it is not a readable checkpoint of
+    its kind: the safetensors header (cheap, nothing is loaded), or a torch file read with
+    ``weights_only=True`` and memory-mapped."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(
+                f"{path} is not a valid safetensors file ({err}). It may be truncated or another format; "
+                "download or save it again (save_checkpoint writes valid files)."
+            ) from None
+        return
+    import torch
+
+    try:
+        try:
+            torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            torch.load(str(path), map_location="cpu", weights_only=True)  # a legacy (non-zip) torch file
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in reason or "Weights only load failed" in str(err):
+            reason = "it holds objects other than tensors and plain containers"
+        raise CheckpointError(
+            f"{path} is not a valid torch checkpoint of an open_clip state dict ({reason}). It may be "
+            "truncated, damaged, or a pickled training object; download it again, or load it where it was "
+            "made and save its state dict with save_checkpoint."
+        ) from None
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Save an open_clip state dict; ``.safetensors`` or ``.pt`` by the path's suffix.
 
     The file loads back with ``load_clip(name, pretrained=path)``.
     """
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -317,17 +373,19 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     """``python -m cdfsl_core.models list|download``."""
-    parser = argparse.ArgumentParser(prog="python -m cdfsl_core.models", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    from cdfsl_core.cli import parser
+
+    parser_ = parser("python -m cdfsl_core.models", __doc__.split("\n")[0])
+    sub = parser_.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("list", help="list architectures and the tags available without network")
-    ls.add_argument("--all", action="store_true", help="include every open_clip architecture")
+    ls.add_argument("--all", action="store_true", help="include every open_clip architecture (imports open_clip)")
     dl = sub.add_parser("download", help="fetch an open_clip tag into the local cache (needs network)")
-    dl.add_argument("name")
-    dl.add_argument("tag")
-    dl.add_argument("--cache-dir", default=None)
-    args = parser.parse_args(argv)
+    dl.add_argument("name", help="open_clip architecture, e.g. ViT-B-16")
+    dl.add_argument("tag", help="pretrained tag, e.g. openai")
+    dl.add_argument("--cache-dir", default=None, help="cache folder (None: open_clip's and Hugging Face's defaults)")
+    args = parser_.parse_args(argv)
     if args.command == "list":
         names = list_architectures(package_only=not args.all)
         for arch in names:
@@ -337,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_clip(args.name, args.tag, cache_dir=args.cache_dir, allow_download=True)
     print(f"cached {args.name} / {args.tag}: {bundle.info}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cdfsl_core.cli import command
+
+    return command(_main)(argv)
 
 
 # The embedded default: the small CLIP pretrained on the synthetic source, shipped in the package

@@ -22,13 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-
-from cdfsl_core.data.synthetic import SyntheticDataset, SyntheticSpec, render
-from cdfsl_core.models import load_clip
+from cdfsl_core.cli import command, parser, positive_float, positive_int
 
 TEMPLATES = (
     "a photo of a {}.",
@@ -56,6 +50,32 @@ class PretrainConfig:
     warmup: int = 100  # warm-up steps
     weight_decay: float = 0.05  # AdamW weight decay
     threads: int = 2  # torch CPU threads
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = PretrainConfig()
+    result = parser("python -m cdfsl_core.pretrain", __doc__)
+    result.add_argument("--steps", type=positive_int, default=defaults.steps, help="optimiser steps")
+    result.add_argument("--images-per-class", type=positive_int, default=defaults.images_per_class,
+                        help="training images per source class")
+    result.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="images per step")
+    result.add_argument("--lr", type=positive_float, default=defaults.lr, help="AdamW peak learning rate")
+    result.add_argument("--seed", type=int, default=defaults.seed, help="world seed and torch seed")
+    result.add_argument("--arch", default=defaults.arch, help="registered architecture (model_configs/*.json)")
+    result.add_argument("--out", type=Path, default=PACKAGE_WEIGHTS, help="folder for the weights")
+    return result
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad arguments answer here, before PyTorch is imported
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from cdfsl_core.data.synthetic import SyntheticDataset, SyntheticSpec, render  # noqa: E402
+from cdfsl_core.models import load_clip  # noqa: E402
 
 
 def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -147,17 +167,9 @@ def pretrain(config: PretrainConfig, out_dir: Path) -> Path:
     return weights
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cdfsl_core.pretrain", description=__doc__.split("\n")[0])
-    defaults = PretrainConfig()
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--images-per-class", type=int, default=defaults.images_per_class)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--arch", default=defaults.arch)
-    parser.add_argument("--out", type=Path, default=PACKAGE_WEIGHTS, help="folder for the weights (default: the package's)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     config = PretrainConfig(
         arch=args.arch,
         seed=args.seed,

@@ -23,7 +23,7 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,11 @@ from tqdm import tqdm
 
 from cdfsl_core.data import load_dataset
 from cdfsl_core.episodes import EpisodeConfig, EpisodeFile, generate_episodes, load_episodes, save_episodes
+from cdfsl_core.errors import ConfigError, DeviceError, EpisodeError, RunFolderError, RunInterrupted
 from cdfsl_core.interventions import ATHAConfig, TIRConfig
 from cdfsl_core.lora import LoRAConfig
 from cdfsl_core.methods import FewShotCLIP, MethodConfig
-from cdfsl_core.errors import DeviceError
-from cdfsl_core.models import ClipBundle, load_clip, resolve_device, resolve_precision
+from cdfsl_core.models import PRECISIONS, ClipBundle, load_clip, resolve_device, resolve_precision
 from cdfsl_core.stats import mean_ci95
 from cdfsl_core.zeroshot import autocast_for
 
@@ -112,6 +112,36 @@ class RunConfig:
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
         return _from_dict(cls, raw)
 
+    def validate(self) -> None:
+        """Every value that cannot work, named with the fix, before anything is loaded or written."""
+        self.episodes.validate()
+        self.method.validate()
+        self.method.lora.validate()
+        if self.model.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.model.precision!r}: expected one of {PRECISIONS}.")
+        if self.train.steps < 0:
+            raise ConfigError(f"steps={self.train.steps}: expected 0 or more training steps.")
+        if self.train.steps == 0 and self.method.adaptation != "zeroshot":
+            raise ConfigError(f"steps=0 with adaptation {self.method.adaptation!r} trains nothing and would record the "
+                              "zero-shot model under a fine-tuning label. Use --adaptation zeroshot, or steps >= 1.")
+        for name in ("lr_lora", "lr_context", "lr_intervention", "resize_ratio"):
+            if not getattr(self.train, name) > 0:
+                raise ConfigError(f"{name}={getattr(self.train, name)}: expected a positive number.")
+        if self.train.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size={self.train.eval_batch_size}: expected a positive integer.")
+
+    def with_absolute_paths(self) -> "RunConfig":
+        """The same run with its paths (data root, episode file, local weights) absolute, so the
+        run folder works from any working folder."""
+        def absolute(path: str | None) -> str | None:
+            return None if path is None else str(Path(path).expanduser().absolute())
+
+        pretrained = self.model.pretrained
+        if pretrained is not None and Path(pretrained).expanduser().is_file():
+            pretrained = absolute(pretrained)
+        return replace(self, model=replace(self.model, pretrained=pretrained),
+                       data=replace(self.data, root=absolute(self.data.root), episode_file=absolute(self.data.episode_file)))
+
 
 def _from_dict(kind: Any, raw: Any) -> Any:
     if is_dataclass(kind) and isinstance(raw, dict):
@@ -121,7 +151,8 @@ def _from_dict(kind: Any, raw: Any) -> Any:
         values = {}
         for key, value in raw.items():
             if key not in types:
-                raise ValueError(f"{kind.__name__} has no field {key!r}.")
+                raise ConfigError(f"{kind.__name__} has no field {key!r}; the run's config.json may come from another "
+                                  "version of this package.")
             if key in nested and isinstance(value, dict):
                 value = _from_dict(nested[key], value)
             elif isinstance(value, list):
@@ -273,36 +304,87 @@ def _manifest(config: RunConfig, episodes: EpisodeFile, device: torch.device, bu
     }
 
 
-def _read_finished(path: Path) -> dict[int, dict[str, Any]]:
-    """Finished episodes by index; a torn last line (killed mid-write) is dropped from the file."""
+def _read_finished(path: Path) -> tuple[dict[int, dict[str, Any]], bool]:
+    """Finished episodes by index, and whether a torn line (a write killed midway) was found."""
     if not path.exists():
-        return {}
+        return {}, False
     finished: dict[int, dict[str, Any]] = {}
-    good_lines = []
+    torn = False
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
+            torn = True
             continue
         finished[row["episode"]] = row
-        good_lines.append(line)
-    path.write_text("".join(line + "\n" for line in good_lines))
-    return finished
+    return finished, torn
 
 
-def _episode_file(config: RunConfig, dataset: Any, out: Path) -> EpisodeFile:
+def _episode_file(config: RunConfig, dataset: Any, out: Path) -> tuple[EpisodeFile, Path, bool]:
+    """The run's episodes (verified against the dataset), their path, and whether they are new
+    (drawn now, to be written once everything else has been checked)."""
     path = Path(config.data.episode_file) if config.data.episode_file else out / "episodes.json"
     if path.exists():
         episodes = load_episodes(path, dataset)
         if episodes.config != config.episodes:
-            raise ValueError(
+            raise EpisodeError(
                 f"Episode file {path} was drawn with {episodes.config}, but the run asks for "
                 f"{config.episodes}. Point --episode-file elsewhere or match the settings."
             )
-        return episodes
-    episodes = generate_episodes(dataset, config.episodes)
-    save_episodes(episodes, path)
-    return episodes
+        return episodes, path, False
+    return generate_episodes(dataset, config.episodes), path, True
+
+
+def _differences(saved: Any, new: Any, prefix: str = "") -> list[str]:
+    """Every field that differs between two config dicts, with both values: ``data.root: '/a' -> '/b'``."""
+    if isinstance(saved, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(saved) | set(new)):
+            found += _differences(saved.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if saved == new else [f"{prefix.rstrip('.')}: {saved!r} (the run) vs {new!r} (now)"]
+
+
+def _recorded_episode_file(out: Path, finished: dict[int, dict[str, Any]]) -> str | None:
+    """The sha256 of the episode file a run's finished lines came from; a folder whose lines (or
+    manifest) disagree is an error."""
+    manifest = out / "manifest.json"
+    recorded = json.loads(manifest.read_text()).get("episode_file_sha256") if manifest.exists() else None
+    shas = {row.get("episode_file_sha256", recorded) for row in finished.values()}
+    if len(shas) > 1 or (recorded is not None and shas and shas != {recorded}):
+        raise RunFolderError(
+            f"{out} mixes episodes of different episode files (sha256 {', '.join(sorted(str(s)[:12] for s in shas | {recorded}))}). "
+            "Its mean pairs with nothing; rerun it into a new --out folder."
+        )
+    return next(iter(shas)) if shas else recorded
+
+
+def _check_config(out: Path, config: RunConfig, finished: dict[int, dict[str, Any]]) -> None:
+    """A folder with finished episodes resumes only with the same config; a folder with none
+    accepts any (a corrected command after a failed start)."""
+    if not finished:
+        return
+    config_path = out / "config.json"
+    if config_path.exists():
+        saved = json.loads(config_path.read_text())
+        differences = _differences(saved, json.loads(json.dumps(config.to_dict())))
+        if differences:
+            raise RunFolderError(
+                f"{out} holds {len(finished)} finished episode(s) of a run with another config: "
+                f"{'; '.join(differences)}. Use a new --out folder, or rerun with the run's settings to resume it."
+            )
+
+
+def _check_episode_file(out: Path, episodes: EpisodeFile, finished: dict[int, dict[str, Any]]) -> None:
+    """A folder with finished episodes resumes only on the episode file they came from."""
+    recorded = _recorded_episode_file(out, finished)
+    if recorded is not None and recorded != episodes.sha256:
+        raise RunFolderError(
+            f"{out} holds {len(finished)} finished episode(s) drawn from an episode file with sha256 {recorded[:16]}..., "
+            f"but {episodes.path or 'the episode file'} now has sha256 {episodes.sha256[:16]}... (regenerated, or the data "
+            "changed). Resuming would mix episodes of two files. Restore the original episode file and data, or start "
+            "a new run with a new --out folder."
+        )
 
 
 def summarise(rows: list[dict[str, Any]], episodes: EpisodeFile) -> dict[str, Any]:
@@ -350,14 +432,20 @@ def load_run(folder: str | os.PathLike[str]) -> tuple[RunConfig, ClipBundle, Any
     """A finished (or partial) run's config, a freshly loaded model, its dataset and episodes."""
     folder = Path(folder)
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} is not a run folder: config.json is missing.")
+        raise RunFolderError(f"{folder} is not a run folder: config.json is missing. Pass the --out folder of "
+                             "python -m cdfsl_core.finetune.")
     config = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    dataset = load_dataset(config.data.dataset, config.data.root, **config.data.options)
+    path = Path(config.data.episode_file) if config.data.episode_file else folder / "episodes.json"
+    episodes = load_episodes(path, dataset)
+    recorded = _recorded_episode_file(folder, _read_finished(folder / "episodes.jsonl")[0])
+    if recorded is not None and recorded != episodes.sha256:
+        raise RunFolderError(f"{folder} was run on an episode file with sha256 {recorded[:16]}..., but {path} now has "
+                             f"sha256 {episodes.sha256[:16]}...; its episodes cannot be rebuilt. Restore the file.")
     if config.model.pretrained is None:
         torch.manual_seed(config.episodes.seed)
     bundle = load_clip(config.model.name, config.model.pretrained, device=resolve_device(config.model.device))
-    dataset = load_dataset(config.data.dataset, config.data.root, **config.data.options)
-    path = Path(config.data.episode_file) if config.data.episode_file else folder / "episodes.json"
-    return config, bundle, dataset, load_episodes(path, dataset)
+    return config, bundle, dataset, episodes
 
 
 def state_path(folder: str | os.PathLike[str], index: int) -> Path:
@@ -381,14 +469,15 @@ def load_state(method: FewShotCLIP, path: Path) -> None:
     method.load_trainable_state(load_file(str(path), device=str(device)))
 
 
-def _check_precision(out: Path, manifest: dict[str, Any], has_episodes: bool, allow_mixed: bool) -> None:
+def _check_precision(out: Path, device: str, precision: str, has_episodes: bool, allow_mixed: bool) -> None:
     """A resumed run computes on the device type and in the precision its first episodes did,
     unless mixing is allowed (every episode line records its own device and precision)."""
     path = out / "manifest.json"
     if not has_episodes or not path.exists() or allow_mixed:
         return
     saved = json.loads(path.read_text())
-    differ = {key: (saved.get(key), manifest[key]) for key in ("device", "precision") if saved.get(key) != manifest[key]}
+    now = {"device": device, "precision": precision}
+    differ = {key: (saved.get(key), now[key]) for key in now if saved.get(key) != now[key]}
     if differ:
         described = "; ".join(f"{key}: the run has {old!r}, this process {new!r}" for key, (old, new) in differ.items())
         raise DeviceError(
@@ -401,87 +490,116 @@ def _check_precision(out: Path, manifest: dict[str, Any], has_episodes: bool, al
 
 def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | None = None, progress: bool = True,
         save_states: bool = False, allow_mixed_precision: bool = False) -> dict[str, Any]:
-    """Run (or resume) every episode of a run folder; returns the summary. ``save_states`` also
-    keeps each episode's trained parameters (:func:`state_path`); it does not change results.
-    A resume on another device type or precision than the run's is refused unless
-    ``allow_mixed_precision``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "config.json"
-    if config_path.exists():
-        saved = json.loads(config_path.read_text())
-        if saved != json.loads(json.dumps(config.to_dict())):
-            diff = sorted(k for k in saved if saved[k] != json.loads(json.dumps(config.to_dict())).get(k))
-            raise ValueError(
-                f"{out} holds a run with another config (differs in {diff}). Use a new --out folder, "
-                "or rerun with the same settings to resume it."
-            )
-    else:
-        tmp = config_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        tmp.replace(config_path)
+    """Run (or resume) every episode of a run folder; returns the summary.
 
+    Everything is checked before anything is written: the config's values, the device and
+    precision, the data, the episode file, the run folder (a folder with finished episodes
+    resumes only with the same config, the same episode file, the same device type and
+    precision) and the weights. A folder without finished episodes accepts a corrected command.
+    Paths are stored absolute, so the folder works from any working folder; a finished run
+    rerun writes nothing. ``save_states`` also keeps each episode's trained parameters
+    (:func:`state_path`); it does not change results. Ctrl-C raises :class:`RunInterrupted`,
+    whose message says what finished."""
+    out = Path(out)
+    config = config.with_absolute_paths()
+    config.validate()
     device = resolve_device(config.model.device)
+    precision = resolve_precision(device, config.model.precision)
+    results_path = out / "episodes.jsonl"
+    finished, torn = _read_finished(results_path)
+    _check_config(out, config, finished)
+    _check_precision(out, device.type, precision, bool(finished), allow_mixed_precision)
+    dataset = load_dataset(config.data.dataset, config.data.root, **config.data.options)
+    episodes, episode_path, new_episodes = _episode_file(config, dataset, out)
+    _check_episode_file(out, episodes, finished)
     if bundle is None:
         if config.model.pretrained is None:
             torch.manual_seed(config.episodes.seed)  # random weights, the same in a resumed process
         bundle = load_clip(config.model.name, config.model.pretrained, device=device)
-    dataset = load_dataset(config.data.dataset, config.data.root, **config.data.options)
-    episodes = _episode_file(config, dataset, out)
-    precision = resolve_precision(device, config.model.precision)
+
+    # ---- everything checked: from here on the run folder is written
+    out.mkdir(parents=True, exist_ok=True)
+    if not finished:
+        _write_json(out / "config.json", config.to_dict(), only_if_changed=True)
+    if new_episodes:
+        save_episodes(episodes, episode_path)
     manifest = _manifest(config, episodes, device, bundle)
-    results_path = out / "episodes.jsonl"
-    finished = _read_finished(results_path)
-    _check_precision(out, manifest, bool(finished), allow_mixed_precision)
     if not finished or not (out / "manifest.json").exists():
-        _write_json(out / "manifest.json", manifest)
+        _write_json(out / "manifest.json", manifest, only_if_changed=True)
     elif allow_mixed_precision:
         saved = json.loads((out / "manifest.json").read_text())
         if (saved.get("device"), saved.get("precision")) != (manifest["device"], manifest["precision"]):
-            _write_json(out / "manifest.json", {**saved, "mixed_precision": True})
-    transform = protocol_transform(bundle, config.train.resize_ratio)
-    method: FewShotCLIP | None = None
+            _write_json(out / "manifest.json", {**saved, "mixed_precision": True}, only_if_changed=True)
+    if torn:  # drop the torn line a killed write left, so new lines start on a line of their own
+        _write_lines(results_path, [json.dumps(finished[i]) for i in sorted(finished)])
     todo = [i for i in range(len(episodes)) if i not in finished]
-    label = f"{config.method.adaptation}/{config.method.intervention} on {config.data.dataset}"
-    with results_path.open("a") as handle:
-        for index in tqdm(todo, desc=label, disable=not progress):
-            names = episodes.class_names(episodes.episodes[index])
-            start = time.perf_counter()
-            method, support, support_labels, query, query_labels = prepare_episode(
-                config, bundle, dataset, episodes, index, method, transform)
-            row: dict[str, Any] = {"episode": index, "classes": names}
-            try:
-                # the queries at the initial state: the method's accuracy before training, and what
-                # the intervention measures about its own action (ATHA: its edit size per block)
-                with method.intervention.measuring() as before:
-                    row["accuracy_init"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
-                row.update(train_episode(method, support, support_labels, config.train, precision))
-                with method.intervention.measuring() as after:
-                    row["accuracy"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
-                if before or after:
-                    row["intervention_stats"] = {"init": _rounded(before), "trained": _rounded(after)}
-                row["status"] = "ok"
-            except NonFiniteLoss as err:
-                row.update(status="non-finite-loss", accuracy=None, message=str(err))
-                tqdm.write(f"episode {index}: stopped, {err}; recorded as failed, not averaged")
-            if save_states and row["status"] == "ok" and method.trainable_state():
-                save_state(method, state_path(out, index))  # before the row: a listed episode has its state
-            if config.method.intervention == "atha":
-                row["atha_alpha"] = [round(v, 6) for v in method.intervention.alpha.tolist()]
-                row["atha_beta"] = [round(v, 6) for v in method.intervention.beta.tolist()]
-            row["device"], row["precision"] = device.type, precision
-            row["seconds"] = round(time.perf_counter() - start, 3)
-            handle.write(json.dumps(row) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-            finished[index] = row
+    if todo:
+        _run_episodes(config, out, bundle, dataset, episodes, todo, finished, device, precision, progress, save_states)
     summary = summarise([finished[i] for i in sorted(finished)], episodes)
-    _write_json(out / "summary.json", summary)
+    _write_json(out / "summary.json", summary, only_if_changed=True)
     return summary
 
 
-def _write_json(path: Path, content: dict[str, Any]) -> None:
-    """Atomically: a killed process never leaves half a file."""
+def _run_episodes(config: RunConfig, out: Path, bundle: ClipBundle, dataset: Any, episodes: EpisodeFile,
+                  todo: list[int], finished: dict[int, dict[str, Any]], device: torch.device, precision: str,
+                  progress: bool, save_states: bool) -> None:
+    """Run ``todo`` episodes, appending one synced line each to ``episodes.jsonl``."""
+    transform = protocol_transform(bundle, config.train.resize_ratio)
+    method: FewShotCLIP | None = None
+    label = f"{config.method.adaptation}/{config.method.intervention} on {config.data.dataset}"
+    try:
+        with (out / "episodes.jsonl").open("a") as handle:
+            for index in tqdm(todo, desc=label, disable=not progress):
+                names = episodes.class_names(episodes.episodes[index])
+                start = time.perf_counter()
+                method, support, support_labels, query, query_labels = prepare_episode(
+                    config, bundle, dataset, episodes, index, method, transform)
+                row: dict[str, Any] = {"episode": index, "classes": names}
+                try:
+                    # the queries at the initial state: the method's accuracy before training, and what
+                    # the intervention measures about its own action (ATHA: its edit size per block)
+                    with method.intervention.measuring() as before:
+                        row["accuracy_init"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
+                    row.update(train_episode(method, support, support_labels, config.train, precision))
+                    with method.intervention.measuring() as after:
+                        row["accuracy"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
+                    if before or after:
+                        row["intervention_stats"] = {"init": _rounded(before), "trained": _rounded(after)}
+                    row["status"] = "ok"
+                except NonFiniteLoss as err:
+                    row.update(status="non-finite-loss", accuracy=None, message=str(err))
+                    tqdm.write(f"episode {index}: stopped, {err}; recorded as failed, not averaged")
+                if save_states and row["status"] == "ok" and method.trainable_state():
+                    save_state(method, state_path(out, index))  # before the row: a listed episode has its state
+                if config.method.intervention == "atha":
+                    row["atha_alpha"] = [round(v, 6) for v in method.intervention.alpha.tolist()]
+                    row["atha_beta"] = [round(v, 6) for v in method.intervention.beta.tolist()]
+                row["device"], row["precision"] = device.type, precision
+                row["episode_file_sha256"] = episodes.sha256
+                row["seconds"] = round(time.perf_counter() - start, 3)
+                handle.write(json.dumps(row) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+                finished[index] = row
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            f"{len(finished)} of {len(episodes)} episodes finished and are saved in {out}; "
+            "rerun the same command to resume."
+        ) from None
+
+
+def _write_json(path: Path, content: dict[str, Any], only_if_changed: bool = False) -> None:
+    """Atomically: a killed process never leaves half a file. With ``only_if_changed``, a file
+    that already holds ``content`` is not touched (a finished run rerun writes nothing)."""
+    text = json.dumps(content, indent=2) + "\n"
+    if only_if_changed and path.exists() and path.read_text() == text:
+        return
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
     tmp.replace(path)

@@ -16,6 +16,8 @@ import torch
 from open_clip.transformer import text_global_pool
 from torch import nn
 
+from cdfsl_core.errors import ConfigError
+
 __all__ = ["PromptLearner", "encode_text_embeddings"]
 
 
@@ -34,7 +36,7 @@ def encode_text_embeddings(
     n_blocks = len(model.transformer.resblocks)
     for i in readout_blocks:
         if not 0 <= i < n_blocks:
-            raise ValueError(f"text read-out block {i} out of range 0..{n_blocks - 1}.")
+            raise ConfigError(f"text read-out block {i} out of range 0..{n_blocks - 1}.")
     cast = model.transformer.get_cast_dtype()
     x = embeddings.to(cast) + model.positional_embedding.to(cast)
     readouts: dict[int, torch.Tensor] = {}
@@ -65,7 +67,7 @@ class PromptLearner(nn.Module):
     ) -> None:
         super().__init__()
         if "{}" not in template:
-            raise ValueError(f"prompt template {template!r} has no '{{}}' for the class name.")
+            raise ConfigError(f"prompt template {template!r} has no '{{}}' for the class name.")
         device = model.token_embedding.weight.device
         tokens = tokenizer([template.format(name) for name in class_names]).to(device)
         self.register_buffer("tokens", tokens, persistent=False)
@@ -78,7 +80,7 @@ class PromptLearner(nn.Module):
             prefix_tokens = tokenizer([prefix_words])[0]
             n_prefix = int((prefix_tokens != 0).sum()) - 2  # minus SOT and EOT
             if n_prefix != n_ctx:
-                raise ValueError(
+                raise ConfigError(
                     f"CoOp n_ctx={n_ctx} but the template's leading words {prefix_words!r} are "
                     f"{n_prefix} tokens; the context is initialised from them, so they must match."
                 )

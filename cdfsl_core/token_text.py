@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdfsl_core.errors import ConfigError
+
 __all__ = [
     "TEXT_NORMS",
     "atha_class_vectors",
@@ -84,7 +86,7 @@ def _check_gain(gamma: torch.Tensor) -> None:
     magnitude = gamma.detach().abs()
     smallest, channel = magnitude.min(dim=0)
     if float(smallest) <= 1e-6 * max(float(magnitude.max()), 1e-30):
-        raise ValueError(
+        raise ConfigError(
             f"The vision tower's ln_post (the layer norm after its last block) has gain |gamma| = "
             f"{float(smallest):.3g} at channel {int(channel)} (largest |gamma| {float(magnitude.max()):.3g}). "
             "ATHA undoes ln_post by dividing by gamma, which would give infinite or NaN tokens. "
@@ -118,7 +120,7 @@ def atha_class_vectors(visual: nn.Module, readout: torch.Tensor, text_norm: str 
     ln_post bias is subtracted after the solve.
     """
     if text_norm not in TEXT_NORMS:
-        raise ValueError(f"ATHA text_norm={text_norm!r}; expected one of {TEXT_NORMS}.")
+        raise ConfigError(f"ATHA text_norm={text_norm!r}; expected one of {TEXT_NORMS}.")
     text = F.normalize(readout.float(), dim=-1) if text_norm == "unit" else readout
     return class_vectors_in_residual(visual, text)
 
@@ -172,7 +174,7 @@ def tir_weights(counts: torch.Tensor, n_classes: int, lam: float = 0.5) -> torch
     single class is doubled.
     """
     if n_classes < 2:
-        raise ValueError(f"TIR needs at least 2 classes; got {n_classes}.")
+        raise ConfigError(f"TIR needs at least 2 classes; got {n_classes}.")
     scaled = lam * 4.0 / (n_classes - 1)
     weights = 1.0 - scaled * (counts.float() - (n_classes + 1) / 2)
     return torch.where(counts == 0, torch.ones_like(weights), weights)

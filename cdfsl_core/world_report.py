@@ -22,14 +22,30 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from cdfsl_core.cli import command, parser, positive_int
 
-from cdfsl_core.data import load_dataset
-from cdfsl_core.data.synthetic import SYNTHETIC_TARGETS
-from cdfsl_core.episodes import EpisodeConfig, generate_episodes
-from cdfsl_core.models import EMBEDDED_MODEL, load_clip
-from cdfsl_core.zeroshot import accuracy, image_features, mean_ci95, text_features, zero_shot_episodes
+
+def build_parser() -> argparse.ArgumentParser:
+    result = parser("python -m cdfsl_core.world_report", __doc__)
+    result.add_argument("--model", default="cdfsl-synth-vit", help="open_clip architecture")
+    result.add_argument("--pretrained", default="synthetic", help="tag or weights file")
+    result.add_argument("--episodes", type=positive_int, default=100, help="5-way 15-query episodes per target")
+    result.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    result.add_argument("--card", type=Path, default=None, help="write the model card here")
+    return result
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad arguments answer here, before PyTorch is imported
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cdfsl_core.data import load_dataset  # noqa: E402
+from cdfsl_core.data.synthetic import SYNTHETIC_TARGETS  # noqa: E402
+from cdfsl_core.episodes import EpisodeConfig, generate_episodes  # noqa: E402
+from cdfsl_core.models import load_clip  # noqa: E402
+from cdfsl_core.zeroshot import accuracy, image_features, mean_ci95, text_features, zero_shot_episodes  # noqa: E402
 
 
 def domain_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -146,14 +162,9 @@ seen in pretraining. Domain similarity is `1 - MMD^2/2` of image features (see `
     card.write_text(text)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cdfsl_core.world_report", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=EMBEDDED_MODEL[0])
-    parser.add_argument("--pretrained", default=EMBEDDED_MODEL[1])
-    parser.add_argument("--episodes", type=int, default=100)
-    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
-    parser.add_argument("--card", type=Path, default=None, help="write the model card here")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     report = measure(args.model, args.pretrained, args.episodes)
     print(format_report(report))

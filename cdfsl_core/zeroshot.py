@@ -8,7 +8,6 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset

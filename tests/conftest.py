@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import CHESTX_ROWS, EUROSAT_FOLDERS, write_image
 
 PLANTVILLAGE_CLASSES = [

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CHESTX_ROWS, EUROSAT_FOLDERS, write_image
 
 from cdfsl_core.data import DATA_ROOT_ENV, list_datasets, load_dataset
 from cdfsl_core.data.real import plantvillage_name
 from cdfsl_core.errors import DatasetError, ImageReadError
-from helpers import CHESTX_ROWS, EUROSAT_FOLDERS, write_image
 
 
 def test_registry_lists_the_real_datasets():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from analysis.demo import DEMO_METHODS, main
+from analysis.demo import main
+from analysis.study import METHODS as DEMO_METHODS
 
 
 @pytest.mark.slow

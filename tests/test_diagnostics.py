@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
 import pandas as pd
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn

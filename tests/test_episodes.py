@@ -8,10 +8,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import LabelsOnly
 
 from cdfsl_core.episodes import EpisodeConfig, generate_episodes, load_episodes, main, save_episodes
 from cdfsl_core.errors import EpisodeError
-from helpers import LabelsOnly
 
 
 @pytest.fixture

@@ -68,8 +68,9 @@ def test_diagnostics_reduce_on_the_device(on_gpu):
 def test_a_short_run_on_cuda_records_bf16(tmp_path):
     from dataclasses import replace
 
-    from cdfsl_core.runner import run
     from helpers import TINY
+
+    from cdfsl_core.runner import run
 
     config = replace(TINY, model=replace(TINY.model, device="cuda"))
     summary = run(config, tmp_path / "run", progress=False)

@@ -14,6 +14,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY
 
 from analysis.recorder import attention_pattern, record
 from analysis.run_diagnostics import diagnose_model
@@ -25,7 +26,6 @@ from cdfsl_core.methods import ADAPTATIONS, INTERVENTIONS, create_method
 from cdfsl_core.models import EMBEDDED_MODEL, load_clip, resolve_device, resolve_precision
 from cdfsl_core.runner import TrainConfig, protocol_transform, run, train_episode
 from cdfsl_core.token_text import project_tokens, sum_score, token_class_similarity
-from helpers import TINY
 
 NAMES = ["striped red shape", "dotted blue shape", "plain green shape", "wavy pink shape", "checked black shape"]
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)

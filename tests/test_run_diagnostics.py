@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from helpers import TINY
 
 from analysis.run_diagnostics import diagnose_run, main
 from cdfsl_core.runner import run
-from helpers import TINY
 
 
 def test_diagnose_run_reproduces_the_episode_and_writes_every_table(tmp_path, capsys):

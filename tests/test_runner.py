@@ -14,14 +14,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import TINY
 
 import cdfsl_core.runner as runner
-from cdfsl_core.compare import paired_difference
 from cdfsl_core.compare import main as compare_main
+from cdfsl_core.compare import paired_difference
+from cdfsl_core.errors import RunFolderError
 from cdfsl_core.finetune import main as finetune_main
 from cdfsl_core.models import load_clip
 from cdfsl_core.runner import RunConfig, TrainConfig, run
-from helpers import TINY
+
 
 def _rows(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "episodes.jsonl").read_text().splitlines()]
@@ -100,7 +102,7 @@ def test_a_non_finite_loss_stops_the_episode_and_is_recorded(tmp_path, monkeypat
 
 def test_another_config_in_the_same_folder_is_refused(tmp_path):
     run(replace(TINY, episodes=replace(TINY.episodes, n_episodes=1)), tmp_path / "r", progress=False)
-    with pytest.raises(ValueError, match=r"another config \(differs in \['episodes'\]\)"):
+    with pytest.raises(RunFolderError, match=r"another config: episodes.n_episodes: 1 \(the run\) vs 2 \(now\)"):
         run(replace(TINY, episodes=replace(TINY.episodes, n_episodes=2)), tmp_path / "r", progress=False)
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
 from cdfsl_core.errors import DatasetError, ImageReadError
 
@@ -37,8 +36,9 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
         ) from err
 
 
-class FewShotDataset(Dataset):
-    """A labelled image collection as episodes see it.
+class FewShotDataset:
+    """A labelled image collection as episodes see it (a map-style dataset: ``torch.utils.data``
+    loaders take it as it is; it does not import torch, so commands that only list data start fast).
 
     Attributes:
         name: registry name (``eurosat``, ``synthetic-crops``, ...).
