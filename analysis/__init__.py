@@ -10,6 +10,9 @@ import importlib
 from typing import Any
 
 _LAZY = {
+    "domain_similarity": "analysis.domain",
+    "domain_table": "analysis.domain",
+    "list_domain_estimators": "analysis.domain",
     "ActivationCache": "analysis.recorder",
     "record": "analysis.recorder",
     "vision_tower": "analysis.recorder",

@@ -1,19 +1,23 @@
-"""Centred kernel alignment (CKA) between representations, accumulated over batches.
+"""Centred kernel alignment (CKA) between representations of the same examples, and the
+domain-similarity command.
 
 ``CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` for Gram matrices K of X and L of Y over the
 same n examples (Kornblith et al. 2019). Over many images the HSIC terms of each batch are
 *summed* and the ratio is taken at the end (minibatch CKA, Nguyen et al. 2021); per-batch CKA
-values are never averaged. With one batch holding every example the streaming estimate equals
-the plain O(n^2) estimate (:func:`cka`), which a test checks to 1e-6.
+values are never averaged.
 
 - kernels: ``linear`` (K = X X^T) and ``rbf`` (exp(-d^2 / (2 sigma^2)), sigma = ``bandwidth`` x the
   median pairwise distance within the batch);
 - estimators: ``biased`` (HSIC = tr(K H L H) / (n-1)^2) and ``debiased`` (Song et al. 2012,
   needs n >= 4 per batch). Biased CKA is high even for independent random data when n is small
   relative to the feature dimension; :func:`check_sample_size` warns then.
+- the linear kernel never builds an n x n Gram matrix: both estimators come from d x d products,
+  ``||Y^T X||_F^2`` and row-norm terms, in O(n d^2) (:func:`hsic_linear`); the RBF kernel
+  needs the Gram matrices, O(n^2 d).
 
-Paired use: the same images through two models or two layers. Domain use
-(:func:`domain_cka`): source and target images are not paired; see its docstring.
+Paired use only: the same images through two models or two layers. Source and target images
+are not paired; their similarity is :mod:`analysis.domain`, and this module's command,
+``python -m analysis.cka --source X --target Y``, measures it.
 """
 
 from __future__ import annotations
@@ -21,24 +25,44 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cdfsl_core.cli import command, parser, positive_int
+from cdfsl_core.cli import command, non_negative_int, parser, positive_int
+
+
+DOMAIN_ESTIMATORS = ("mmd", "feature-cka", "mean-shift", "frechet", "random-pairing-cka")  # as analysis.domain
+SYNTHETIC_TARGETS = ("synthetic-crops", "synthetic-satellite", "synthetic-lesions", "synthetic-xray")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    result = parser("python -m analysis.cka", "Per-layer CKA between a source and a target domain.")
+    result = parser("python -m analysis.cka", """Domain similarity per layer between a source and target domains.
+
+Source and target images are different images, so sample-paired CKA does not apply; the
+estimators of analysis.domain compare the two sets, beside two random halves of the source (the
+noise floor), two class-disjoint halves (the baseline: targets have other classes) and a
+permutation null, with bootstrap intervals, on the same number of images per side.
+With --compare-with it measures paired CKA instead: the same target images through two models.""")
     result.add_argument("--source", default="synthetic", help="source dataset")
-    result.add_argument("--target", default="synthetic-xray", help="target dataset")
+    result.add_argument("--target", action="append", default=None,
+                        help="target dataset; repeat for several (None: the four embedded targets)")
     result.add_argument("--data-root", default=None, help="folder holding the datasets (None: $CDFSL_DATA_ROOT)")
     result.add_argument("--model", default="cdfsl-synth-vit", help="open_clip architecture")
     result.add_argument("--pretrained", default="synthetic", help="tag or weights file")
-    result.add_argument("--images", type=positive_int, default=500, help="images per domain")
-    result.add_argument("--kernel", choices=("linear", "rbf"), default="linear", help="CKA kernel")
-    result.add_argument("--estimator", choices=("biased", "debiased"), default="debiased", help="HSIC estimator")
-    result.add_argument("--pool", choices=("cls", "mean"), default="cls", help="CLS token or mean patch token")
-    result.add_argument("--pairings", type=positive_int, default=20, help="random pairings of the unpaired images")
+    result.add_argument("--images", type=positive_int, default=500, help="images drawn per domain (then every "
+                        "comparison uses the same n: the smallest target, half the source, each class half)")
+    result.add_argument("--estimator", choices=(*DOMAIN_ESTIMATORS, "all"), default="mmd",
+                        help="what to print (the CSV holds it too); 'all' for every estimator")
+    result.add_argument("--pool", choices=("cls", "mean", "mean-no-simple"), default="cls",
+                        help="CLS token, mean patch token, or mean patch token without TIR's simple tokens (m = N)")
+    result.add_argument("--layers", type=int, nargs="+", default=None, help="vision blocks (None: all)")
+    result.add_argument("--bootstrap", type=non_negative_int, default=50, help="bootstrap draws for the intervals")
+    result.add_argument("--permutations", type=non_negative_int, default=100, help="draws of the permutation null")
+    result.add_argument("--pairings", type=positive_int, default=20, help="random pairings (random-pairing-cka)")
     result.add_argument("--seed", type=int, default=0, help="sampling seed")
     result.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
-    result.add_argument("--out", type=Path, default=Path("outputs/cka"), help="output folder")
+    result.add_argument("--compare-with", default=None,
+                        help="paired mode: another tag or weights file of the same architecture; CKA per layer "
+                             "between the two models on the same target images")
+    result.add_argument("--out", type=Path, default=None, help="write the tidy table here (.csv)")
+    result.add_argument("--figure", type=Path, default=None, help="also draw the figure here (.png and .pdf)")
     return result
 
 
@@ -55,7 +79,7 @@ import torch  # noqa: E402
 
 from cdfsl_core.errors import ConfigError  # noqa: E402
 
-__all__ = ["CKAAccumulator", "KERNELS", "ESTIMATORS", "check_sample_size", "cka", "domain_cka", "hsic"]
+__all__ = ["CKAAccumulator", "ESTIMATORS", "KERNELS", "check_sample_size", "cka", "gram", "hsic", "hsic_linear"]
 
 KERNELS = ("linear", "rbf")
 ESTIMATORS = ("biased", "debiased")
@@ -105,15 +129,63 @@ def hsic(k: torch.Tensor, l: torch.Tensor, estimator: str = "biased") -> torch.T
     return term / (n * (n - 3))
 
 
+def _frobenius_sq_of_gram(x: torch.Tensor) -> torch.Tensor:
+    """||x^T x||_F^2 from two halves of the columns, x^T x = [[A^T A, A^T B], [B^T A, B^T B]]: three
+    products of a quarter of the size instead of one full one (the symmetry halves the work)."""
+    half = x.shape[1] // 2
+    if half < 64:
+        return (x.T @ x).pow(2).sum()
+    a, b = x[:, :half], x[:, half:]
+    return (a.T @ a).pow(2).sum() + 2 * (a.T @ b).pow(2).sum() + (b.T @ b).pow(2).sum()
+
+
+def _hsic_from_products(cross: torch.Tensor, x_norms: torch.Tensor, y_norms: torch.Tensor, n: int,
+                        estimator: str) -> torch.Tensor:
+    """HSIC of centred features from ||Y^T X||_F^2 and the rows' squared norms."""
+    if estimator == "biased":
+        return cross / (n - 1) ** 2
+    if n < 4:
+        raise ConfigError(f"debiased HSIC needs at least 4 examples per batch; got n = {n}. Use larger batches "
+                          "or estimator='biased'.")
+    # centred features: sum_j x_j = 0, so K~ 1 = -|x_i|^2 and L~ 1 = -|y_i|^2
+    paired = (x_norms * y_norms).sum()
+    term = (cross - paired) + x_norms.sum() * y_norms.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * paired
+    return term / (n * (n - 3))
+
+
+def hsic_linear(x: torch.Tensor, y: torch.Tensor, estimator: str = "biased") -> torch.Tensor:
+    """HSIC of the linear kernels of x [n, d_x] and y [n, d_y] from feature-space products, O(n d_x d_y),
+    equal to :func:`hsic` of ``gram(x)``, ``gram(y)``.
+
+    biased: ||Yc^T Xc||_F^2 / (n - 1)^2 with column-centred Xc, Yc. debiased (Song et al. 2012) with
+    K~, L~ the Grams with zero diagonal: tr(K~L~) = ||X^T Y||_F^2 - sum_i |x_i|^2 |y_i|^2,
+    1^T K~ 1 = |sum_i x_i|^2 - sum_i |x_i|^2, 1^T K~ L~ 1 = sum_i (x_i . s_x - |x_i|^2)(y_i . s_y - |y_i|^2)
+    with s_x = sum_i x_i; on centred features (the estimator is translation invariant) s_x = 0."""
+    x, y = x - x.mean(dim=0), y - y.mean(dim=0)
+    return _hsic_from_products((y.T @ x).pow(2).sum(), x.pow(2).sum(dim=1), y.pow(2).sum(dim=1), len(x), estimator)
+
+
+def _hsic_terms(x: torch.Tensor, y: torch.Tensor, kernel: str, estimator: str, bandwidth: float) -> tuple:
+    """HSIC(x, y), HSIC(x, x), HSIC(y, y); for the linear kernel with the products shared."""
+    if kernel == "linear":
+        n = len(x)
+        x, y = x - x.mean(dim=0), y - y.mean(dim=0)
+        x_norms, y_norms = x.pow(2).sum(dim=1), y.pow(2).sum(dim=1)
+        return (_hsic_from_products((y.T @ x).pow(2).sum(), x_norms, y_norms, n, estimator),
+                _hsic_from_products(_frobenius_sq_of_gram(x), x_norms, x_norms, n, estimator),
+                _hsic_from_products(_frobenius_sq_of_gram(y), y_norms, y_norms, n, estimator))
+    k, l = gram(x, kernel, bandwidth), gram(y, kernel, bandwidth)
+    return hsic(k, l, estimator), hsic(k, k, estimator), hsic(l, l, estimator)
+
+
 def cka(x: torch.Tensor, y: torch.Tensor, kernel: str = "linear", estimator: str = "biased",
         bandwidth: float = 1.0) -> float:
-    """Plain O(n^2) CKA of paired features x [n, ...] and y [n, ...]."""
+    """CKA of paired features x [n, ...] and y [n, ...] (linear: O(n d^2); rbf: O(n^2 d))."""
     _check(kernel, estimator)
     x, y = _features(x, "x"), _features(y, "y")
     if len(x) != len(y):
         raise ConfigError(f"CKA pairs examples: x has {len(x)} rows, y has {len(y)}.")
-    k, l = gram(x, kernel, bandwidth), gram(y, kernel, bandwidth)
-    xy, xx, yy = hsic(k, l, estimator), hsic(k, k, estimator), hsic(l, l, estimator)
+    xy, xx, yy = _hsic_terms(x, y, kernel, estimator, bandwidth)
     return float(xy / torch.sqrt(xx * yy))
 
 
@@ -144,8 +216,7 @@ class CKAAccumulator:
         x, y = _features(x, "x"), _features(y, "y")
         if len(x) != len(y):
             raise ConfigError(f"paired batches need equal rows: x has {len(x)}, y has {len(y)}.")
-        k, l = gram(x, self.kernel, self.bandwidth), gram(y, self.kernel, self.bandwidth)
-        for i, value in enumerate((hsic(k, l, self.estimator), hsic(k, k, self.estimator), hsic(l, l, self.estimator))):
+        for i, value in enumerate(_hsic_terms(x, y, self.kernel, self.estimator, self.bandwidth)):
             self.sums[i] += float(value)
         self.n += len(x)
         self.dims = (x.shape[1], y.shape[1])
@@ -158,146 +229,97 @@ class CKAAccumulator:
         return self.sums[0] / denominator if denominator > 0 else float("nan")
 
 
-def domain_cka(
-    source: torch.Tensor, target: torch.Tensor, kernel: str = "linear", estimator: str = "biased",
-    pairings: int = 20, seed: int = 0, bandwidth: float = 1.0,
-) -> dict[str, float]:
-    """CKA between features of *unpaired* source and target images (the papers' domain use).
-
-    The papers compare source with target features without publishing the estimator. This one:
-    draw m = min(n_source, n_target) images of each domain, pair them at random, compute CKA;
-    repeat for ``pairings`` random pairings and report the mean and standard deviation. Since the
-    pairing is arbitrary, what it measures is how similar the two feature distributions' Gram
-    structures look under random alignment. Two references come with it:
-
-    - ``within_source``: the same estimator between two disjoint random halves of the source
-      (what an unshifted domain scores);
-    - ``noise_floor``: the same estimator on independent Gaussian features of the same shapes
-      (what biased estimates give for no relation at all; about 0 when debiased).
-    """
-    _check(kernel, estimator)
-    source, target = _features(source, "source"), _features(target, "target")
-    rng = np.random.default_rng(seed)
-    m = min(len(source), len(target))
-    if estimator == "debiased" and m < 4:
-        raise ConfigError(f"debiased CKA needs at least 4 images per domain; got {m}.")
-    check_sample_size(m, source.shape[1], estimator)
-    values, within, noise = [], [], []
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(pairings):
-        a = torch.from_numpy(rng.choice(len(source), m, replace=False))
-        b = torch.from_numpy(rng.choice(len(target), m, replace=False))
-        values.append(cka(source[a], target[b], kernel, estimator, bandwidth))
-        half = torch.from_numpy(rng.permutation(len(source)))
-        h = len(source) // 2
-        if h >= 4 or (estimator == "biased" and h >= 2):
-            within.append(cka(source[half[:h]], source[half[h:2 * h]], kernel, estimator, bandwidth))
-        noise.append(cka(torch.randn(m, source.shape[1], generator=gen, dtype=torch.float64),
-                         torch.randn(m, target.shape[1], generator=gen, dtype=torch.float64), kernel, estimator, bandwidth))
-    return {
-        "cka_mean": float(np.mean(values)),
-        "cka_std": float(np.std(values)),
-        "within_source_mean": float(np.mean(within)) if within else float("nan"),
-        "noise_floor_mean": float(np.mean(noise)),
-        "pairings": pairings,
-        "n": m,
-    }
+def _format(value: float, low: float, high: float) -> str:
+    return f"{value:.4f} [{low:.4f}, {high:.4f}]" if low == low else f"{value:.4f}"
 
 
-# ---------------------------------------------------------------- per-layer features and the command
-@torch.no_grad()
-def layer_features(model: torch.nn.Module, images: torch.Tensor | None = None, dataset=None, indices=None,
-                   transform=None, layers=None, pool: str = "cls", batch_size: int = 128,
-                   progress: bool = False) -> dict[int, torch.Tensor]:
-    """Per-layer image representations [n, width] from the recorder: the CLS token (``pool='cls'``)
-    or the mean patch token (``'mean'``) of each block's output. Give ``images`` or a ``dataset``
-    (with ``indices`` and a ``transform``). ``model`` is a CLIP, a vision tower, or a
-    :class:`~cdfsl_core.methods.FewShotCLIP`, whose intervention (ATHA, TIR) is then active."""
-    from tqdm import tqdm
+def print_domain_table(table: pd.DataFrame, estimator: str) -> None:
+    """One estimator's per-layer table: each target with its interval (and, '*', outside the
+    class-disjoint band in the direction of a difference), the references and the null."""
+    from analysis.domain import list_domain_estimators
 
-    from analysis.recorder import record, vision_tower
-
-    if pool not in ("cls", "mean"):
-        raise ConfigError(f"pool={pool!r}; expected 'cls' or 'mean'.")
-    visual = vision_tower(model)
-    layers = list(range(len(visual.transformer.resblocks))) if layers is None else list(layers)
-    if images is None:
-        indices = list(range(len(dataset))) if indices is None else list(indices)
-        batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-        load = lambda ids: torch.stack([transform(dataset.load_image(i)) for i in ids])  # noqa: E731
-    else:
-        batches = [list(range(i, min(i + batch_size, len(images)))) for i in range(0, len(images), batch_size)]
-        load = lambda ids: images[ids[0]:ids[-1] + 1]  # noqa: E731
-    device = next(visual.parameters()).device
-    forward = visual
-    if hasattr(model, "encode_image") and hasattr(model, "text_features"):  # a FewShotCLIP: its intervention too
-        with torch.no_grad():
-            readout = model.text_features()[1]
-        forward = lambda x: model.encode_image(x, readout)  # noqa: E731
-    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    for ids in tqdm(batches, desc="recording features", disable=not progress, leave=False):
-        with record(visual, layers=layers, what=("resid_post",)) as cache, torch.no_grad():
-            forward(load(ids).to(device))
-        for layer in layers:
-            x = cache[f"blocks.{layer}.resid_post"]
-            out[layer].append((x[:, 0] if pool == "cls" else x[:, 1:].mean(dim=1)).float().cpu())
-    return {layer: torch.cat(parts) for layer, parts in out.items()}
-
-
-def sample_layer_features(model: torch.nn.Module, dataset, n: int, transform, seed: int = 0, pool: str = "cls",
-                          progress: bool = False) -> dict[int, torch.Tensor]:
-    """:func:`layer_features` of ``n`` images of ``dataset`` drawn without replacement from ``seed``."""
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(len(dataset), min(n, len(dataset)), replace=False)).tolist()
-    return layer_features(model, dataset=dataset, indices=chosen, transform=transform, pool=pool, progress=progress)
-
-
-def domain_cka_table(source_features: dict[int, torch.Tensor], target_features: dict[int, torch.Tensor], kernel: str = "linear",
-                     estimator: str = "debiased", pairings: int = 20, seed: int = 0, progress: bool = False,
-                     **labels) -> pd.DataFrame:
-    """:func:`domain_cka` at every layer of two :func:`layer_features` results: one row per layer,
-    with ``labels`` (source, target, pool, model, ...) and the estimator settings as columns."""
-
-    from tqdm import tqdm
-
+    part = table[table["estimator"] == estimator]
+    higher = part["higher_is_similar"].iloc[0]
+    direction = {True: "higher = more similar", False: "lower = more similar", None: "no direction"}[
+        None if higher != higher or higher is None else bool(higher)]
+    print(f"\n{estimator} ({direction}; n = {int(part['n'].iloc[0])} images per side, pool {part['pool'].iloc[0]}): "
+          f"{list_domain_estimators()[estimator]}")
     rows = []
-    for layer in tqdm(sorted(source_features), desc="CKA per layer", disable=not progress, leave=False):
-        result = domain_cka(source_features[layer], target_features[layer], kernel, estimator, pairings, seed)
-        rows.append({"layer": layer, **labels, "kernel": kernel, "estimator": estimator, **result})
-    return pd.DataFrame(rows)
+    for layer, group in part.groupby("layer"):
+        row = {"layer": layer}
+        band = group[group["comparison"] == "class-disjoint"].iloc[0]
+        for _, target in group[group["comparison"] == "target"].iterrows():
+            outside = (target["value"] < band["ci_low"]) if higher is True else (target["value"] > band["ci_high"])
+            mark = "*" if higher is not None and outside else ""
+            p = f" p={target['p_value']:.3f}" if target["p_value"] == target["p_value"] else ""
+            predicted = f" (predicted {target['predicted']:.4f})" if target["predicted"] == target["predicted"] else ""
+            row[target["target"]] = _format(target["value"], target["ci_low"], target["ci_high"]) + p + mark + predicted
+        for reference in ("within-source", "class-disjoint"):
+            ref = group[group["comparison"] == reference].iloc[0]
+            row[reference] = _format(ref["value"], ref["ci_low"], ref["ci_high"])
+        nulls = group[group["comparison"] == "null"]
+        if len(nulls):
+            row["null (mean over targets)"] = f"{nulls['value'].mean():.4f}"
+        rows.append(row)
+    print(pd.DataFrame(rows).to_string(index=False))
+    if higher is not None:
+        print("*: outside the class-disjoint band, toward a difference. [ ]: 95% bootstrap interval.")
 
 
 @command
 def main(argv: list[str] | None = None) -> int:
     """``python -m analysis.cka --source miniimagenet --target chestx --data-root DIR``."""
-    import json
     import os
 
-    from analysis.figures import cka_by_layer, save_figure
+    from analysis.domain import compare_domains
+    from analysis.features import layer_features, sample_indices
     from cdfsl_core.data import load_dataset
     from cdfsl_core.models import load_clip
     from cdfsl_core.runner import protocol_transform
 
     args = build_parser().parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    names = args.target or list(SYNTHETIC_TARGETS)
+    targets = {name: load_dataset(name, args.data_root) for name in names}
     bundle = load_clip(args.model, args.pretrained, device=args.device)
     transform = protocol_transform(bundle, 1.15)
-    features = {
-        role: sample_layer_features(bundle.model, load_dataset(name, args.data_root), args.images, transform,
-                                    args.seed, args.pool, progress=True)
-        for role, name in (("source", args.source), ("target", args.target))
-    }
-    table = domain_cka_table(features["source"], features["target"], args.kernel, args.estimator, args.pairings,
-                             args.seed, progress=True, source=args.source, target=args.target, pool=args.pool,
-                             model=args.model, pretrained=args.pretrained)
-    rows = table.to_dict("records")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"cka_{args.source}_{args.target}"
-    table.to_csv(args.out / f"{stem}.csv", index=False)
-    (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    save_figure(cka_by_layer(table), args.out, stem)
-    print(table[["layer", "cka_mean", "cka_std", "within_source_mean", "noise_floor_mean", "n"]].to_string(index=False))
-    print(f"\nwrote {args.out / stem}.csv, .json, .png, .pdf")
+    if args.compare_with is not None:
+        other = load_clip(args.model, args.compare_with, device=args.device)
+        rows = []
+        for name, dataset in targets.items():
+            chosen = sample_indices(len(dataset), args.images, args.seed)
+            first = layer_features(bundle.model, dataset=dataset, indices=chosen, transform=transform, pool=args.pool,
+                                   layers=args.layers, progress=True)
+            second = layer_features(other.model, dataset=dataset, indices=chosen, transform=transform, pool=args.pool,
+                                    layers=args.layers, progress=True)
+            for layer in first:
+                for estimator in ESTIMATORS:
+                    rows.append({"estimator": f"cka (linear, {estimator})", "layer": layer, "comparison": "paired",
+                                 "target": name, "value": cka(first[layer], second[layer], "linear", estimator),
+                                 "n": len(chosen), "pool": args.pool, "model": args.model,
+                                 "pretrained": args.pretrained, "compared_with": args.compare_with})
+        table = pd.DataFrame(rows)
+        print(f"paired linear CKA per layer, {args.pretrained} vs {args.compare_with} on the same images:")
+        print(table.pivot_table(index="layer", columns=["target", "estimator"], values="value").round(4).to_string())
+    else:
+        source = load_dataset(args.source, args.data_root)
+        estimators = DOMAIN_ESTIMATORS if args.estimator == "all" else (args.estimator,)
+        table = compare_domains(bundle.model, source, targets, transform, args.images, args.pool, estimators,
+                                args.layers, args.bootstrap, args.permutations, args.pairings, args.seed,
+                                progress=True, bundle=bundle,
+                                labels={"source": args.source, "model": args.model, "pretrained": args.pretrained})
+        for estimator in estimators:
+            print_domain_table(table, estimator)
+        if args.figure is not None:
+            from analysis.figures import domain_similarity_by_layer, save_figure
+
+            for estimator in estimators:
+                stem = args.figure.stem if len(estimators) == 1 else f"{args.figure.stem}_{estimator}"
+                save_figure(domain_similarity_by_layer(table, estimator), args.figure.parent, stem)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)
+        print(f"\nwrote {args.out}")
     return 0
 
 

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{(time.perf_counter() - start) / 60:.1f} min")
     print(f"accuracy table: {args.out / 'accuracy_table.csv'}")
     print(f"per-episode results: {args.out / 'episodes.csv'} and the run folders in {args.out / 'runs'}/")
-    print(f"diagnostics: {args.out / 'diagnostics'}/, {args.out / 'cka_domains.csv'}, {args.out / 'cka_finetuned.csv'}, "
+    print(f"diagnostics: {args.out / 'diagnostics'}/, {args.out / 'domain_similarity.csv'}, {args.out / 'cka_finetuned.csv'}, "
           f"{args.out / 'atha_strengths.csv'}")
     folder = paths[next(iter(paths))][0].parent
     print(f"figures: {folder}/ ({', '.join(paths)}; .png and .pdf)")

@@ -21,7 +21,7 @@ __all__ = [
     "accuracy_by_domain",
     "atha_strengths",
     "attention_maps",
-    "cka_by_layer",
+    "domain_similarity_by_layer",
     "cka_finetuned",
     "feature_view",
     "head_tail_similarity",
@@ -118,30 +118,55 @@ def accuracy_by_domain(table: pd.DataFrame, similarity: Mapping[str, float] | No
     return figure
 
 
-def cka_by_layer(table: pd.DataFrame) -> plt.Figure:
-    """Domain CKA per layer with its spread over random pairings and the two references.
+def domain_similarity_by_layer(table: pd.DataFrame, estimators: Sequence[str] | str | None = None) -> plt.Figure:
+    """Domain similarity per layer, one panel per estimator: each target (line, band: bootstrap 95%
+    interval) beside the class-disjoint halves of the source (grey band: the baseline), two random
+    halves (dotted: the noise floor) and the permutation null (dashed); for the negative control
+    random-pairing-cka, its predicted value (crosses) instead.
 
     Args:
-        table: one row per (target, layer): ``layer``, ``target``, ``cka_mean``, ``cka_std``,
-            ``within_source_mean``, ``noise_floor_mean``, ``kernel``, ``estimator``, ``pool``.
+        table: :func:`analysis.domain.domain_table` rows: ``estimator``, ``layer``, ``comparison``,
+            ``target``, ``value``, ``ci_low``, ``ci_high``, ``higher_is_similar``, ``n``, ``pool``;
+            ``predicted`` for random-pairing-cka.
+        estimators: which to draw (default: every one in the table).
     """
-    required = {"layer", "target", "cka_mean", "cka_std", "within_source_mean", "noise_floor_mean"}
-    if not required <= set(table.columns):
-        raise ValueError(f"cka_by_layer needs columns {sorted(required)}; got {list(table.columns)}")
-    figure, ax = plt.subplots(figsize=(6, 3.8))
-    for target, part in table.groupby("target", sort=False):
-        part = part.sort_values("layer")
-        line, = ax.plot(part["layer"], part["cka_mean"], "o-", label=f"source vs {target}")
-        ax.fill_between(part["layer"], part["cka_mean"] - part["cka_std"], part["cka_mean"] + part["cka_std"],
-                        color=line.get_color(), alpha=0.2)
-    first = table.sort_values("layer").drop_duplicates("layer")
-    ax.plot(first["layer"], first["within_source_mean"], "k--", label="within source (two halves)")
-    ax.plot(first["layer"], first["noise_floor_mean"], ":", color="grey", label="noise floor (random features)")
-    ax.set_xlabel("vision block")
-    ax.set_ylabel("CKA")
-    settings = ", ".join(f"{k}={table[k].iloc[0]}" for k in ("kernel", "estimator", "pool") if k in table)
-    ax.set_title(f"CKA between domains per layer ({settings});\nband: std over random pairings", fontsize=9)
-    ax.legend(fontsize=7)
+    _require(table, {"estimator", "layer", "comparison", "target", "value", "ci_low", "ci_high"},
+             "domain_similarity_by_layer")
+    chosen = list(dict.fromkeys(table["estimator"])) if estimators is None else (
+        [estimators] if isinstance(estimators, str) else list(estimators))
+    missing = [e for e in chosen if e not in set(table["estimator"])]
+    if missing:
+        raise ValueError(f"estimators {missing} are not in the table; it has {sorted(set(table['estimator']))}")
+    targets = [t for t in dict.fromkeys(table.loc[table["comparison"] == "target", "target"])]
+    palette = _palette(targets)
+    figure, axes = plt.subplots(1, len(chosen), figsize=(4.6 * len(chosen) + 0.6, 3.8), squeeze=False)
+    for ax, estimator in zip(axes[0], chosen):
+        part = table[table["estimator"] == estimator]
+        for comparison, style in (("class-disjoint", "--"), ("within-source", ":")):
+            ref = part[part["comparison"] == comparison].sort_values("layer")
+            ax.plot(ref["layer"], ref["value"], style, color="grey",
+                    label=f"source: {'class-disjoint halves' if comparison == 'class-disjoint' else 'random halves'}")
+            if comparison == "class-disjoint":
+                ax.fill_between(ref["layer"], ref["ci_low"], ref["ci_high"], color="grey", alpha=0.25)
+        null = part[part["comparison"] == "null"].groupby("layer")["value"].mean()
+        if len(null):
+            ax.plot(null.index, null.values, "-.", color="black", linewidth=0.8, label="permutation null")
+        for target in targets:
+            line = part[(part["comparison"] == "target") & (part["target"] == target)].sort_values("layer")
+            ax.plot(line["layer"], line["value"], "o-", color=palette[target], label=_short(target))
+            ax.fill_between(line["layer"], line["ci_low"], line["ci_high"], color=palette[target], alpha=0.2)
+            if "predicted" in line and line["predicted"].notna().any():
+                ax.plot(line["layer"], line["predicted"], "x", color=palette[target], markersize=8)
+        higher = part["higher_is_similar"].iloc[0] if "higher_is_similar" in part else None
+        direction = "higher = more similar" if higher is True or higher == 1.0 else (
+            "lower = more similar" if higher is False or higher == 0.0 else "negative control; x: predicted")
+        ax.set_title(f"{estimator} ({direction})", fontsize=9)
+        ax.set_xlabel("vision block")
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    settings = (f"n = {int(table['n'].iloc[0])} images per side" if "n" in table else "") + (
+        f", pool {table['pool'].iloc[0]}" if "pool" in table else "")
+    figure.suptitle(f"Source vs each target per block ({settings}); bands: 95% bootstrap intervals; grey band: two "
+                    "class-disjoint halves of the source", fontsize=9)
     figure.tight_layout()
     return figure
 

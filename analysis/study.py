@@ -9,7 +9,8 @@ reuses them when they are there: rerunning finishes what is missing and repeats 
       episodes/                               one episode file per target and shot setting
       episodes.csv, accuracy_table.csv        one row per episode; mean, 95% CI, paired differences
       diagnostics/<table>.csv                 pretrained and fine-tuned models, episode 0
-      cka_domains.csv, cka_finetuned.csv      CKA per layer: source vs targets; pretrained vs fine-tuned
+      domain_similarity.csv                   every estimator per layer: source vs targets, references, null
+      cka_finetuned.csv                       paired CKA per layer: pretrained vs fine-tuned, same images
       atha_strengths.csv                      ATHA's learned alpha and beta per block and episode
       figures/                                every figure as PNG and PDF
 
@@ -29,7 +30,9 @@ import pandas as pd
 import torch
 
 from analysis import figures as fig
-from analysis.cka import cka, domain_cka_table, layer_features, sample_layer_features
+from analysis.cka import cka
+from analysis.domain import DEFAULT_ESTIMATOR, compare_domains
+from analysis.features import layer_features
 from analysis.run_diagnostics import diagnose_run
 from cdfsl_core.compare import paired_difference
 from cdfsl_core.data import load_dataset
@@ -86,7 +89,7 @@ class Study:
     methods: tuple[tuple[str, str, str], ...] = METHODS
     diagnose_shots: int = 5  # the shot setting whose episode 0 is diagnosed
     attribution_steps: int = 8  # integrated-gradients steps of the attribution maps
-    cka_images: int = 200  # images per domain for the domain CKA
+    domain_images: int = 200  # images drawn per domain for the domain similarity
     progress: bool = True
     _bundle: ClipBundle | None = field(default=None, repr=False)
     _checked: bool = field(default=False, repr=False)
@@ -100,7 +103,7 @@ class Study:
     def settings(self) -> dict[str, Any]:
         """What determines the study's results (``study.json`` in the folder)."""
         keys = ("model", "pretrained", "data_root", "source", "targets", "shots", "episodes", "steps", "seed",
-                "methods", "diagnose_shots", "attribution_steps", "cka_images")
+                "methods", "diagnose_shots", "attribution_steps", "domain_images")
         return json.loads(json.dumps({key: getattr(self, key) for key in keys}))
 
     def _check_folder(self) -> None:
@@ -307,20 +310,20 @@ class Study:
         return protocol_transform(self.bundle, 1.15)
 
 
-    def cka_domains(self) -> pd.DataFrame:
-        """Debiased linear CKA of CLS tokens per layer, source vs each target (unpaired images,
-        20 random pairings), with the within-source and noise-floor references."""
+    def domain_similarity(self, pool: str = "cls") -> pd.DataFrame:
+        """Every domain estimator (:mod:`analysis.domain`) per layer of the pretrained model: each
+        target against the source, beside two random and two class-disjoint halves of the source
+        and a permutation null, with bootstrap intervals; ``pool`` 'cls', 'mean' or 'mean-no-simple'."""
         def make() -> pd.DataFrame:
-            source = sample_layer_features(self.bundle.model, self.load(self.source), self.cka_images, self._transform,
-                                           self.seed)
-            tables = []
-            for target in self.targets:
-                features = sample_layer_features(self.bundle.model, self.load(target), self.cka_images, self._transform,
-                                                 self.seed)
-                tables.append(domain_cka_table(source, features, "linear", "debiased", 20, self.seed,
-                                               source=self.source, target=target, pool="cls"))
-            return pd.concat(tables, ignore_index=True)
-        return self._cached(self.out / "cka_domains.csv", make)
+            from analysis.domain import list_domain_estimators
+
+            bundle = load_clip(self.model, self.pretrained, device=self.device)  # a clean model, whatever ran before
+            targets = {name: self.load(name) for name in self.targets}
+            return compare_domains(bundle.model, self.load(self.source), targets, self._transform, self.domain_images,
+                                   pool, tuple(list_domain_estimators()), seed=self.seed, progress=self.progress,
+                                   bundle=bundle, labels={"source": self.source, "model": self.model})
+        suffix = "" if pool == "cls" else f"_{pool}"
+        return self._cached(self.out / f"domain_similarity{suffix}.csv", make)
 
     def cka_finetuned(self) -> pd.DataFrame:
         """Linear CKA per layer between the pretrained and each fine-tuned model of episode 0 on
@@ -418,7 +421,8 @@ class Study:
             "positive_controls": fig.positive_controls(self.controls()),
             "head_tail_similarity": fig.head_tail_similarity(tables["head_tail"]),
             "attention_maps": fig.attention_maps(tables["attention"], tables["rollout"], tables["attribution"]),
-            "cka_domains": fig.cka_by_layer(self.cka_domains()),
+            "domain_similarity": fig.domain_similarity_by_layer(self.domain_similarity(), DEFAULT_ESTIMATOR),
+            "domain_estimators": fig.domain_similarity_by_layer(self.domain_similarity()),
             "cka_finetuned": fig.cka_finetuned(self.cka_finetuned()),
         }
         if any(intervention == "atha" for _, _, intervention in self.methods):

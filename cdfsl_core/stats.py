@@ -1,4 +1,5 @@
-"""The one confidence-interval convention of every table: the field's.
+"""Statistics shared by the measurements: the one confidence-interval convention of every table
+(the field's), and the Gaussian kernel with the median bandwidth that MMD uses.
 
 Mean accuracy (or mean paired difference) over episodes with the 95% CI half-width
 ``1.96 * std / sqrt(n)``, ``std`` the population standard deviation (numpy's default, ddof = 0),
@@ -12,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["mean_ci95"]
+__all__ = ["mean_ci95", "median_gaussian_kernel"]
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
@@ -22,3 +23,16 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     if array.size == 0:
         return float("nan"), float("nan")
     return float(array.mean()), float(1.96 * array.std(ddof=0) / np.sqrt(array.size))
+
+
+def median_gaussian_kernel(pooled):
+    """Gaussian kernel matrix ``exp(-d^2 / (2 sigma^2))`` of the rows of ``pooled`` [N, d] (a torch
+    tensor), with sigma the median pairwise distance of distinct rows (the median heuristic);
+    returns (kernel [N, N], sigma). Computed in float64."""
+    import torch
+
+    pooled = pooled.double()
+    squared = torch.cdist(pooled, pooled).pow(2)
+    off_diagonal = ~torch.eye(len(pooled), dtype=torch.bool, device=pooled.device)
+    sigma = squared[off_diagonal].sqrt().median().clamp_min(1e-12) if len(pooled) > 1 else pooled.new_tensor(1.0)
+    return torch.exp(-squared / (2 * sigma**2)), float(sigma)

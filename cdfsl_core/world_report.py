@@ -45,16 +45,15 @@ from cdfsl_core.data import load_dataset  # noqa: E402
 from cdfsl_core.data.synthetic import SYNTHETIC_TARGETS  # noqa: E402
 from cdfsl_core.episodes import EpisodeConfig, generate_episodes  # noqa: E402
 from cdfsl_core.models import load_clip  # noqa: E402
+from cdfsl_core.stats import median_gaussian_kernel  # noqa: E402
 from cdfsl_core.zeroshot import accuracy, image_features, mean_ci95, text_features, zero_shot_episodes  # noqa: E402
 
 
 def domain_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
-    """``1 - MMD^2 / 2`` between feature sets x [n, d] and y [m, d] (Gaussian kernel, median bandwidth)."""
-    pooled = torch.cat([x, y]).double()
-    distances = torch.cdist(pooled, pooled)
-    off_diagonal = distances[~torch.eye(len(pooled), dtype=torch.bool)]
-    bandwidth = off_diagonal.median().clamp_min(1e-12)
-    kernel = torch.exp(-(distances**2) / (2 * bandwidth**2))
+    """``1 - MMD^2 / 2`` between feature sets x [n, d] and y [m, d] (Gaussian kernel, median bandwidth;
+    the biased V-statistic, in [0, 2]). The unbiased MMD with references and nulls is
+    :func:`analysis.domain.domain_similarity`."""
+    kernel, _ = median_gaussian_kernel(torch.cat([x, y]))
     n = len(x)
     mmd2 = kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean()
     return float(1 - mmd2 / 2)

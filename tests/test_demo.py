@@ -20,11 +20,13 @@ def test_demo_writes_the_table_the_runs_and_the_figures(tmp_path, capsys):
     assert table["episodes"].eq(1).all() and table["mean"].between(0, 1).all()
     assert (table.loc[table["method"] == "coop+lora", "diff_vs_baseline"] == 0).all()
     for name in ("world_samples", "accuracy_by_domain", "paired_differences", "token_norms_by_bucket", "sink_counts",
-                 "head_tail_similarity", "attention_maps", "cka_domains", "cka_finetuned", "atha_strengths"):
+                 "head_tail_similarity", "attention_maps", "domain_similarity", "domain_estimators", "cka_finetuned",
+                 "atha_strengths", "positive_controls"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 0, name
         assert (out / "figures" / f"{name}.pdf").exists(), name
     sinks = pd.read_csv(out / "diagnostics" / "sinks.csv")
     assert set(sinks["model"]) == {"pretrained", "coop+lora", "coop+lora+atha", "coop+lora+tir"}
     assert sinks["reproduced"].all() and set(sinks["fine_tuned_from"]) == {"saved state"}
-    assert set(pd.read_csv(out / "cka_domains.csv")["target"]) == set(table["domain"])
+    domains = pd.read_csv(out / "domain_similarity.csv")
+    assert set(domains["target"].dropna()) == set(table["domain"]) and domains["estimator"].nunique() == 5
     assert (out / "runs" / "synthetic-xray" / "5shot_1ep" / "coop+lora+tir" / "summary.json").exists()

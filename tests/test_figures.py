@@ -12,6 +12,7 @@ from analysis.figures import (
     atha_strengths,
     attention_maps,
     cka_finetuned,
+    domain_similarity_by_layer,
     feature_view,
     head_tail_similarity,
     paired_differences,
@@ -196,3 +197,24 @@ def test_positive_controls_frame_the_definition_meant_for_each_plant():
     frames = [p for p in ax.patches if isinstance(p, plt.Rectangle) and p.get_edgecolor()[0] > 0.5 and not p.get_fill()]
     assert [(f.get_x(), f.get_y()) for f in frames] == [(0, 1)]  # high-norm column, planted row
     assert "block 3" in ax.get_title()
+
+
+def test_domain_similarity_draws_targets_references_and_the_control_prediction():
+    rows = []
+    for layer in (0, 1):
+        for estimator, higher in (("mmd", False), ("random-pairing-cka", None)):
+            base = {"estimator": estimator, "layer": layer, "n": 50, "pool": "cls", "higher_is_similar": higher}
+            rows.append({**base, "comparison": "target", "target": "synthetic-xray", "value": 0.4 + layer,
+                         "ci_low": 0.3, "ci_high": 0.5, "predicted": 0.04 if higher is None else np.nan})
+            rows.append({**base, "comparison": "class-disjoint", "target": None, "value": 0.01, "ci_low": 0.0, "ci_high": 0.02})
+            rows.append({**base, "comparison": "within-source", "target": None, "value": 0.0, "ci_low": -0.01, "ci_high": 0.01})
+    figure = domain_similarity_by_layer(pd.DataFrame(rows))
+    mmd, control = figure.axes
+    assert "mmd (lower = more similar)" in mmd.get_title() and "negative control" in control.get_title()
+    lines = _lines(mmd)
+    assert lines["xray"] == ([0, 1], [0.4, 1.4]) and lines["source: class-disjoint halves"][1] == [0.01, 0.01]
+    crosses = [line for line in control.lines if line.get_marker() == "x"]
+    assert [round(float(v), 6) for v in crosses[0].get_ydata()] == [0.04, 0.04]
+    assert "n = 50 images per side" in figure._suptitle.get_text()
+    with pytest.raises(ValueError, match="estimators \\['frechet'\\] are not in the table"):
+        domain_similarity_by_layer(pd.DataFrame(rows), "frechet")
