@@ -27,7 +27,6 @@ from pathlib import Path
 
 from cdfsl_core.cli import command, non_negative_int, parser, positive_int
 
-
 DOMAIN_ESTIMATORS = ("mmd", "feature-cka", "mean-shift", "frechet", "random-pairing-cka")  # as analysis.domain
 SYNTHETIC_TARGETS = ("synthetic-crops", "synthetic-satellite", "synthetic-lesions", "synthetic-xray")
 
@@ -73,7 +72,6 @@ import math  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis.recorder import vision_tower
+from cdfsl_core import protocol
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.lora import LoRAAttention
 from cdfsl_core.token_text import project_tokens
@@ -65,7 +66,7 @@ class Plant:
     token: int = 0
     strength: float | None = None  # None: DEFAULT_STRENGTH[kind]
     channel: int = 0  # massive-activation only
-    rho: float = 0.3  # every-class-top only: the top-set fraction of the Sum score it must enter
+    rho: float = protocol.TIR_RHO  # every-class-top only: the top-set fraction of the Sum score it must enter
 
     @property
     def finds(self) -> str:

@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+from cdfsl_core import protocol
 from cdfsl_core.cli import command, parser, positive_int
 
 
@@ -23,9 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     result = parser("python -m analysis.demo", __doc__)
     result.add_argument("--out", type=Path, default=Path("outputs/demo"), help="the study folder")
     result.add_argument("--figures", type=Path, default=None, help="where the figures go (None: OUT/figures)")
-    result.add_argument("--episodes", type=positive_int, default=2, help="episodes per target, shot setting and method")
-    result.add_argument("--steps", type=positive_int, default=60,
-                        help="training steps per episode (60 to finish within 15 min; the protocol's is 100)")
+    result.add_argument("--episodes", type=positive_int, default=protocol.DEMO_EPISODES,
+                        help="episodes per target, shot setting and method")
+    result.add_argument("--steps", type=positive_int, default=protocol.DEMO_STEPS,
+                        help=f"training steps per episode (fewer than the protocol's {protocol.STEPS}, to finish within 15 min)")
     result.add_argument("--seed", type=int, default=0, help="episode seed")
     return result
 
@@ -36,24 +38,25 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     import torch
 
-    from analysis.study import BASELINE, Study
+    from analysis.study import Study
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    study = Study(args.out, episodes=args.episodes, steps=args.steps, seed=args.seed)
+    study = Study.create(args.out, episodes=args.episodes, steps=args.steps, seed=args.seed)
+    baseline = study.grid.baseline
     paths = study.figures(args.figures)
     summary = pd.read_csv(args.out / "accuracy_table.csv")  # written by study.figures
 
     view = summary.assign(
         accuracy=[f"{100 * m:.1f} +- {100 * c:.1f}" for m, c in zip(summary["mean"], summary["ci95"])],
-        vs_baseline=[f"{100 * d:+.1f} +- {100 * c:.1f}" if m != BASELINE else "-"
+        vs_baseline=[f"{100 * d:+.1f} +- {100 * c:.1f}" if m != baseline else "-"
                      for d, c, m in zip(summary["diff_vs_baseline"], summary["diff_ci95"], summary["method"])],
     )
     print(view.pivot_table(index=["domain", "shots"], columns="method", values="accuracy", aggfunc="first", sort=False)
           .to_string())
-    print(f"\npaired differences against {BASELINE} (points, 95% CI):")
-    print(view[view["method"] != BASELINE].pivot_table(index=["domain", "shots"], columns="method",
+    print(f"\npaired differences against {baseline} (points, 95% CI):")
+    print(view[view["method"] != baseline].pivot_table(index=["domain", "shots"], columns="method",
                                                       values="vs_baseline", aggfunc="first", sort=False).to_string())
     print("\nsimilarity to the source (1 - MMD^2/2): " + ", ".join(f"{d} {s:.3f}" for d, s in study.similarity().items()))
     print(f"\n{args.episodes} episodes per cell, {args.steps} steps each; finished in "
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"accuracy table: {args.out / 'accuracy_table.csv'}")
     print(f"per-episode results: {args.out / 'episodes.csv'} and the run folders in {args.out / 'runs'}/")
     print(f"diagnostics: {args.out / 'diagnostics'}/, {args.out / 'domain_similarity.csv'}, {args.out / 'cka_finetuned.csv'}, "
-          f"{args.out / 'atha_strengths.csv'}")
+          f"{args.out / 'intervention_stats.csv'}")
     folder = paths[next(iter(paths))][0].parent
     print(f"figures: {folder}/ ({', '.join(paths)}; .png and .pdf)")
     return 0

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from analysis.config import SPACES, TRANSFORMS, AnalysisConfig
 from analysis.recorder import ActivationCache
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.token_text import atha_class_vectors, project_tokens, sum_score
@@ -55,14 +56,7 @@ class SinkDefinition:
         return f"{self.name} (> {self.tau:g} x {unit})"
 
 
-SINK_DEFINITIONS = {
-    "sum-all": SinkDefinition("sum-all", 0.0),
-    "high-norm": SinkDefinition("high-norm", 2.0),
-    "attention-mass": SinkDefinition("attention-mass", 5.0, "cls"),
-    "massive-activation": SinkDefinition("massive-activation", 100.0),
-}
-SPACES = ("residual", "projected")
-TRANSFORMS = ("none", "log")
+SINK_DEFINITIONS = {sink.name: sink for sink in AnalysisConfig().sinks()}  # the default thresholds
 
 
 def _row_median(values: torch.Tensor) -> torch.Tensor:
@@ -84,15 +78,24 @@ class TokenDiagnostics:
     visual: Any  # the open_clip vision tower (ln_post, proj)
     text: torch.Tensor  # [C, embed_dim] the text read-out the interventions use, as the tower gives it (not normalised)
     layers: Sequence[int]
-    rho: float = 0.3  # TIR's top-k fraction for the Sum score
-    rho_head: float = 0.3  # ATHA's head fraction
-    rho_tail: float = 0.2  # ATHA's tail fraction
-    space: str = "residual"  # token norms in 'residual' or 'projected' space
-    transform: str = "none"  # 'none' or 'log' of the norm
+    rho: float = AnalysisConfig.rho  # TIR's top-k fraction for the Sum score
+    rho_head: float = AnalysisConfig.rho_head  # ATHA's head fraction
+    rho_tail: float = AnalysisConfig.rho_tail  # ATHA's tail fraction
+    space: str = AnalysisConfig.space  # token norms in 'residual' or 'projected' space
+    transform: str = AnalysisConfig.transform  # 'none' or 'log' of the norm
     sinks: Sequence[SinkDefinition] = field(default_factory=lambda: list(SINK_DEFINITIONS.values()))
-    bins: int = 40  # head/tail histogram bins over [-1, 1]
+    bins: int = AnalysisConfig.bins  # head/tail histogram bins over [-1, 1]
     head_tail: bool = True  # also the head/tail similarity histogram (False: norms and sinks only, cheaper)
     text_norm: str = "none"  # ATHA's class vectors from the read-out as it is ('none') or normalised ('unit'), as ATHAConfig
+
+    @classmethod
+    def from_config(cls, visual: Any, text: torch.Tensor, layers: Sequence[int], config: AnalysisConfig,
+                    text_norm: str = "none") -> "TokenDiagnostics":
+        """The diagnostics an :class:`~analysis.config.AnalysisConfig` describes (``text_norm`` when the
+        config leaves it to the method)."""
+        return cls(visual, text, layers, rho=config.rho, rho_head=config.rho_head, rho_tail=config.rho_tail,
+                   space=config.space, transform=config.transform, sinks=config.sinks(), bins=config.bins,
+                   head_tail=config.head_tail, text_norm=config.text_norm or text_norm)
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from analysis.recorder import record, vision_tower
+from cdfsl_core import protocol
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.token_text import project_tokens, sum_score
 
@@ -31,7 +32,7 @@ POOLS = ("cls", "mean", "mean-no-simple")
 
 
 def pool_tokens(x: torch.Tensor, pool: str, visual: Any = None, unit_text: torch.Tensor | None = None,
-                rho: float = 0.3) -> tuple[torch.Tensor, torch.Tensor | None]:
+                rho: float = protocol.TIR_RHO) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pool a block's output ``x`` [B, 1 + L, D] to [B, D] (see the module doc); for
     ``mean-no-simple`` also the number of simple tokens left out of each image [B] (else None)."""
     if pool == "cls":

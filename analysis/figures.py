@@ -19,12 +19,12 @@ from cdfsl_core.stats import mean_ci95
 
 __all__ = [
     "accuracy_by_domain",
-    "atha_strengths",
     "attention_maps",
     "domain_similarity_by_layer",
     "cka_finetuned",
     "feature_view",
     "head_tail_similarity",
+    "intervention_strengths",
     "paired_differences",
     "positive_controls",
     "save_figure",
@@ -335,23 +335,31 @@ def head_tail_similarity(head_tail: pd.DataFrame, layers: Sequence[int] | None =
     return figure
 
 
-def atha_strengths(table: pd.DataFrame) -> plt.Figure:
-    """How hard ATHA pushes, per block: its strengths alpha (head) and beta (tail), and the size of
-    its edit relative to the tokens it edits, before training (dotted) and after (solid), mean
-    over episodes with 95% CI, one colour per domain.
+STATISTIC_TITLES = {  # panel titles of the statistics the built-in interventions report
+    "alpha": "alpha: head strength", "beta": "beta: tail strength",
+    "head_edit": "head edit / token norm", "tail_edit": "tail edit / token norm",
+}
+
+
+def intervention_strengths(table: pd.DataFrame, statistics: Sequence[str] = ("alpha", "beta", "head_edit", "tail_edit"),
+                           name: str = "atha") -> plt.Figure:
+    """What an intervention reports of itself, per block: one panel per statistic, before training
+    (dotted) and after (solid), mean over episodes with 95% CI, one colour per domain. For ATHA:
+    its strengths alpha (head) and beta (tail), and the size of its edit relative to the tokens it
+    edits (``head_edit`` = alpha_i x mean norm of the class vectors head tokens move along / mean
+    patch-token norm entering block i; ``tail_edit`` likewise with beta).
 
     Args:
-        table: one row per (domain, episode, block, stage): ``stage`` ('init' or 'trained'),
-            ``alpha``, ``beta``, ``head_edit`` (alpha_i x mean norm of the class vectors head tokens
-            move along / mean patch-token norm entering block i), ``tail_edit`` (the same with beta).
+        table: one row per (domain, episode, block, stage): ``stage`` ('init' or 'trained') and a
+            column per statistic (:meth:`analysis.study.Study.intervention_stats`).
+        statistics: the columns to draw.
+        name: the intervention, for the title.
     """
-    _require(table, {"domain", "episode", "block", "stage", "alpha", "beta", "head_edit", "tail_edit"}, "atha_strengths")
-    panels = (("alpha", "alpha: head strength"), ("beta", "beta: tail strength"),
-              ("head_edit", "head edit / token norm"), ("tail_edit", "tail edit / token norm"))
-    figure, axes = plt.subplots(1, len(panels), figsize=(15, 3.4), squeeze=False)
+    _require(table, {"domain", "episode", "block", "stage", *statistics}, "intervention_strengths")
+    figure, axes = plt.subplots(1, len(statistics), figsize=(3.75 * len(statistics), 3.4), squeeze=False)
     palette = _palette(table["domain"])
-    for ax, (name, title) in zip(axes[0], panels):
-        stats = table.groupby(["domain", "stage", "block"], sort=False)[name].agg(["mean", _ci95]).reset_index()
+    for ax, statistic in zip(axes[0], statistics):
+        stats = table.groupby(["domain", "stage", "block"], sort=False)[statistic].agg(["mean", _ci95]).reset_index()
         for domain in palette:
             for stage, style in (("init", ":"), ("trained", "-")):
                 part = stats[(stats["domain"] == domain) & (stats["stage"] == stage)].sort_values("block")
@@ -359,15 +367,16 @@ def atha_strengths(table: pd.DataFrame) -> plt.Figure:
                     ax.errorbar(part["block"], part["mean"], yerr=part["_ci95"], fmt="o" + style, capsize=2,
                                 color=palette[domain], markersize=3 if stage == "init" else 5,
                                 label=f"{_short(domain)}" if stage == "trained" else None)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(STATISTIC_TITLES.get(statistic, statistic), fontsize=9)
         ax.set_xlabel("vision block")
     axes[0, 0].plot([], [], "k:", label="before training")
     axes[0, 0].legend(fontsize=7)
     shots = ", ".join(f"{k}-shot" for k in sorted(table["shots"].unique())) if "shots" in table else ""
     norm = ""
-    if "text_norm" in table:
-        norm = f"; class vectors from the {'unit-norm' if table['text_norm'].iloc[0] == 'unit' else 'unnormalised'} read-out"
-    figure.suptitle(f"How hard ATHA pushes ({shots}){norm}; solid: after training, dotted: before; "
+    if "setting_text_norm" in table:
+        unit = table["setting_text_norm"].iloc[0] == "unit"
+        norm = f"; class vectors from the {'unit-norm' if unit else 'unnormalised'} read-out"
+    figure.suptitle(f"What {name} reports of itself per block ({shots}){norm}; solid: after training, dotted: before; "
                     "bars: 95% CI over episodes", fontsize=9)
     figure.tight_layout()
     return figure

@@ -97,6 +97,25 @@ class ActivationCache(Mapping):
         """``what`` of every recorded layer stacked: [layer, ...]."""
         return torch.stack([self[f"blocks.{i}.{what}"] for i in self.layers])
 
+    def to(self, device: torch.device | str) -> "ActivationCache":
+        """A copy with every tensor on ``device`` (e.g. to the CPU, to keep one batch's recordings)."""
+        return ActivationCache.from_tensors({key: value.to(device) for key, value in self._store.items()})
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "ActivationCache":
+        """A cache holding ``tensors`` under their keys (``blocks.{i}.{what}``), as if recorded: for
+        tests and for reducers fed from saved activations."""
+        parsed = []
+        for key in tensors:
+            parts = key.split(".", 2)
+            if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] not in WHAT:
+                raise ConfigError(f"cache key {key!r}: expected 'blocks.<layer>.<what>' with what in {WHAT}.")
+            parsed.append((int(parts[1]), parts[2]))
+        cache = cls(sorted({layer for layer, _ in parsed}), tuple(dict.fromkeys(what for _, what in parsed)))
+        for key, value in tensors.items():
+            cache._put(key, value)
+        return cache
+
     def _put(self, key: str, value: torch.Tensor) -> None:
         self._store[key] = value.detach()
 

@@ -21,14 +21,38 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from cdfsl_core.cli import command, non_negative_int, parser
+from cdfsl_core.cli import command, fraction, non_negative_int, parser, positive_float, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from analysis.config import SPACES, TRANSFORMS, AnalysisConfig
+
+    defaults = AnalysisConfig()
     result = parser("python -m analysis.run_diagnostics", __doc__)
     result.add_argument("run", help="a run folder written by python -m cdfsl_core.finetune")
     result.add_argument("--episodes", type=non_negative_int, nargs="+", default=[0], help="episode indices to diagnose")
     result.add_argument("--out", default=None, help="folder for the tables (None: RUN/diagnostics)")
+    settings = result.add_argument_group("analysis settings (written into every table)")
+    settings.add_argument("--space", choices=SPACES, default=defaults.space, help="token norms in this space")
+    settings.add_argument("--transform", choices=TRANSFORMS, default=defaults.transform, help="of the token norms")
+    settings.add_argument("--rho", type=fraction, default=defaults.rho, help="the Sum score's top-k fraction")
+    settings.add_argument("--rho-head", type=fraction, default=defaults.rho_head, help="head fraction (head/tail)")
+    settings.add_argument("--rho-tail", type=fraction, default=defaults.rho_tail, help="tail fraction (head/tail)")
+    settings.add_argument("--high-norm-tau", type=positive_float, default=defaults.high_norm_tau,
+                          help="high-norm sink: above tau x the image's median patch norm")
+    settings.add_argument("--attention-tau", type=positive_float, default=defaults.attention_tau,
+                          help="attention-mass sink: above tau x the uniform share of attention")
+    settings.add_argument("--attention-source", choices=("cls", "mean"), default=defaults.attention_source,
+                          help="attention received from CLS or averaged over all queries")
+    settings.add_argument("--massive-tau", type=positive_float, default=defaults.massive_tau,
+                          help="massive-activation sink: a channel above tau x the median |activation|")
+    settings.add_argument("--bins", type=positive_int, default=defaults.bins, help="head/tail histogram bins")
+    settings.add_argument("--no-head-tail", dest="head_tail", action="store_false",
+                          help="skip the head/tail histogram")
+    settings.add_argument("--attribution-steps", type=positive_int, default=defaults.attribution_steps,
+                          help="integrated-gradients steps")
+    settings.add_argument("--text-norm", choices=("none", "unit"), default=defaults.text_norm,
+                          help="ATHA's class vectors from the read-out as it is or normalised (None: as the method's)")
     return result
 
 
@@ -40,6 +64,7 @@ import torch  # noqa: E402
 
 from analysis.attention import attention_rollout, cls_attention_maps  # noqa: E402
 from analysis.attribution import PatchAttribution  # noqa: E402
+from analysis.config import AnalysisConfig  # noqa: E402
 from analysis.diagnostics import TokenDiagnostics  # noqa: E402
 from analysis.recorder import record  # noqa: E402
 from cdfsl_core.errors import ConfigError  # noqa: E402
@@ -55,15 +80,16 @@ def _grid_rows(values: torch.Tensor, **labels: Any) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def _record_and_reduce(method: FewShotCLIP, images: torch.Tensor, labels: dict[str, Any], batch_size: int = 64,
-                       **diagnostic_settings: Any) -> dict[str, pd.DataFrame]:
+def _record_and_reduce(method: FewShotCLIP, images: torch.Tensor, labels: dict[str, Any], analysis: AnalysisConfig,
+                       batch_size: int = 64) -> dict[str, pd.DataFrame]:
     visual = method.model.visual
     layers = list(range(len(visual.transformer.resblocks)))
     # every model's tokens are compared with the text read-out the interventions use (METHODS:
     # after text block n - 2), also for a baseline without intervention, so tables compare
     _, readout = method.text_features(readout=True)
-    diagnostic_settings.setdefault("text_norm", method.config.atha.text_norm)  # ATHA's class vectors, as it builds them
-    diagnostics = TokenDiagnostics(visual, readout, layers, **diagnostic_settings)
+    # class vectors for the head/tail histogram as the intervention builds them, if it says how
+    diagnostics = TokenDiagnostics.from_config(visual, readout, layers, analysis,
+                                               getattr(method.config.settings(), "text_norm", "none"))
     attention_sum = None
     rollout_sum = None
     for start in range(0, len(images), batch_size):
@@ -89,30 +115,36 @@ def _record_and_reduce(method: FewShotCLIP, images: torch.Tensor, labels: dict[s
 
 
 def diagnose_model(method: FewShotCLIP, images: torch.Tensor, targets: torch.Tensor, labels: dict[str, Any],
-                   attribution_steps: int = 16, **diagnostic_settings: Any) -> dict[str, pd.DataFrame]:
-    """All tables for one model on ``images`` (true classes ``targets``)."""
+                   analysis: AnalysisConfig = AnalysisConfig()) -> dict[str, pd.DataFrame]:
+    """All tables for one model on ``images`` [n, 3, H, W] (true classes ``targets`` [n]); every row
+    carries ``labels`` and the analysis settings (``analysis_*`` columns)."""
     method.eval()
-    tables = _record_and_reduce(method, images, labels, **diagnostic_settings)
-    attribution = PatchAttribution(method, n_steps=attribution_steps)(images, target=targets).mean(dim=0)
+    tables = _record_and_reduce(method, images, labels, analysis)
+    steps = analysis.attribution_steps
+    attribution = PatchAttribution(method, n_steps=steps)(images, target=targets).mean(dim=0)  # [grid, grid]
     tables["attribution"] = pd.DataFrame(_grid_rows(
-        attribution, **labels, definition=f"integrated gradients ({attribution_steps} steps) of the true-class logit "
+        attribution, **labels, definition=f"integrated gradients ({steps} steps) of the true-class logit "
         "w.r.t. patch embeddings, summed over channels, mean over query images"))
+    for table in tables.values():
+        for column, value in analysis.columns().items():
+            table[column] = value
     return tables
 
 
 def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | Path | None = None,
-                 attribution_steps: int = 16, pretrained: bool = True,
-                 model_label: str | None = None) -> dict[str, pd.DataFrame]:
+                 analysis: AnalysisConfig = AnalysisConfig(), pretrained: bool = True,
+                 model_label: str | None = None, bundle: Any = None) -> dict[str, pd.DataFrame]:
     """Diagnose the pretrained (unless ``pretrained=False``) and the fine-tuned model of each
     chosen episode of a run ('pretrained' is the episode's model before training: with ATHA,
     its initial strengths already act); the fine-tuned model is labelled ``model_label`` (default
-    'fine-tuned ADAPTATION/INTERVENTION')."""
+    'fine-tuned ADAPTATION/INTERVENTION'). ``bundle``: an already loaded model of the run (a study
+    passes its own; methods built on it are independent)."""
     folder = Path(folder)
-    config, bundle, dataset, episode_file = load_run(folder)
+    config, bundle, dataset, episode_file = load_run(folder, bundle)
     recorded = {}
     results = folder / "episodes.jsonl"
     if results.exists():
-        recorded = {r["episode"]: r for r in map(json.loads, results.read_text().splitlines())}
+        recorded = {r["episode"]: r for r in map(json.loads, results.read_text().splitlines()) if r}
     method_label = f"{config.method.adaptation}/{config.method.intervention}"
     collected: dict[str, list[pd.DataFrame]] = {}
     method = None
@@ -122,8 +154,8 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
         method, support, support_labels, query, query_labels = prepare_episode(
             config, bundle, dataset, episode_file, index, method)
         common = {"dataset": config.data.dataset, "episode": index}
-        before = diagnose_model(method, query, query_labels, {**common, "model": "pretrained"},
-                                attribution_steps) if pretrained else {}
+        before = diagnose_model(method, query, query_labels, {**common, "model": "pretrained"}, analysis) \
+            if pretrained else {}
         saved = state_path(folder, index)
         if saved.exists():
             load_state(method, saved)
@@ -131,8 +163,8 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
             train_episode(method, support, support_labels, config.train, config.model.precision)
         accuracy = evaluate(method, query, query_labels, config.train.eval_batch_size, config.model.precision)
         expected = recorded.get(index, {}).get("accuracy")
-        after = diagnose_model(method, query, query_labels, {**common, "model": model_label or f"fine-tuned {method_label}"},
-                               attribution_steps)
+        after = diagnose_model(method, query, query_labels,
+                               {**common, "model": model_label or f"fine-tuned {method_label}"}, analysis)
         for name in after:
             tables_of = [before[name], after[name]] if pretrained else [after[name]]
             for table in tables_of:
@@ -152,7 +184,8 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
 @command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tables = diagnose_run(args.run, args.episodes, args.out)
+    analysis = AnalysisConfig(**{name: getattr(args, name) for name in AnalysisConfig.field_names()})
+    tables = diagnose_run(args.run, args.episodes, args.out, analysis)
     sinks = tables["sinks"].groupby(["model", "definition"])["mean_count"].mean().unstack()
     print("mean sink tokens per image (over layers):")
     print(sinks.to_string())

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from cdfsl_core import protocol
 from cdfsl_core.methods import create_method
 from cdfsl_core.models import load_clip, resolve_device
 from cdfsl_core.runner import TrainConfig, train_episode
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_clip(args.model, None if args.pretrained == "none" else args.pretrained, device=device)
     size = bundle.model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    images = torch.randn(5 * args.shots, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    labels = torch.arange(5, device=device).repeat_interleave(args.shots)
+    images = torch.randn(protocol.WAYS * args.shots, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    labels = torch.arange(protocol.WAYS, device=device).repeat_interleave(args.shots)
     methods = {name: create_method(bundle, NAMES, "coop+lora", name) for name in INTERVENTIONS}
     config = TrainConfig(steps=args.steps)
     for method in methods.values():  # warm-up: first calls allocate and cache

@@ -16,16 +16,15 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from cdfsl_core import protocol
 from cdfsl_core.data import load_dataset
-from cdfsl_core.episodes import EpisodeConfig, generate_episodes
-from cdfsl_core.methods import MethodConfig
+from cdfsl_core.episodes import generate_episodes
 from cdfsl_core.models import load_clip, resolve_device
-from cdfsl_core.runner import DataConfig, ModelConfig, RunConfig, TrainConfig, evaluate, prepare_episode, train_episode
+from cdfsl_core.runner import evaluate, prepare_episode, train_episode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="synthetic-crops")
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--episodes", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=protocol.STEPS)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -43,13 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     pretrained = None if args.pretrained == "none" else args.pretrained
     options = {"images_per_class": 40} if args.dataset.startswith("synthetic") else {}
     dataset = load_dataset(args.dataset, **options)
-    config = RunConfig(
-        model=ModelConfig(args.model, pretrained, str(device)),
-        data=DataConfig(args.dataset, None, options),
-        episodes=EpisodeConfig(5, args.shots, 15, args.episodes, 0),
-        method=MethodConfig("coop+lora", "tir"),
-        train=replace(TrainConfig(), steps=args.steps),
-    )
+    config = protocol.run_config(args.dataset, args.shots, "coop+lora", "tir", episodes=args.episodes,
+                                 steps=args.steps, model=args.model, pretrained=pretrained, device=str(device),
+                                 data_options=options)
     episodes = generate_episodes(dataset, config.episodes)
 
     def sync():

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 from cdfsl_core.errors import CDFSLError
 
-__all__ = ["HelpFormatter", "command", "logit_scale", "non_negative_int", "parser", "positive_float", "positive_int"]
+__all__ = ["HelpFormatter", "command", "fraction", "logit_scale", "non_negative_int", "parser", "positive_float", "positive_int"]
 
 DEBUG_ENV = "CDFSL_DEBUG"
 
@@ -69,6 +69,17 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {value}")
     return value
 
 

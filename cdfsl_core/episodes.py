@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cdfsl_core import protocol
 from cdfsl_core.errors import EpisodeError
 
 FORMAT = "cdfsl-episodes/1"
@@ -40,10 +41,10 @@ SHORT_CLASS_POLICIES = ("error", "skip", "cycle")
 class EpisodeConfig:
     """How episodes are drawn."""
 
-    n_way: int = 5  # classes per episode
-    k_shot: int = 1  # support images per class
-    n_query: int = 15  # query images per class
-    n_episodes: int = 600  # BSCD-FSL uses 600; the ATHA/TIR papers 800 (1-shot) and 400 (5-shot)
+    n_way: int = protocol.WAYS  # classes per episode
+    k_shot: int = protocol.SHOTS[0]  # support images per class
+    n_query: int = protocol.QUERIES  # query images per class
+    n_episodes: int = protocol.EPISODES[protocol.SHOTS[0]]  # the papers: 800 (1-shot), 400 (5-shot); BSCD-FSL 600
     seed: int = 0  # episode i uses SeedSequence([seed, i])
     short_class_policy: str = "error"  # class with < k_shot + n_query images: error | skip | cycle
 
@@ -261,10 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "always write the same bytes).")
     result.add_argument("--dataset", required=True, help="registered dataset (python -m cdfsl_core.data list)")
     result.add_argument("--data-root", default=None, help="folder holding the datasets (None: $CDFSL_DATA_ROOT)")
-    result.add_argument("--ways", type=positive_int, default=5, help="classes per episode (at least 2)")
-    result.add_argument("--shots", type=positive_int, default=1, help="support images per class")
-    result.add_argument("--queries", type=positive_int, default=15, help="query images per class")
-    result.add_argument("--episodes", type=positive_int, default=600, help="episodes to draw")
+    result.add_argument("--ways", type=positive_int, default=protocol.WAYS, help="classes per episode (at least 2)")
+    result.add_argument("--shots", type=positive_int, default=protocol.SHOTS[0], help="support images per class")
+    result.add_argument("--queries", type=positive_int, default=protocol.QUERIES, help="query images per class")
+    result.add_argument("--episodes", type=positive_int, default=None,
+                        help="episodes to draw (None: the papers' count for the shots, 800 or 400)")
     result.add_argument("--seed", type=int, default=0, help="episode i is drawn from SeedSequence([seed, i])")
     result.add_argument("--short-class-policy", choices=SHORT_CLASS_POLICIES, default="error",
                         help="a class with fewer than shots + queries images: fail, skip it, or cycle its queries")
@@ -278,7 +280,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     dataset = load_dataset(args.dataset, args.data_root)
-    config = EpisodeConfig(args.ways, args.shots, args.queries, args.episodes, args.seed, args.short_class_policy)
+    config = protocol.episode_config(args.shots, args.episodes, args.seed, args.ways, args.queries,
+                                     args.short_class_policy)
     episodes = generate_episodes(dataset, config)
     path = save_episodes(episodes, args.out)
     print(f"wrote {len(episodes)} episodes of {args.dataset} to {path} (sha256 {episodes.sha256})")

@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from cdfsl_core import protocol
 from cdfsl_core.cli import command, logit_scale, non_negative_int, parser, positive_int
 from cdfsl_core.episodes import SHORT_CLASS_POLICIES, EpisodeConfig
 from cdfsl_core.names import ADAPTATIONS, INTERVENTIONS
@@ -26,8 +27,7 @@ PRECISIONS = ("auto", "fp32", "bf16")  # as cdfsl_core.models.PRECISIONS, withou
 
 def default_episode_file(dataset: str, episodes: EpisodeConfig) -> Path:
     """Shared between runs, so every method of a comparison sees the same episodes."""
-    e = episodes
-    return Path("episodes") / f"{dataset}_{e.n_way}w{e.k_shot}s{e.n_query}q_{e.n_episodes}ep_seed{e.seed}.json"
+    return Path("episodes") / protocol.episode_file_name(dataset, episodes)
 
 
 def ways(text: str) -> int:
@@ -42,10 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = result.add_argument_group("data and episodes")
     data.add_argument("--dataset", default="synthetic-crops", help="registered dataset (python -m cdfsl_core.data list)")
     data.add_argument("--data-root", default=None, help="folder holding the datasets (None: $CDFSL_DATA_ROOT)")
-    data.add_argument("--ways", type=ways, default=5, help="classes per episode")
-    data.add_argument("--shots", type=positive_int, default=1, help="support images per class")
-    data.add_argument("--queries", type=positive_int, default=15, help="query images per class")
-    data.add_argument("--episodes", type=positive_int, default=20, help="episodes (papers: 800 for 1-shot, 400 for 5-shot)")
+    data.add_argument("--ways", type=ways, default=protocol.WAYS, help="classes per episode")
+    data.add_argument("--shots", type=positive_int, default=protocol.SHOTS[0], help="support images per class")
+    data.add_argument("--queries", type=positive_int, default=protocol.QUERIES, help="query images per class")
+    data.add_argument("--episodes", type=positive_int, default=None,
+                      help="episodes (None: the papers' count for the shots, 800 for 1-shot, 400 for 5)")
     data.add_argument("--seed", type=int, default=0, help="episode i is drawn from SeedSequence([seed, i])")
     data.add_argument("--short-class-policy", choices=SHORT_CLASS_POLICIES, default="error",
                       help="a class with fewer than shots + queries images: fail, skip it, or cycle its queries")
@@ -59,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'auto': bf16 autocast on CUDA, fp32 on CPU; 'bf16' or 'fp32' on any device")
     method = result.add_argument_group("method and training")
     method.add_argument("--adaptation", choices=ADAPTATIONS, default="coop+lora", help="what trains")
-    method.add_argument("--intervention", choices=INTERVENTIONS, default="none", help="token intervention")
-    method.add_argument("--steps", type=non_negative_int, default=100,
+    method.add_argument("--intervention", default="none",
+                        help=f"token intervention: {', '.join(INTERVENTIONS)}, or another registered one")
+    method.add_argument("--steps", type=non_negative_int, default=protocol.STEPS,
                         help="full-batch training steps per episode (0 only with --adaptation zeroshot)")
-    method.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA rank r")
+    method.add_argument("--lora-rank", type=positive_int, default=protocol.LORA_RANK, help="LoRA rank r")
     method.add_argument("--logit-scale", type=logit_scale, default="auto",
                         help="s in s * cos: a positive number, 'learned' (CLIP's), or 'auto' (2 for 1-shot, 4 otherwise)")
     method.add_argument("--augment", action="store_true", help="the authors' 5 views per support image")
@@ -78,21 +80,17 @@ if __name__ == "__main__":
 
 
 def config_from_args(args: argparse.Namespace):
-    """The :class:`~cdfsl_core.runner.RunConfig` of the command line, with absolute paths."""
-    from cdfsl_core.lora import LoRAConfig
-    from cdfsl_core.methods import MethodConfig
-    from cdfsl_core.runner import DataConfig, ModelConfig, RunConfig, TrainConfig
-
-    episodes = EpisodeConfig(args.ways, args.shots, args.queries, args.episodes, args.seed, args.short_class_policy)
-    scale: float | str = (2.0 if args.shots == 1 else 4.0) if args.logit_scale == "auto" else args.logit_scale
-    episode_file = args.episode_file or str(default_episode_file(args.dataset, episodes))
-    config = RunConfig(
-        model=ModelConfig(args.model, None if args.pretrained == "none" else args.pretrained, args.device, args.precision),
-        data=DataConfig(args.dataset, args.data_root, {}, episode_file),
-        episodes=episodes,
-        method=MethodConfig(args.adaptation, args.intervention, logit_scale=scale, lora=LoRAConfig(rank=args.lora_rank)),
-        train=TrainConfig(steps=args.steps, augment=args.augment),
-    )
+    """The :class:`~cdfsl_core.runner.RunConfig` of the command line (:func:`cdfsl_core.protocol.run_config`),
+    with absolute paths."""
+    episodes = protocol.episode_config(args.shots, args.episodes, args.seed, args.ways, args.queries,
+                                       args.short_class_policy)
+    config = protocol.run_config(
+        args.dataset, args.shots, args.adaptation, args.intervention, episodes=episodes.n_episodes, steps=args.steps,
+        seed=args.seed, model=args.model, pretrained=None if args.pretrained == "none" else args.pretrained,
+        device=args.device, precision=args.precision, data_root=args.data_root,
+        episode_file=args.episode_file or str(default_episode_file(args.dataset, episodes)),
+        scale=None if args.logit_scale == "auto" else args.logit_scale, lora_rank=args.lora_rank,
+        augment=args.augment, ways=args.ways, queries=args.queries, short_class_policy=args.short_class_policy)
     return config.with_absolute_paths()
 
 

@@ -1,19 +1,24 @@
-"""LoRA on open_clip's attention, one adapter per projection.
+"""LoRA on open_clip's attention, one adapter per projection, owned by the method that trains it.
 
 open_clip's blocks hold an ``nn.MultiheadAttention`` whose q, k and v share one fused
 in-projection. CLIP-LoRA and the ATHA/TIR code put a separate rank-r adapter on each of q, k and
 v; one rank-r adapter on the fused matrix (what peft does for ``nn.MultiheadAttention``) is a
-different, smaller model. :class:`LoRAAttention` replaces a block's ``attn`` with the same
-computation plus ``scale * B_t A_t dropout(x)`` on each chosen projection ``t`` in ``q, k, v, o``;
-``fused`` is offered as the option ``targets=("qkv",)``.
+different, smaller model, so it is only the option ``targets=("qkv",)``. :class:`LoRAAttention`
+computes a block's attention plus ``scale * B_t A_t dropout(x)`` on each chosen projection ``t`` in
+``q, k, v, o``.
 
-With B = 0 (the initial state) the outputs equal the original module's; :meth:`merge` folds
-the adapters into the weights and :meth:`unmerge` takes them out again.
+:class:`LoRAAdapters` holds one method's adapters for a model. They are not put into the model:
+``with adapters.installed():`` swaps them in for the forwards inside the block and puts the
+original attention modules back on exit, also when the forward raises. So any number of methods
+adapt one loaded model, each with its own adapters, the frozen weights shared and never copied,
+and a method that is built, trained or deleted never changes another's logits. With B = 0 (the
+initial state) the adapted model computes what the base model computes.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -21,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdfsl_core import protocol
 from cdfsl_core.errors import ConfigError
 
-__all__ = ["LoRAAttention", "LoRAConfig", "apply_lora", "lora_modules", "remove_lora"]
+__all__ = ["LoRAAdapters", "LoRAAttention", "LoRAConfig"]
 
 _SLICES = {"q": 0, "k": 1, "v": 2}
 VALID_TARGETS = ("q", "k", "v", "o", "qkv")
@@ -33,10 +39,10 @@ VALID_TARGETS = ("q", "k", "v", "o", "qkv")
 class LoRAConfig:
     """Where and how LoRA adapts the model. Defaults: the ATHA/TIR authors' code."""
 
-    rank: int = 16  # r
-    alpha: float = 8.0  # scaling numerator
+    rank: int = protocol.LORA_RANK  # r
+    alpha: float = protocol.LORA_ALPHA  # scaling numerator
     scaling: str = "sqrt"  # 'sqrt': alpha / sqrt(r) (= 2, the authors'); 'linear': alpha / r (CLIP-LoRA)
-    dropout: float = 0.25  # dropout on the adapter input
+    dropout: float = protocol.LORA_DROPOUT  # dropout on the adapter input
     targets: tuple[str, ...] = ("q", "k", "v")  # projections; ('qkv',) = one adapter on the fused matrix
     towers: tuple[str, ...] = ("visual", "text")  # which towers
     blocks: tuple[int, ...] | None = None  # block indices (None: all)
@@ -64,24 +70,26 @@ class LoRAConfig:
 
 
 class LoRAAttention(nn.Module):
-    """``nn.MultiheadAttention`` (batch_first) with LoRA adapters; the base weights stay frozen."""
+    """An adapted ``nn.MultiheadAttention`` (batch_first): the base's computation plus the adapters.
+
+    The base module is shared and frozen: it is held as a plain attribute, not a submodule, so the
+    parameters of a :class:`LoRAAttention` are its adapters only."""
 
     def __init__(self, base: nn.MultiheadAttention, config: LoRAConfig) -> None:
         super().__init__()
-        if not base.batch_first or not base._qkv_same_embed_dim:
+        if not isinstance(base, nn.MultiheadAttention) or not base.batch_first or not base._qkv_same_embed_dim:
             raise ValueError("LoRAAttention expects open_clip's batch_first attention with a fused in-projection.")
-        self.base = base
+        object.__setattr__(self, "base", base)  # shared, frozen: not registered as a submodule
         self.config = config
         self.scale = config.scale
         width = base.embed_dim
         self.dropout = nn.Dropout(config.dropout)
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
+        self.lora_A = nn.ParameterDict()  # target -> [rank, width]
+        self.lora_B = nn.ParameterDict()  # target -> [out_features, rank]
         for target in config.targets:
             out_features = 3 * width if target == "qkv" else width
             self.lora_A[target] = nn.Parameter(torch.zeros(config.rank, width, device=base.in_proj_weight.device))
             self.lora_B[target] = nn.Parameter(torch.zeros(out_features, config.rank, device=base.in_proj_weight.device))
-        self.merged = False
         self.reset_parameters()
 
     @property
@@ -90,8 +98,6 @@ class LoRAAttention(nn.Module):
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """A Kaiming-uniform (as nn.Linear), B zero: the adapted model equals the base one."""
-        if self.merged:
-            self.unmerge()
         with torch.no_grad():
             for target in self.lora_A:
                 a = self.lora_A[target]
@@ -100,6 +106,7 @@ class LoRAAttention(nn.Module):
                 self.lora_B[target].zero_()
 
     def delta_weight(self, target: str) -> torch.Tensor:
+        """``scale * B A`` of one projection: [out_features, width]."""
         return self.scale * self.lora_B[target] @ self.lora_A[target]
 
     def _rows(self, target: str) -> slice:
@@ -109,28 +116,18 @@ class LoRAAttention(nn.Module):
         start = _SLICES[target] * width
         return slice(start, start + width)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ``scale * B A`` into the base weights (faster inference; no dropout path)."""
-        if self.merged:
-            return
-        for target in self.lora_A:
-            if target == "o":
-                self.base.out_proj.weight += self.delta_weight(target)
-            else:
-                self.base.in_proj_weight[self._rows(target)] += self.delta_weight(target)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        for target in self.lora_A:
-            if target == "o":
-                self.base.out_proj.weight -= self.delta_weight(target)
-            else:
-                self.base.in_proj_weight[self._rows(target)] -= self.delta_weight(target)
-        self.merged = False
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """The base's ``in_proj_weight`` and ``out_proj.weight`` with the adapters folded in, as new
+        tensors (the shared base is left as it is): what a merged checkpoint holds."""
+        with torch.no_grad():
+            in_proj = self.base.in_proj_weight.detach().clone()
+            out_proj = self.base.out_proj.weight.detach().clone()
+            for target in self.lora_A:
+                if target == "o":
+                    out_proj += self.delta_weight(target)
+                else:
+                    in_proj[self._rows(target)] += self.delta_weight(target)
+        return {"in_proj_weight": in_proj, "out_proj.weight": out_proj}
 
     def _adapter(self, x: torch.Tensor, target: str) -> torch.Tensor:
         a, b = self.lora_A[target], self.lora_B[target]
@@ -151,16 +148,15 @@ class LoRAAttention(nn.Module):
             q = F.linear(query, weight[:width], b[:width])
             k = F.linear(key, weight[width : 2 * width], b[width : 2 * width])
             v = F.linear(value, weight[2 * width :], b[2 * width :])
-        if not self.merged:
-            if "qkv" in self.lora_A:
-                dq, dk, dv = self._adapter(query, "qkv").chunk(3, dim=-1)
-                q, k, v = q + dq, k + dk, v + dv
-            if "q" in self.lora_A:
-                q = q + self._adapter(query, "q")
-            if "k" in self.lora_A:
-                k = k + self._adapter(key, "k")
-            if "v" in self.lora_A:
-                v = v + self._adapter(value, "v")
+        if "qkv" in self.lora_A:
+            dq, dk, dv = self._adapter(query, "qkv").chunk(3, dim=-1)
+            q, k, v = q + dq, k + dk, v + dv
+        if "q" in self.lora_A:
+            q = q + self._adapter(query, "q")
+        if "k" in self.lora_A:
+            k = k + self._adapter(key, "k")
+        if "v" in self.lora_A:
+            v = v + self._adapter(value, "v")
         return q, k, v
 
     def forward(
@@ -172,7 +168,7 @@ class LoRAAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         **_: object,
     ) -> tuple[torch.Tensor, None]:
-        q, k, v = self.project_qkv(query, key, value)
+        q, k, v = self.project_qkv(query, key, value)  # [batch, token, width] each
         batch, tokens, width = q.shape
         heads = self.base.num_heads
         q, k, v = (t.reshape(batch, -1, heads, width // heads).transpose(1, 2) for t in (q, k, v))
@@ -180,7 +176,7 @@ class LoRAAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         out = out.transpose(1, 2).reshape(batch, tokens, width)
         result = self.base.out_proj(out)
-        if "o" in self.lora_A and not self.merged:
+        if "o" in self.lora_A:
             result = result + self._adapter(out, "o")
         return result, None
 
@@ -191,32 +187,69 @@ def _towers(model: nn.Module, towers: Sequence[str]) -> Iterator[tuple[str, nn.M
         yield tower, transformer
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig) -> list[LoRAAttention]:
-    """Replace the attention of the chosen blocks with :class:`LoRAAttention`; returns them."""
-    config.validate()
-    added = []
-    for tower, transformer in _towers(model, config.towers):
-        n_blocks = len(transformer.resblocks)
-        indices = range(n_blocks) if config.blocks is None else config.blocks
-        for i in indices:
-            if not 0 <= i < n_blocks:
-                raise ConfigError(f"LoRA block {i} out of range for the {tower} tower (0..{n_blocks - 1}).")
-            block = transformer.resblocks[i]
-            if isinstance(block.attn, LoRAAttention):
-                raise ConfigError(f"{tower} block {i} already has LoRA.")
-            block.attn = LoRAAttention(block.attn, config)
-            added.append(block.attn)
-    return added
+class LoRAAdapters(nn.Module):
+    """One method's LoRA for a model: an adapter for each chosen block's attention, installed only
+    within :meth:`installed`. The model is held as a plain attribute (shared, never copied)."""
 
+    def __init__(self, model: nn.Module, config: LoRAConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        blocks: list[nn.Module] = []
+        adapters = []
+        for tower, transformer in _towers(model, config.towers):
+            n_blocks = len(transformer.resblocks)
+            indices = range(n_blocks) if config.blocks is None else config.blocks
+            for i in indices:
+                if not 0 <= i < n_blocks:
+                    raise ConfigError(f"LoRA block {i} out of range for the {tower} tower (0..{n_blocks - 1}).")
+                block = transformer.resblocks[i]
+                if isinstance(block.attn, LoRAAttention):
+                    raise ConfigError(f"{tower} block {i} has another method's adapters installed; build methods "
+                                      "outside another method's forward.")
+                blocks.append(block)
+                adapters.append(LoRAAttention(block.attn, config))
+        object.__setattr__(self, "_blocks", blocks)  # where each adapter goes (in the shared model)
+        self.adapters = nn.ModuleList(adapters)
+        self._depth = 0
 
-def lora_modules(model: nn.Module) -> list[LoRAAttention]:
-    return [m for m in model.modules() if isinstance(m, LoRAAttention)]
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        for adapter in self.adapters:
+            adapter.reset_parameters(generator)
 
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """The adapters in the model for the forwards inside the block (re-entrant); the original
+        attention modules are back on exit, also when the forward raises."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        swapped = []
+        try:
+            for block, adapter in zip(self._blocks, self.adapters):
+                if block.attn is not adapter.base:
+                    raise RuntimeError("another method's LoRA is installed in this model; methods adapt one model "
+                                       "one forward at a time.")
+                block.attn = adapter
+                swapped.append((block, adapter))
+            self._depth = 1
+            yield
+        finally:
+            self._depth = 0
+            for block, adapter in swapped:
+                block.attn = adapter.base
 
-def remove_lora(model: nn.Module) -> None:
-    """Put the original attention modules back (adapters are discarded, weights unmerged)."""
-    for module in model.modules():
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoRAAttention):
-                child.unmerge()
-                setattr(module, name, child.base)
+    def merged_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``model``'s state dict with these adapters folded into the attention weights (new tensors;
+        the model is left as it is): a checkpoint of the adapted model that loads with ``load_clip``."""
+        state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        names = {id(module): name for name, module in model.named_modules()}
+        for adapter in self.adapters:
+            prefix = names[id(adapter.base)]
+            for key, value in adapter.merged_weights().items():
+                state[f"{prefix}.{key}"] = value
+        return state

@@ -13,23 +13,28 @@ returns a :class:`FewShotCLIP`, an ``nn.Module`` mapping preprocessed images to 
 (LoRA's B is zero; the CoOp context is the embedding of "a photo of a"), scaled by the logit
 scale.
 
-The model is adapted in place (LoRA replaces the attention modules of the bundle's model), so
-one model serves every episode: :meth:`FewShotCLIP.set_classes` and
-:meth:`FewShotCLIP.reset_parameters` prepare the next episode without reloading anything.
+Methods built on one loaded model are independent: each owns its LoRA adapters
+(:class:`~cdfsl_core.lora.LoRAAdapters`, installed only during its own forwards), its CoOp context,
+its intervention and its parameters; the frozen weights are shared, never copied. Any sequence of
+``create_method`` calls on one bundle works, and building, training or deleting one method never
+changes another's logits. :meth:`FewShotCLIP.set_classes` and :meth:`FewShotCLIP.reset_parameters`
+prepare the next episode without reloading anything.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdfsl_core import protocol
 from cdfsl_core.errors import ConfigError
-from cdfsl_core.interventions import ATHA, TIR, ATHAConfig, Intervention, NoIntervention, TIRConfig
-from cdfsl_core.lora import LoRAConfig, apply_lora, lora_modules
+from cdfsl_core.interventions import Intervention, build_intervention, intervention_spec, list_interventions
+from cdfsl_core.lora import LoRAAdapters, LoRAConfig
 from cdfsl_core.models import ClipBundle
 from cdfsl_core.names import ADAPTATIONS, INTERVENTIONS
 from cdfsl_core.text import PromptLearner, encode_text_embeddings
@@ -39,8 +44,8 @@ __all__ = ["ADAPTATIONS", "INTERVENTIONS", "FewShotCLIP", "MethodConfig", "creat
 
 
 def list_methods() -> list[str]:
-    """Every ``adaptation/intervention`` pair, e.g. ``coop+lora/tir``."""
-    return [f"{a}/{i}" for a in ADAPTATIONS for i in INTERVENTIONS]
+    """Every ``adaptation/intervention`` pair, e.g. ``coop+lora/tir`` (registered interventions included)."""
+    return [f"{a}/{i}" for a in ADAPTATIONS for i in list_interventions()]
 
 
 @dataclass(frozen=True)
@@ -49,21 +54,27 @@ class MethodConfig:
 
     adaptation: str = "coop+lora"  # one of ADAPTATIONS
     intervention: str = "none"  # one of INTERVENTIONS
-    template: str = "a photo of a {}."  # class prompt
-    n_ctx: int = 4  # CoOp context vectors, initialised from the template's leading words
-    logit_scale: float | str = 4.0  # fixed s in s * cos (authors: 4 for 5-shot, 2 for 1-shot), or 'learned' (CLIP's)
+    template: str = protocol.PROMPT  # class prompt
+    n_ctx: int = protocol.CONTEXT_VECTORS  # CoOp context vectors, initialised from the template's leading words
+    logit_scale: float | str = protocol.LOGIT_SCALE  # fixed s in s * cos (protocol.logit_scale(shots)), or 'learned' (CLIP's)
     text_readout_block: int | None = None  # text block whose read-out interventions compare with; None: n - 2 (10 of 12)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    atha: ATHAConfig = field(default_factory=ATHAConfig)
-    tir: TIRConfig = field(default_factory=TIRConfig)
+    intervention_config: Any = None  # the intervention's settings (ATHAConfig, TIRConfig, ...); None: its defaults
 
     def validate(self) -> None:
         if self.adaptation not in ADAPTATIONS:
             raise ConfigError(f"Unknown adaptation {self.adaptation!r}; expected one of {', '.join(ADAPTATIONS)}.")
-        if self.intervention not in INTERVENTIONS:
-            raise ConfigError(f"Unknown intervention {self.intervention!r}; expected one of {', '.join(INTERVENTIONS)}.")
+        spec = intervention_spec(self.intervention)
+        if self.intervention_config is not None and not isinstance(self.intervention_config, spec.config_type):
+            raise ConfigError(f"intervention {self.intervention!r} takes a {spec.config_type.__name__}, got "
+                              f"{type(self.intervention_config).__name__}.")
         if isinstance(self.logit_scale, str) and self.logit_scale != "learned":
             raise ConfigError(f"logit_scale={self.logit_scale!r}; expected a number or 'learned'.")
+
+    def settings(self) -> Any:
+        """The intervention's settings, its defaults when none were given."""
+        return self.intervention_config if self.intervention_config is not None else \
+            intervention_spec(self.intervention).config_type()
 
 
 class FewShotCLIP(nn.Module):
@@ -79,29 +90,12 @@ class FewShotCLIP(nn.Module):
             p.requires_grad_(False)
         self.uses_lora = "lora" in config.adaptation
         self.uses_coop = "coop" in config.adaptation
-        if self.uses_lora:
-            existing = lora_modules(self.model)
-            if existing and existing[0].config != config.lora:
-                raise ConfigError("The model already carries LoRA with other settings; load a fresh bundle.")
-            self.adapters = existing or apply_lora(self.model, config.lora)
-        else:
-            if lora_modules(self.model):
-                raise ConfigError(f"adaptation={config.adaptation!r} but the model carries LoRA; load a fresh bundle.")
-            self.adapters = []
-        self.adapter_params = nn.ParameterList([p for m in self.adapters for p in (*m.lora_A.values(), *m.lora_B.values())])
-        for p in self.adapter_params:  # adapters found on a shared model were frozen with it just above
-            p.requires_grad_(True)
-        n_vision = len(self.model.visual.transformer.resblocks)
+        # this method's own adapters over the shared frozen weights, installed only in its forwards
+        self.lora = LoRAAdapters(self.model, config.lora) if self.uses_lora else None
         n_text = len(self.model.transformer.resblocks)
         self.readout_block = config.text_readout_block if config.text_readout_block is not None else n_text - 2
-        self.intervention: Intervention
-        if config.intervention == "atha":
-            self.intervention = ATHA(n_vision, config.atha)
-        elif config.intervention == "tir":
-            self.intervention = TIR(config.tir)
-        else:
-            self.intervention = NoIntervention()
-        self.intervention.blocks(n_vision)  # fail now on out-of-range blocks
+        self.intervention: Intervention = build_intervention(
+            config.intervention, len(self.model.visual.transformer.resblocks), config.intervention_config)
         self.intervention.to(self.model.logit_scale.device)
         if config.logit_scale == "learned":
             self.log_scale = nn.Parameter(self.model.logit_scale.detach().clone())
@@ -123,8 +117,8 @@ class FewShotCLIP(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Back to the initial state: LoRA A re-drawn (from ``generator``) and B zero, context
         and intervention strengths at their initial values, logit scale as loaded."""
-        for module in self.adapters:
-            module.reset_parameters(generator)
+        if self.lora is not None:
+            self.lora.reset_parameters(generator)
         self.prompts.reset_parameters()
         self.intervention.reset_parameters()
         if isinstance(self.log_scale, nn.Parameter):
@@ -134,7 +128,7 @@ class FewShotCLIP(nn.Module):
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by kind, for the optimisers of the protocol."""
         groups: dict[str, list[nn.Parameter]] = {"lora": [], "context": [], "intervention": [], "scale": []}
-        groups["lora"] = list(self.adapter_params)
+        groups["lora"] = list(self.lora.parameters()) if self.lora is not None else []
         if self.uses_coop:
             groups["context"] = [self.prompts.context]
         groups["intervention"] = list(self.intervention.parameters())
@@ -173,15 +167,27 @@ class FewShotCLIP(nn.Module):
         diagnostics compare every model's tokens with the same text features), and is None
         otherwise."""
         needs_readout = self.config.intervention != "none" if readout is None else readout
-        final, readouts = encode_text_embeddings(
-            self.model, self.prompts.embeddings(), self.prompts.tokens,
-            readout_blocks=(self.readout_block,) if needs_readout else (),
-        )
+        with self.adapted():
+            final, readouts = encode_text_embeddings(
+                self.model, self.prompts.embeddings(), self.prompts.tokens,
+                readout_blocks=(self.readout_block,) if needs_readout else (),
+            )
         readout = readouts[self.readout_block].float() if needs_readout else None
         return F.normalize(final.float(), dim=-1), readout
 
+    @contextmanager
+    def adapted(self) -> Iterator[None]:
+        """This method's adapters in the shared model for the forwards inside the block (nothing
+        to install without LoRA); a recorder or an attribution entered inside sees them."""
+        if self.lora is None:
+            yield
+            return
+        with self.lora.installed():
+            yield
+
     def encode_image(self, images: torch.Tensor, readout: torch.Tensor | None) -> torch.Tensor:
-        with self.intervention.active(self.model.visual, readout):
+        """L2-normalised image features [batch, embed_dim] with this method's adapters and intervention."""
+        with self.adapted(), self.intervention.active(self.model.visual, readout):
             return F.normalize(self.model.encode_image(images).float(), dim=-1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -198,7 +204,8 @@ def create_method(
     **settings: Any,
 ) -> FewShotCLIP:
     """Build a method; ``settings`` are :class:`MethodConfig` fields (``lora=LoRAConfig(...)``,
-    ``tir=TIRConfig(...)``, ``logit_scale=2.0``, ...)."""
+    ``intervention_config=TIRConfig(...)``, ``logit_scale=2.0``, ...). Any number of methods can
+    be built on one bundle, in any order: each owns its adapters and parameters."""
     known = set(MethodConfig.__dataclass_fields__) - {"adaptation", "intervention"}
     unknown = sorted(set(settings) - known)
     if unknown:

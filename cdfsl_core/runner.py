@@ -34,10 +34,11 @@ from PIL import Image
 from torchvision import transforms as T
 from tqdm import tqdm
 
+from cdfsl_core import protocol
 from cdfsl_core.data import load_dataset
 from cdfsl_core.episodes import EpisodeConfig, EpisodeFile, generate_episodes, load_episodes, save_episodes
 from cdfsl_core.errors import ConfigError, DeviceError, EpisodeError, RunFolderError, RunInterrupted
-from cdfsl_core.interventions import ATHAConfig, TIRConfig
+from cdfsl_core.interventions import intervention_spec
 from cdfsl_core.lora import LoRAConfig
 from cdfsl_core.methods import FewShotCLIP, MethodConfig
 from cdfsl_core.models import PRECISIONS, ClipBundle, load_clip, resolve_device, resolve_precision
@@ -82,15 +83,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How each episode trains; defaults are the ATHA/TIR protocol."""
+    """How each episode trains; defaults are the ATHA/TIR protocol (:mod:`cdfsl_core.protocol`)."""
 
-    steps: int = 100  # full-batch steps on the support set
-    lr_lora: float = 2e-4  # AdamW (LoRA, and a learned logit scale)
-    lr_context: float = 2e-3  # SGD, momentum 0.9, weight decay 5e-4 (CoOp context)
-    lr_intervention: float = 1e-3  # SGD (ATHA's alpha and beta)
-    momentum: float = 0.9
-    weight_decay_context: float = 5e-4
-    resize_ratio: float = 1.15  # resize the short side to ratio x image size, then centre-crop
+    steps: int = protocol.STEPS  # full-batch steps on the support set
+    lr_lora: float = protocol.LR_LORA  # AdamW (LoRA, and a learned logit scale)
+    lr_context: float = protocol.LR_CONTEXT  # SGD with momentum and weight decay (CoOp context)
+    lr_intervention: float = protocol.LR_INTERVENTION  # SGD (intervention parameters: ATHA's alpha and beta)
+    momentum: float = protocol.MOMENTUM
+    weight_decay_context: float = protocol.WEIGHT_DECAY_CONTEXT
+    resize_ratio: float = protocol.RESIZE_RATIO  # resize the short side to ratio x image size, then centre-crop
     augment: bool = False  # the authors' 5 views per support image
     eval_batch_size: int = 256
 
@@ -101,7 +102,7 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    episodes: EpisodeConfig = field(default_factory=lambda: EpisodeConfig(5, 1, 15, 20, 0))
+    episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -147,13 +148,15 @@ def _from_dict(kind: Any, raw: Any) -> Any:
     if is_dataclass(kind) and isinstance(raw, dict):
         types = {f.name: f for f in fields(kind)}
         nested = {"model": ModelConfig, "data": DataConfig, "episodes": EpisodeConfig, "method": MethodConfig,
-                  "train": TrainConfig, "lora": LoRAConfig, "atha": ATHAConfig, "tir": TIRConfig}
+                  "train": TrainConfig, "lora": LoRAConfig}
         values = {}
         for key, value in raw.items():
             if key not in types:
                 raise ConfigError(f"{kind.__name__} has no field {key!r}; the run's config.json may come from another "
                                   "version of this package.")
-            if key in nested and isinstance(value, dict):
+            if key == "intervention_config" and isinstance(value, dict):  # the registered intervention's settings
+                value = _from_dict(intervention_spec(raw.get("intervention", "none")).config_type, value)
+            elif key in nested and isinstance(value, dict):
                 value = _from_dict(nested[key], value)
             elif isinstance(value, list):
                 value = tuple(value)
@@ -166,7 +169,7 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite during an episode."""
 
 
-def protocol_transform(bundle: ClipBundle, resize_ratio: float) -> T.Compose:
+def protocol_transform(bundle: ClipBundle, resize_ratio: float = protocol.RESIZE_RATIO) -> T.Compose:
     """Resize the short side to ratio x size, centre-crop, normalise with the model's mean/std."""
     cfg = bundle.model.visual.preprocess_cfg
     size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
@@ -208,8 +211,9 @@ def check_labels(method: FewShotCLIP, labels: torch.Tensor) -> None:
 def train_episode(
     method: FewShotCLIP, images: torch.Tensor, labels: torch.Tensor, train: TrainConfig, precision: str = "auto"
 ) -> dict[str, Any]:
-    """Full-batch training on the support set (forwards under ``precision``'s autocast, see
-    :func:`~cdfsl_core.models.resolve_precision`); returns the first and last loss."""
+    """Full-batch training on the support set, ``images`` [n, 3, H, W] and ``labels`` [n] (forwards
+    under ``precision``'s autocast, see :func:`~cdfsl_core.models.resolve_precision`); returns the
+    first and last loss."""
     check_labels(method, labels)
     groups = method.parameter_groups()
     optimisers: list[torch.optim.Optimizer] = []
@@ -404,9 +408,10 @@ def prepare_episode(
     config: RunConfig, bundle: ClipBundle, dataset: Any, episodes: EpisodeFile, index: int,
     method: FewShotCLIP | None = None, transform: T.Compose | None = None,
 ) -> tuple[FewShotCLIP, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The method reset for episode ``index`` and the episode's tensors (support images, labels,
-    query images, labels) on the model's device. Everything random is seeded from (seed, index),
-    so an episode computes the same whenever and wherever it is prepared."""
+    """The method reset for episode ``index`` and the episode's tensors on the model's device:
+    support images [N K (x5 views), 3, H, W], their labels [N K (x5)], query images [N Q, 3, H, W],
+    their labels [N Q]. Everything random is seeded from (seed, index), so an episode computes the
+    same whenever and wherever it is prepared."""
     episode = episodes.episodes[index]
     names = episodes.class_names(episode)
     if method is None:
@@ -428,8 +433,8 @@ def prepare_episode(
     return method, support, support_labels, query, query_labels
 
 
-def load_run(folder: str | os.PathLike[str]) -> tuple[RunConfig, ClipBundle, Any, EpisodeFile]:
-    """A finished (or partial) run's config, a freshly loaded model, its dataset and episodes."""
+def load_run(folder: str | os.PathLike[str], bundle: ClipBundle | None = None) -> tuple[RunConfig, ClipBundle, Any, EpisodeFile]:
+    """A finished (or partial) run's config, its model (freshly loaded, or ``bundle``), its dataset and episodes."""
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise RunFolderError(f"{folder} is not a run folder: config.json is missing. Pass the --out folder of "
@@ -442,9 +447,10 @@ def load_run(folder: str | os.PathLike[str]) -> tuple[RunConfig, ClipBundle, Any
     if recorded is not None and recorded != episodes.sha256:
         raise RunFolderError(f"{folder} was run on an episode file with sha256 {recorded[:16]}..., but {path} now has "
                              f"sha256 {episodes.sha256[:16]}...; its episodes cannot be rebuilt. Restore the file.")
-    if config.model.pretrained is None:
-        torch.manual_seed(config.episodes.seed)
-    bundle = load_clip(config.model.name, config.model.pretrained, device=resolve_device(config.model.device))
+    if bundle is None:
+        if config.model.pretrained is None:
+            torch.manual_seed(config.episodes.seed)
+        bundle = load_clip(config.model.name, config.model.pretrained, device=resolve_device(config.model.device))
     return config, bundle, dataset, episodes
 
 
@@ -571,9 +577,9 @@ def _run_episodes(config: RunConfig, out: Path, bundle: ClipBundle, dataset: Any
                     tqdm.write(f"episode {index}: stopped, {err}; recorded as failed, not averaged")
                 if save_states and row["status"] == "ok" and method.trainable_state():
                     save_state(method, state_path(out, index))  # before the row: a listed episode has its state
-                if config.method.intervention == "atha":
-                    row["atha_alpha"] = [round(v, 6) for v in method.intervention.alpha.tolist()]
-                    row["atha_beta"] = [round(v, 6) for v in method.intervention.beta.tolist()]
+                logged = method.intervention.episode_log()  # what the intervention says of itself (ATHA: alpha, beta)
+                if logged:
+                    row["intervention_log"] = logged
                 row["device"], row["precision"] = device.type, precision
                 row["episode_file_sha256"] = episodes.sha256
                 row["seconds"] = round(time.perf_counter() - start, 3)

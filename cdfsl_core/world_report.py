@@ -41,9 +41,10 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cdfsl_core import protocol  # noqa: E402
 from cdfsl_core.data import load_dataset  # noqa: E402
 from cdfsl_core.data.synthetic import SYNTHETIC_TARGETS  # noqa: E402
-from cdfsl_core.episodes import EpisodeConfig, generate_episodes  # noqa: E402
+from cdfsl_core.episodes import generate_episodes  # noqa: E402
 from cdfsl_core.models import load_clip  # noqa: E402
 from cdfsl_core.stats import median_gaussian_kernel  # noqa: E402
 from cdfsl_core.zeroshot import accuracy, image_features, mean_ci95, text_features, zero_shot_episodes  # noqa: E402
@@ -80,7 +81,7 @@ def measure(
     keep = np.sort(rng.choice(len(source_test), size=min(n_similarity, len(source_test)), replace=False))
     for target in SYNTHETIC_TARGETS:
         dataset = load_dataset(target, images_per_class=60, seed=seed)
-        episode_file = generate_episodes(dataset, EpisodeConfig(5, 1, 15, episodes, seed))
+        episode_file = generate_episodes(dataset, protocol.episode_config(1, episodes, seed))
         per_episode = zero_shot_episodes(bundle, dataset, episode_file)
         mean, ci = mean_ci95(per_episode)
         sample = np.sort(rng.choice(len(dataset), size=min(n_similarity, len(dataset)), replace=False))

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from cdfsl_core import protocol
 from cdfsl_core.models import ClipBundle, resolve_precision
 from cdfsl_core.stats import mean_ci95  # noqa: F401  (re-exported: one CI convention)
 
-DEFAULT_TEMPLATE = "a photo of a {}."
+DEFAULT_TEMPLATE = protocol.PROMPT
 
 
 def autocast_for(device: torch.device | str, precision: str = "auto"):

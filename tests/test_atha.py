@@ -211,7 +211,7 @@ def _reference_logits(bundle, images, alpha, beta, text_norm="none", scale=4.0, 
 def test_the_method_reproduces_a_token_by_token_transcription(bundle, text_norm):
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     alpha, beta = [0.7, -0.4], [0.3, 0.6]
-    method = create_method(bundle, NAMES, "coop", "atha", logit_scale=4.0, atha=ATHAConfig(text_norm=text_norm)).eval()
+    method = create_method(bundle, NAMES, "coop", "atha", logit_scale=4.0, intervention_config=ATHAConfig(text_norm=text_norm)).eval()
     with torch.no_grad():
         method.intervention.alpha.copy_(torch.tensor(alpha))
         method.intervention.beta.copy_(torch.tensor(beta))
@@ -226,7 +226,7 @@ def test_the_two_text_norms_give_different_logits(bundle):
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     logits = {}
     for norm in ("none", "unit"):
-        method = create_method(bundle, NAMES, "coop", "atha", atha=ATHAConfig(text_norm=norm)).eval()
+        method = create_method(bundle, NAMES, "coop", "atha", intervention_config=ATHAConfig(text_norm=norm)).eval()
         with torch.no_grad():
             logits[norm] = method(images)
     assert (logits["none"] - logits["unit"]).abs().max() > 1e-4

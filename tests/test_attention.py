@@ -10,10 +10,7 @@ from analysis.recorder import ActivationCache
 
 
 def _cache(patterns):
-    cache = ActivationCache(list(range(len(patterns))), ("attn.pattern",))
-    for i, p in enumerate(patterns):
-        cache._put(f"blocks.{i}.attn.pattern", p)
-    return cache
+    return ActivationCache.from_tensors({f"blocks.{i}.attn.pattern": p for i, p in enumerate(patterns)})
 
 
 def test_cls_maps_put_the_cls_row_on_the_patch_grid():

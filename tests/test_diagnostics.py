@@ -13,11 +13,10 @@ from analysis.recorder import ActivationCache
 
 
 def _cache(x: torch.Tensor, pattern: torch.Tensor | None = None) -> ActivationCache:
-    cache = ActivationCache([0], ("resid_post", "attn.pattern"))
-    cache._put("blocks.0.resid_post", x)
+    tensors = {"blocks.0.resid_post": x}
     if pattern is not None:
-        cache._put("blocks.0.attn.pattern", pattern)
-    return cache
+        tensors["blocks.0.attn.pattern"] = pattern
+    return ActivationCache.from_tensors(tensors)
 
 
 def test_a_token_with_a_known_huge_norm_is_one_high_norm_sink(bundle):

@@ -6,13 +6,17 @@ from __future__ import annotations
 import csv
 from itertools import permutations as ordered_pairs
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from analysis.domain import (domain_similarity, domain_table, list_domain_estimators, plan_comparisons,
-                             random_pairing_prediction)
+from analysis.domain import (
+    domain_similarity,
+    domain_table,
+    list_domain_estimators,
+    plan_comparisons,
+    random_pairing_prediction,
+)
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.stats import median_gaussian_kernel
 

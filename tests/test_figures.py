@@ -9,12 +9,12 @@ import pytest
 
 from analysis.figures import (
     accuracy_by_domain,
-    atha_strengths,
     attention_maps,
     cka_finetuned,
     domain_similarity_by_layer,
     feature_view,
     head_tail_similarity,
+    intervention_strengths,
     paired_differences,
     positive_controls,
     save_figure,
@@ -111,12 +111,12 @@ def test_head_tail_similarity_histograms_and_cut_lines():
         head_tail_similarity(table, layers=[7])
 
 
-def test_atha_strengths_draw_strengths_and_edit_sizes_before_and_after_training():
+def test_intervention_strengths_draw_atha_strengths_and_edit_sizes_before_and_after_training():
     rows = [{"domain": d, "shots": 5, "episode": e, "block": b, "stage": stage,
              "alpha": 0.1 * b + e if stage == "trained" else 0.0, "beta": 0.0,
-             "head_edit": 0.2 * e if stage == "trained" else 0.05, "tail_edit": 0.0, "text_norm": "none"}
+             "head_edit": 0.2 * e if stage == "trained" else 0.05, "tail_edit": 0.0, "setting_text_norm": "none"}
             for d in ("synthetic-crops", "synthetic-xray") for e in (0, 1) for b in range(3) for stage in ("init", "trained")]
-    figure = atha_strengths(pd.DataFrame(rows))
+    figure = intervention_strengths(pd.DataFrame(rows))
     alpha, beta, head, tail = figure.axes
     assert "alpha" in alpha.get_title() and "beta" in beta.get_title() and "head edit" in head.get_title()
     lines = _lines(alpha)

@@ -12,6 +12,8 @@ import json
 import pytest
 import torch
 
+from analysis.config import AnalysisConfig
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 NAMES = ["striped red shape", "dotted blue shape", "plain green shape", "wavy pink shape", "checked black shape"]
@@ -60,7 +62,7 @@ def test_diagnostics_reduce_on_the_device(on_gpu):
 
     _, method, images = on_gpu
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        tables = diagnose_model(method, images[:5], torch.arange(5, device="cuda"), {"model": "m"}, attribution_steps=2)
+        tables = diagnose_model(method, images[:5], torch.arange(5, device="cuda"), {"model": "m"}, AnalysisConfig(attribution_steps=2))
     assert tables["sinks"]["images"].eq(5).all()
     assert tables["norms"]["count"].sum() > 0
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cdfsl_core.interventions import ATHA, TIR, ATHAConfig, TIRConfig
-from cdfsl_core.lora import LoRAAttention, LoRAConfig, apply_lora, lora_modules, remove_lora
+from cdfsl_core.lora import LoRAAdapters, LoRAAttention, LoRAConfig
 from cdfsl_core.methods import create_method, list_methods
 from cdfsl_core.token_text import (
     class_vectors_in_residual,
@@ -66,65 +66,68 @@ def test_coop_context_starts_as_the_embedding_of_a_photo_of_a(bundle):
 
 def test_lora_b_zero_leaves_both_towers_unchanged(bundle, images):
     before = _zero_shot_logits(bundle, images, NAMES)
-    adapters = apply_lora(bundle.model, LoRAConfig(rank=4))
-    assert len(adapters) == 4  # 2 vision + 2 text blocks
-    assert all(torch.count_nonzero(b) == 0 for m in adapters for b in m.lora_B.values())
-    bundle.model.eval()
-    assert torch.allclose(_zero_shot_logits(bundle, images, NAMES), before, atol=1e-5)
+    adapters = LoRAAdapters(bundle.model, LoRAConfig(rank=4))
+    assert len(adapters.adapters) == 4  # 2 vision + 2 text blocks
+    assert all(torch.count_nonzero(b) == 0 for m in adapters.adapters for b in m.lora_B.values())
+    with adapters.installed():
+        assert torch.allclose(_zero_shot_logits(bundle, images, NAMES), before, atol=1e-5)
 
 
 def test_lora_has_one_adapter_per_projection_and_fused_is_smaller(bundle):
     width = bundle.model.visual.transformer.width
-    per_projection = apply_lora(bundle.model, LoRAConfig(rank=4, towers=("visual",)))[0]
+    per_projection = LoRAAdapters(bundle.model, LoRAConfig(rank=4, towers=("visual",))).adapters[0]
     assert set(per_projection.lora_A) == {"q", "k", "v"}
     assert per_projection.lora_B["q"].shape == (width, 4)
     fused = LoRAAttention(per_projection.base, LoRAConfig(rank=4, targets=("qkv",)))
     assert fused.lora_B["qkv"].shape == (3 * width, 4)
-    count = lambda m: sum(p.numel() for p in m.parameters() if p is not m.base.in_proj_weight and not any(p is q for q in m.base.parameters()))  # noqa: E731
-    assert count(fused) < count(per_projection)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731  (the adapters only: base is shared)
+    assert count(fused) == 4 * (width + 3 * width) < count(per_projection) == 3 * 4 * (width + width)
 
 
-def test_merge_and_unmerge_agree(bundle, images):
+def test_a_merged_checkpoint_computes_what_the_installed_adapters_compute(bundle, images):
+    from cdfsl_core.models import load_clip
+
     before = _zero_shot_logits(bundle, images, NAMES)  # the same model, before any adapter
-    adapters = apply_lora(bundle.model, LoRAConfig(rank=4, targets=("q", "k", "v", "o")))
-    original = {id(m): (m.base.in_proj_weight.detach().clone(), m.base.out_proj.weight.detach().clone()) for m in adapters}
+    adapters = LoRAAdapters(bundle.model, LoRAConfig(rank=4, targets=("q", "k", "v", "o")))
     with torch.no_grad():
-        for m in adapters:
-            for b in m.lora_B.values():
-                b.normal_(0, 0.05)
-    bundle.model.eval()
-    unmerged = _zero_shot_logits(bundle, images, NAMES)
-    assert (unmerged - before).abs().max() > 1e-3  # the adapters act
-    for m in adapters:
-        m.merge()
-        # merged weights are W + scale B A, written out from the parameters
-        width = m.base.embed_dim
-        q_rows = original[id(m)][0][:width] + m.scale * m.lora_B["q"] @ m.lora_A["q"]
-        assert torch.allclose(m.base.in_proj_weight[:width], q_rows, atol=1e-6)
-    merged = _zero_shot_logits(bundle, images, NAMES)
-    assert torch.allclose(merged, unmerged, atol=1e-5)
-    for m in adapters:
-        m.unmerge()
-        assert torch.allclose(m.base.in_proj_weight, original[id(m)][0], atol=1e-6)
-        assert torch.allclose(m.base.out_proj.weight, original[id(m)][1], atol=1e-6)
-    for b in (b for m in adapters for b in m.lora_B.values()):
-        with torch.no_grad():
-            b.zero_()
-    assert torch.allclose(_zero_shot_logits(bundle, images, NAMES), before, atol=1e-5)  # B = 0: the model before
+        for b in (b for m in adapters.adapters for b in m.lora_B.values()):
+            b.normal_(0, 0.05)
+    adapters.eval()
+    with adapters.installed():
+        adapted = _zero_shot_logits(bundle, images, NAMES)
+    assert (adapted - before).abs().max() > 1e-3  # the adapters act
+    state = adapters.merged_state_dict(bundle.model)
+    first = adapters.adapters[0]
+    q_rows = first.base.in_proj_weight[:64] + first.scale * first.lora_B["q"] @ first.lora_A["q"]  # W + scale B A
+    assert torch.allclose(state["visual.transformer.resblocks.0.attn.in_proj_weight"][:64], q_rows, atol=1e-6)
+    assert torch.allclose(_zero_shot_logits(bundle, images, NAMES), before, atol=1e-6)  # the shared model is untouched
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "merged.safetensors"
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        merged = load_clip("cdfsl-test-vit", path)
+    assert torch.allclose(_zero_shot_logits(merged, images, NAMES), adapted, atol=1e-5)
 
 
-def test_remove_lora_restores_the_original_modules(bundle):
-    apply_lora(bundle.model, LoRAConfig(rank=2))
-    remove_lora(bundle.model)
-    assert lora_modules(bundle.model) == []
-    assert isinstance(bundle.model.visual.transformer.resblocks[0].attn, torch.nn.MultiheadAttention)
+def test_installed_adapters_are_removed_also_when_the_forward_raises(bundle):
+    adapters = LoRAAdapters(bundle.model, LoRAConfig(rank=2))
+    with pytest.raises(RuntimeError, match="boom"):
+        with adapters.installed():
+            assert isinstance(bundle.model.visual.transformer.resblocks[0].attn, LoRAAttention)
+            raise RuntimeError("boom")
+    assert all(isinstance(block.attn, torch.nn.MultiheadAttention)
+               for tower in (bundle.model.visual.transformer, bundle.model.transformer) for block in tower.resblocks)
 
 
 def test_lora_config_errors(bundle):
     with pytest.raises(ValueError, match="targets"):
-        apply_lora(bundle.model, LoRAConfig(targets=("q", "qkv")))
+        LoRAAdapters(bundle.model, LoRAConfig(targets=("q", "qkv")))
     with pytest.raises(ValueError, match="block 7 out of range"):
-        apply_lora(bundle.model, LoRAConfig(blocks=(7,)))
+        LoRAAdapters(bundle.model, LoRAConfig(blocks=(7,)))
 
 
 def test_only_adapter_context_and_intervention_parameters_train(bundle):
@@ -133,19 +136,50 @@ def test_only_adapter_context_and_intervention_parameters_train(bundle):
     assert trainable and all(("lora_" in n) or n in {"prompts.context", "intervention.alpha", "intervention.beta"}
                              for n in trainable)
     assert {"prompts.context", "intervention.alpha", "intervention.beta"} <= trainable
-    assert not any(p.requires_grad for p in bundle.model.parameters() if not any(p is q for q in method.adapter_params))
+    assert not any(p.requires_grad for p in bundle.model.parameters())  # the shared weights stay frozen
 
 
-def test_a_second_method_on_the_same_model_still_trains_its_adapters(bundle, images):
-    first = create_method(bundle, NAMES, "coop+lora", "none", lora=LoRAConfig(rank=2))
-    second = create_method(bundle, NAMES, "coop+lora", "tir", lora=LoRAConfig(rank=2))  # reuses the adapters
-    assert all(p.requires_grad for p in second.adapter_params) and len(second.adapter_params) > 0
-    assert set(first.trainable_state()) - {"prompts.context"} == set(second.trainable_state()) - {"prompts.context"}
-    optimiser = torch.optim.AdamW(second.parameter_groups()["lora"], lr=1e-2)
-    loss = torch.nn.functional.cross_entropy(second(images), torch.tensor([0, 1, 2, 3]))
-    loss.backward()
-    optimiser.step()
-    assert any(p.abs().sum() > 0 for n, p in second.trainable_state().items() if "lora_B" in n)
+# ---------------------------------------------------------------- independent methods over shared weights
+def _train(method, images, steps=3):
+    from cdfsl_core.runner import TrainConfig, train_episode
+
+    method.set_classes(NAMES[:4])
+    train_episode(method, images, torch.tensor([0, 1, 2, 3]), TrainConfig(steps=steps, lr_lora=5e-2, lr_context=1e-1,
+                                                                          lr_intervention=1e-1))
+    method.set_classes(NAMES)
+
+
+def test_the_twelve_methods_build_in_any_order_on_one_bundle_and_stay_independent(bundle, images):
+    import gc
+    import random
+
+    pairs = [tuple(m.split("/")) for m in list_methods() if m.split("/")[1] in ("none", "atha", "tir")]
+    assert len(pairs) == 12
+    random.Random(0).shuffle(pairs)  # zero-shot after LoRA, LoRA after zero-shot: any order
+    weights = {id(p) for p in bundle.model.parameters()}
+    methods = {}
+    for adaptation, intervention in pairs:
+        method = create_method(bundle, NAMES, adaptation, intervention, lora=LoRAConfig(rank=2)).eval()
+        with torch.no_grad():
+            for b in (b for m in (method.lora.adapters if method.lora else []) for b in m.lora_B.values()):
+                b.normal_(0, 0.1)  # each its own adapters, away from zero
+        methods[(adaptation, intervention)] = method
+    assert {id(p) for p in bundle.model.parameters()} == weights  # nothing added to or copied from the model
+    with torch.no_grad():
+        logits = {key: method(images) for key, method in methods.items()}
+    lora_methods = [key for key in methods if "lora" in key[0]]
+    first, second = lora_methods[:2]
+    assert not torch.allclose(logits[first], logits[second])  # two LoRA methods do not share adapters
+    _train(methods[first].train(), images)  # training one method ...
+    del methods[second]  # ... and deleting another
+    gc.collect()
+    with torch.no_grad():
+        for key, method in methods.items():
+            if key != first:
+                assert torch.equal(method.eval()(images), logits[key]), key  # ... changes no other's logits
+        assert not torch.equal(methods[first].eval()(images), logits[first])
+        plain = create_method(bundle, NAMES, "zeroshot", "none", logit_scale=1.0)(images)
+    assert torch.allclose(plain, _zero_shot_logits(bundle, images, NAMES), atol=1e-5)  # the model is the pretrained one
 
 
 def test_reset_restores_the_initial_state_exactly(bundle, images):
@@ -275,7 +309,7 @@ def test_intervention_hooks_are_removed_even_when_the_forward_raises(bundle, ima
 
 def test_intervention_blocks_out_of_range(bundle):
     with pytest.raises(ValueError, match=r"TIR blocks \[8\] out of range .* 2 blocks"):
-        create_method(bundle, NAMES, "coop", "tir", tir=TIRConfig(blocks=(8,)))
+        create_method(bundle, NAMES, "coop", "tir", intervention_config=TIRConfig(blocks=(8,)))
 
 
 @pytest.mark.parametrize("n, expected", [(12, [8, 10]), (6, [4, 5]), (2, [1])])

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from helpers import TINY
 
+from analysis.config import AnalysisConfig
 from analysis.recorder import attention_pattern, record
 from analysis.run_diagnostics import diagnose_model
 from cdfsl_core.data import load_dataset
@@ -123,9 +124,9 @@ def test_every_diagnostic_runs_under_bf16_autocast(embedded):
     bundle, _, _, _, images = embedded
     method = create_method(bundle, NAMES, "coop+lora", "tir").eval()
     with torch.autocast(**BF16):
-        tables = diagnose_model(method, images[:5], torch.arange(5), {"model": "m"}, attribution_steps=2)
+        tables = diagnose_model(method, images[:5], torch.arange(5), {"model": "m"}, AnalysisConfig(attribution_steps=2))
     with torch.no_grad():
-        plain = diagnose_model(method, images[:5], torch.arange(5), {"model": "m"}, attribution_steps=2)
+        plain = diagnose_model(method, images[:5], torch.arange(5), {"model": "m"}, AnalysisConfig(attribution_steps=2))
     assert set(tables) == {"norms", "sinks", "head_tail", "attention", "rollout", "attribution"}
     for name in ("norms", "sinks", "head_tail", "attention", "rollout"):
         assert tables[name].select_dtypes("number").notna().any().all(), name

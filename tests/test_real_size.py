@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from analysis.config import AnalysisConfig
+
 pytestmark = pytest.mark.slow
 
 NAMES = ["class one", "class two", "class three", "class four", "class five"]
@@ -65,7 +67,7 @@ def test_every_diagnostic_at_real_size(vit_b16, images):
     from cdfsl_core.methods import create_method
 
     method = create_method(vit_b16, NAMES, "coop+lora", "tir").eval()
-    tables = diagnose_model(method, images[:2], torch.tensor([0, 1]), {"model": "vit-b16"}, attribution_steps=2)
+    tables = diagnose_model(method, images[:2], torch.tensor([0, 1]), {"model": "vit-b16"}, AnalysisConfig(attribution_steps=2))
     assert set(tables["norms"]["layer"]) == set(range(12))
     assert tables["norms"].groupby("layer")["count"].sum().eq(2 * 196).all()
     assert tables["sinks"]["images"].eq(2).all()

@@ -56,9 +56,9 @@ def test_attention_equals_torch_multihead_attention_weights(bundle, images):
 
 def test_records_what_an_adapted_model_with_tir_really_computes(bundle, images):
     method = create_method(bundle, ["a", "b", "c"], "coop+lora", "tir", lora=LoRAConfig(rank=2),
-                           tir=TIRConfig(blocks=(1,))).eval()
+                           intervention_config=TIRConfig(blocks=(1,))).eval()
     with torch.no_grad():
-        for adapter in method.adapters:
+        for adapter in method.lora.adapters:
             for b in adapter.lora_B.values():
                 b.normal_(0, 0.1)
     with record(method, what=("resid_pre", "resid_post", "attn.pattern")) as cache, torch.no_grad():
@@ -66,11 +66,13 @@ def test_records_what_an_adapted_model_with_tir_really_computes(bundle, images):
     # TIR edits the stream entering block 1: what block 1 saw differs from block 0's output
     assert not torch.allclose(cache["blocks.1.resid_pre"], cache["blocks.0.resid_post"])
     block = bundle.model.visual.transformer.resblocks[1]
+    assert isinstance(block.attn, torch.nn.MultiheadAttention)  # the method's adapters left with its forward
     with torch.no_grad():
         x = block.ln_1(cache["blocks.1.resid_pre"])
-        expected = block(cache["blocks.1.resid_pre"])
+        with method.adapted():
+            expected = block(cache["blocks.1.resid_pre"])
         # q and k written out from the parameters: W x + b + scale B (A x), per projection
-        attn = block.attn
+        attn = method.lora.adapters[1]  # visual block 1
         weight, bias, width = attn.base.in_proj_weight, attn.base.in_proj_bias, 64
         q = x @ weight[:width].T + bias[:width] + attn.scale * (x @ attn.lora_A["q"].T) @ attn.lora_B["q"].T
         k = x @ weight[width:2 * width].T + bias[width:2 * width] + attn.scale * (x @ attn.lora_A["k"].T) @ attn.lora_B["k"].T
@@ -98,3 +100,15 @@ def test_bad_layers_and_recordings(bundle):
     with pytest.raises(ValueError, match="unknown recording"):
         with record(bundle.model, what=("attn.scores",)):
             pass
+
+
+def test_a_cache_from_tensors_and_on_another_device(bundle, images):
+    from analysis.recorder import ActivationCache
+
+    with record(bundle.model, layers=[1], what=("resid_post",)) as cache, torch.no_grad():
+        bundle.model.encode_image(images)
+    copy = ActivationCache.from_tensors(dict(cache)).to("cpu")
+    assert list(copy) == ["blocks.1.resid_post"] and copy.layers == [1] and copy.what == ("resid_post",)
+    assert torch.equal(copy["blocks.1.resid_post"], cache["blocks.1.resid_post"])
+    with pytest.raises(ValueError, match="cache key 'layer1.resid'"):
+        ActivationCache.from_tensors({"layer1.resid": torch.zeros(1)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import TINY
 
+from analysis.config import AnalysisConfig
 from analysis.run_diagnostics import diagnose_run, main
 from cdfsl_core.runner import run
 
@@ -12,7 +13,7 @@ from cdfsl_core.runner import run
 def test_diagnose_run_reproduces_the_episode_and_writes_every_table(tmp_path, capsys):
     folder = tmp_path / "run"
     run(TINY, folder, progress=False)
-    tables = diagnose_run(folder, episodes=[1], attribution_steps=4)
+    tables = diagnose_run(folder, episodes=[1], analysis=AnalysisConfig(attribution_steps=4))
     assert set(tables) == {"norms", "sinks", "head_tail", "attention", "rollout", "attribution"}
     for name, table in tables.items():
         assert set(table["model"]) == {"pretrained", "fine-tuned coop+lora/tir"}, name
@@ -36,6 +37,6 @@ def test_episode_out_of_range(tmp_path):
 def test_diagnose_run_rebuilds_the_fine_tuned_model_from_a_saved_state(tmp_path):
     folder = tmp_path / "run"
     run(TINY, folder, progress=False, save_states=True)
-    tables = diagnose_run(folder, episodes=[3], attribution_steps=2)
+    tables = diagnose_run(folder, episodes=[3], analysis=AnalysisConfig(attribution_steps=2))
     sinks = tables["sinks"]
     assert set(sinks["fine_tuned_from"]) == {"saved state"} and sinks["reproduced"].all()

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import EUROSAT_FOLDERS, write_image
 
 import cdfsl_core.runner as runner
 from cdfsl_core.compare import main as compare_main
 from cdfsl_core.episodes import main as episodes_main
 from cdfsl_core.finetune import build_parser
 from cdfsl_core.finetune import main as finetune_main
-from helpers import EUROSAT_FOLDERS, write_image
 
 TINY_ARGS = ["--dataset", "eurosat", "--model", "cdfsl-test-vit", "--pretrained", "none", "--ways", "3",
              "--shots", "1", "--queries", "1", "--episodes", "4", "--steps", "2", "--lora-rank", "2", "--device", "cpu"]

@@ -143,7 +143,7 @@ def test_finetune_cli_runs_a_few_episodes(tmp_path, capsys, monkeypatch):
     assert "over 2 episodes" in capsys.readouterr().out
     assert (tmp_path / "episodes" / "synthetic-xray_3w1s3q_2ep_seed0.json").exists()
     rows = _rows(tmp_path / "runs" / "x")
-    assert len(rows[0]["atha_alpha"]) == 2
+    assert len(rows[0]["intervention_log"]["alpha"]) == 2 and set(rows[0]["intervention_stats"]) == {"init", "trained"}
     config = json.loads((tmp_path / "runs" / "x" / "config.json").read_text())
     assert config["method"]["logit_scale"] == 2.0  # 'auto' for 1-shot
 

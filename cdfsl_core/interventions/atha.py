@@ -1,14 +1,9 @@
-"""Token interventions on the visual residual stream: ATHA and TIR, as forward pre-hooks.
+"""ATHA: adaptive tail-head alignment (ICML 2026), as forward pre-hooks.
 
-An intervention is an ``nn.Module`` (it owns its trainable parameters, if any) that edits the
-residual stream entering chosen vision blocks. ``with intervention.active(visual, text):``
-registers the pre-hooks for one forward and removes them on exit, also when the forward raises.
-``text`` is the class text features the tokens are compared with ([n_classes, embed_dim]; by
-default the text tower's read-out after its second-to-last block, see :mod:`cdfsl_core.text`).
-
-Block defaults are the papers' choices for ViT-B/16 (12 blocks) carried to other depths:
-TIR before blocks ``round(8n/12)`` and ``round(10n/12)`` (8 and 10 of 12; 4 and 5 of 6), ATHA's
-initial alpha at block ``n // 2`` (6 of 12). Each can be set explicitly.
+Before every vision block, the patch tokens most similar to a class vector (the head) are pulled
+toward it and the least similar (the tail) pushed away, with learnable per-block strengths alpha
+and beta. The class vectors solve P^T u = t_c for the text read-out t_c as the text tower gives it
+(the authors' scale). See METHODS.md, ATHA.
 """
 
 from __future__ import annotations
@@ -21,121 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdfsl_core import protocol
 from cdfsl_core.errors import ConfigError
-from cdfsl_core.token_text import (
-    TEXT_NORMS,
-    atha_class_vectors,
-    head_tail_sets,
-    project_tokens,
-    sum_score,
-    tir_weights,
-    token_class_similarity,
-)
+from cdfsl_core.interventions.base import Intervention, check_blocks, register_intervention
+from cdfsl_core.token_text import TEXT_NORMS, atha_class_vectors, head_tail_sets
 
-__all__ = ["ATHA", "ATHAConfig", "EDIT_STATISTICS", "Intervention", "NoIntervention", "TIR", "TIRConfig"]
+__all__ = ["ATHA", "ATHAConfig", "EDIT_STATISTICS", "TAIL_CLASS_CHOICES"]
 
 TAIL_CLASS_CHOICES = ("least", "most", "mean")
-
-
-class Intervention(nn.Module):
-    """Base class: edits the patch tokens entering some vision blocks."""
-
-    name = "none"
-
-    def blocks(self, n_blocks: int) -> list[int]:
-        return []
-
-    def edit(self, block: int, x: torch.Tensor, state: dict) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def prepare(self, visual: nn.Module, text: torch.Tensor) -> dict:
-        """Per-forward state computed once (e.g. class vectors), handed to every ``edit``."""
-        return {"visual": visual, "text": text}
-
-    def reset_parameters(self) -> None:
-        """Back to the initial state (between episodes)."""
-
-    @contextmanager
-    def measuring(self) -> Iterator[dict[int, dict[str, float]]]:
-        """Within the block, forwards add what the intervention measures about its own action,
-        per block (e.g. ATHA's edit size); the yielded dict is filled as forwards run. Nothing by
-        default."""
-        yield {}
-
-    @contextmanager
-    def active(self, visual: nn.Module, text: torch.Tensor | None) -> Iterator[None]:
-        resblocks = visual.transformer.resblocks
-        indices = self.blocks(len(resblocks))
-        if not indices:
-            yield
-            return
-        if text is None:
-            raise ConfigError(f"{self.name} needs class text features.")
-        state = self.prepare(visual, text)
-        handles = []
-
-        def make_hook(index: int):
-            def hook(module: nn.Module, args: tuple, kwargs: dict):
-                x = args[0] if args else kwargs["q_x"]
-                x = self.edit(index, x, state)
-                if args:
-                    return (x, *args[1:]), kwargs
-                return args, {**kwargs, "q_x": x}
-
-            return hook
-
-        try:
-            for i in indices:
-                handles.append(resblocks[i].register_forward_pre_hook(make_hook(i), with_kwargs=True))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-class NoIntervention(Intervention):
-    name = "none"
-
-
-def _check_blocks(name: str, blocks: tuple[int, ...], n_blocks: int) -> list[int]:
-    bad = [b for b in blocks if not 0 <= b < n_blocks]
-    if bad:
-        raise ConfigError(f"{name} blocks {bad} out of range for a vision tower of {n_blocks} blocks (0..{n_blocks - 1}).")
-    return sorted(set(blocks))
-
-
-@dataclass(frozen=True)
-class TIRConfig:
-    """TIR settings; defaults from the paper and the authors' code."""
-
-    blocks: tuple[int, ...] | None = None  # before these vision blocks; None: round(8n/12), round(10n/12): 8, 10 of 12
-    rho: float = 0.3  # top-k fraction per class, k = floor(rho L)
-    lam: float = 0.5  # lambda of the weight rule (see token_text.tir_weights)
-
-
-class TIR(Intervention):
-    """Re-weight patch tokens by their Sum score: tokens relevant to every class (sinks) are removed."""
-
-    name = "tir"
-
-    def __init__(self, config: TIRConfig = TIRConfig()) -> None:
-        super().__init__()
-        self.config = config
-
-    def blocks(self, n_blocks: int) -> list[int]:
-        if self.config.blocks is not None:
-            return _check_blocks("TIR", self.config.blocks, n_blocks)
-        return sorted({min(n_blocks - 1, round(n_blocks * f)) for f in (8 / 12, 10 / 12)})
-
-    def edit(self, block: int, x: torch.Tensor, state: dict) -> torch.Tensor:
-        # The Sum score only selects (its counts carry no gradient): computed without autograd,
-        # in fp32 whatever the autocast context.
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            projected = project_tokens(state["visual"], x[:, 1:].float())
-            counts = sum_score(token_class_similarity(projected, state["text"]), self.config.rho)
-            weights = tir_weights(counts, state["text"].shape[0], self.config.lam)
-            weights = torch.cat([weights.new_ones(len(x), 1), weights], dim=1)  # CLS keeps weight 1
-        return x * weights.unsqueeze(-1).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -143,9 +31,9 @@ class ATHAConfig:
     """ATHA settings; defaults from the paper and the authors' code (deviations are options)."""
 
     blocks: tuple[int, ...] | None = None  # before these vision blocks; None: all
-    rho_head: float = 0.3  # head set: floor(rho_head L) tokens with the largest max-class similarity
-    rho_tail: float = 0.2  # tail set: floor(rho_tail L) tokens with the smallest
-    alpha_init: float = 0.8  # initial alpha at alpha_init_block, 0 elsewhere
+    rho_head: float = protocol.ATHA_RHO_HEAD  # head set: floor(rho_head L) tokens with the largest max-class similarity
+    rho_tail: float = protocol.ATHA_RHO_TAIL  # tail set: floor(rho_tail L) tokens with the smallest
+    alpha_init: float = protocol.ATHA_ALPHA_INIT  # initial alpha at alpha_init_block, 0 elsewhere
     alpha_init_block: int | None = None  # None: n // 2 (6 of 12)
     tail_class: str = "least"  # push tail tokens away from the 'least' (code), 'most' similar class, or the 'mean'
     include_cls: bool = False  # True: rank CLS with the patches (the authors' code; we exclude it)
@@ -168,6 +56,7 @@ class ATHA(Intervention):
     """
 
     name = "atha"
+    reported_statistics = ("alpha", "beta", "head_edit", "tail_edit")
 
     def __init__(self, n_blocks: int, config: ATHAConfig = ATHAConfig()) -> None:
         super().__init__()
@@ -178,7 +67,7 @@ class ATHA(Intervention):
         self.config = config
         self.n_blocks = n_blocks
         init_block = config.alpha_init_block if config.alpha_init_block is not None else n_blocks // 2
-        _check_blocks("ATHA alpha_init_block", (init_block,), n_blocks)
+        check_blocks("ATHA alpha_init_block", (init_block,), n_blocks)
         self.init_block = init_block
         self.alpha = nn.Parameter(torch.zeros(n_blocks))  # one per vision block
         self.beta = nn.Parameter(torch.zeros(n_blocks))
@@ -189,13 +78,17 @@ class ATHA(Intervention):
         if n_blocks != self.n_blocks:
             raise ConfigError(f"ATHA was built for {self.n_blocks} blocks, the model has {n_blocks}.")
         blocks = self.config.blocks if self.config.blocks is not None else tuple(range(n_blocks))
-        return _check_blocks("ATHA", blocks, n_blocks)
+        return check_blocks("ATHA", blocks, n_blocks)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         self.alpha.zero_()
         self.alpha[self.init_block] = self.config.alpha_init
         self.beta.zero_()
+
+    def episode_log(self) -> dict[str, list[float]]:
+        """The learned strengths per block."""
+        return {"alpha": [round(v, 6) for v in self.alpha.tolist()], "beta": [round(v, 6) for v in self.beta.tolist()]}
 
     def prepare(self, visual: nn.Module, text: torch.Tensor) -> dict:
         vectors = atha_class_vectors(visual, text, self.config.text_norm)  # [C, width] fp32, once per forward
@@ -270,3 +163,7 @@ class ATHA(Intervention):
                                  "head_vector_norm": head_norm, "tail_vector_norm": tail_norm,
                                  "head_edit": abs(alpha[block]) * head_norm / token_norm,
                                  "tail_edit": abs(beta[block]) * tail_norm / token_norm}
+
+
+register_intervention("atha", lambda n_blocks, config: ATHA(n_blocks, config), ATHAConfig,
+                      "adaptive tail-head alignment before every block (ATHA, ICML 2026)")

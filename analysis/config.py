@@ -1,0 +1,73 @@
+"""How the diagnostics measure, in one config: :class:`AnalysisConfig`.
+
+The ``run_diagnostics`` command (one flag per field), :func:`analysis.run_diagnostics.diagnose_run`
+and the study accept it, and every diagnostics table carries its fields as columns, so a table
+says how it was measured. The Sum-score and head/tail fractions default to TIR's and ATHA's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from cdfsl_core import protocol
+from cdfsl_core.errors import ConfigError
+
+__all__ = ["AnalysisConfig", "SPACES", "TRANSFORMS"]
+
+SPACES = ("residual", "projected")
+TRANSFORMS = ("none", "log")
+TEXT_NORMS = ("none", "unit")
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Settings of the token diagnostics, the sink definitions and the attribution maps."""
+
+    space: str = "residual"  # token norms in the 'residual' stream or the 'projected' space (ln_post(x) P)
+    transform: str = "none"  # 'none' or 'log' of the norms
+    rho: float = protocol.TIR_RHO  # the Sum score's top-k fraction (TIR's)
+    rho_head: float = protocol.ATHA_RHO_HEAD  # head fraction of the head/tail histogram (ATHA's)
+    rho_tail: float = protocol.ATHA_RHO_TAIL  # tail fraction (ATHA's)
+    high_norm_tau: float = 2.0  # high-norm sink: norm above tau x the image's median patch norm
+    attention_tau: float = 5.0  # attention-mass sink: more than tau x the uniform share of attention
+    attention_source: str = "cls"  # ... received from 'cls', or the 'mean' over all queries
+    massive_tau: float = 100.0  # massive-activation sink: a channel above tau x the median |activation|
+    bins: int = 40  # head/tail histogram bins over [-1, 1]
+    head_tail: bool = True  # also the head/tail histogram
+    attribution_steps: int = 16  # integrated-gradients steps of the attribution maps
+    text_norm: str | None = None  # ATHA's class vectors: 'none', 'unit', or None: as the method's intervention builds them
+
+    def __post_init__(self) -> None:
+        if self.space not in SPACES:
+            raise ConfigError(f"space={self.space!r}; expected one of {SPACES}.")
+        if self.transform not in TRANSFORMS:
+            raise ConfigError(f"transform={self.transform!r}; expected one of {TRANSFORMS}.")
+        if self.attention_source not in ("cls", "mean"):
+            raise ConfigError(f"attention_source={self.attention_source!r}; expected 'cls' or 'mean'.")
+        if self.text_norm is not None and self.text_norm not in TEXT_NORMS:
+            raise ConfigError(f"text_norm={self.text_norm!r}; expected one of {TEXT_NORMS} or None.")
+        for name in ("rho", "rho_head", "rho_tail"):
+            if not 0 < getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: expected a fraction in (0, 1).")
+        for name in ("high_norm_tau", "attention_tau", "massive_tau"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: expected a positive threshold.")
+        if self.bins < 1 or self.attribution_steps < 1:
+            raise ConfigError(f"bins={self.bins}, attribution_steps={self.attribution_steps}: expected positive integers.")
+
+    def sinks(self) -> list:
+        """The four sink definitions with these thresholds."""
+        from analysis.diagnostics import SinkDefinition
+
+        return [SinkDefinition("sum-all", 0.0), SinkDefinition("high-norm", self.high_norm_tau),
+                SinkDefinition("attention-mass", self.attention_tau, self.attention_source),
+                SinkDefinition("massive-activation", self.massive_tau)]
+
+    def columns(self) -> dict[str, Any]:
+        """The settings as table columns (``analysis_`` + field name)."""
+        return {f"analysis_{key}": value for key, value in asdict(self).items()}
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,223 @@
+"""The study folder: what a study is (its settings, in parts), where its results live, and what its
+steps share (the model, the datasets, the run configurations, cached tables).
+
+A study folder holds one study: ``study.json`` pins its settings and another setting is refused
+with the difference named. Every step writes its tables into the folder and reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from analysis.config import AnalysisConfig
+from cdfsl_core import protocol
+from cdfsl_core.data import load_dataset
+from cdfsl_core.data.synthetic import SYNTHETIC_TARGETS
+from cdfsl_core.errors import ConfigError
+from cdfsl_core.models import EMBEDDED_MODEL, ClipBundle, load_clip
+from cdfsl_core.runner import ModelConfig, RunConfig, protocol_transform
+
+__all__ = ["BASELINE", "METHODS", "Study", "StudyData", "StudyGrid"]
+
+# (label, adaptation, intervention): zero-shot CLIP, the baseline, and the papers' two methods
+METHODS = (
+    ("zero-shot", "zeroshot", "none"),
+    ("coop+lora", "coop+lora", "none"),
+    ("coop+lora+atha", "coop+lora", "atha"),
+    ("coop+lora+tir", "coop+lora", "tir"),
+)
+BASELINE = "coop+lora"
+
+
+@dataclass(frozen=True)
+class StudyData:
+    """Which domains."""
+
+    root: str | None = None  # the real datasets' root (None: $CDFSL_DATA_ROOT; the embedded world needs none)
+    source: str = "synthetic"  # the source domain (domain similarity, feature views)
+    targets: tuple[str, ...] = SYNTHETIC_TARGETS  # target domains, in order of shift
+    domain_images: int = 200  # images drawn per domain for the domain similarity
+
+
+@dataclass(frozen=True)
+class StudyGrid:
+    """Which runs: the papers' protocol (:mod:`cdfsl_core.protocol`) with the demo's size by default."""
+
+    shots: tuple[int, ...] = protocol.SHOTS
+    episodes: int = protocol.DEMO_EPISODES  # per target, shot setting and method (the papers: 800 / 400)
+    steps: int = protocol.DEMO_STEPS  # training steps per episode (the papers: 100)
+    seed: int = 0
+    methods: tuple[tuple[str, str, str], ...] = METHODS  # (label, adaptation, intervention)
+    baseline: str = BASELINE  # paired differences are against this label
+    diagnose_shots: int = protocol.SHOTS[-1]  # the shot setting whose episode 0 the diagnostics look inside
+
+
+@dataclass
+class Study:
+    """What to run and measure, and where its results live; :meth:`create` takes flat keywords."""
+
+    out: Path  # the study folder
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(*EMBEDDED_MODEL, device="cpu"))
+    data: StudyData = field(default_factory=StudyData)
+    grid: StudyGrid = field(default_factory=StudyGrid)
+    analysis: AnalysisConfig = field(default_factory=lambda: AnalysisConfig(attribution_steps=8))
+    progress: bool = True  # progress bars
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.grid.diagnose_shots not in self.grid.shots:
+            raise ConfigError(f"diagnose_shots={self.grid.diagnose_shots} is not among shots={self.grid.shots}.")
+        if self.grid.baseline not in [label for label, _, _ in self.grid.methods]:
+            raise ConfigError(f"baseline={self.grid.baseline!r} is not among the methods' labels.")
+        self._checked = False
+        self._bundle: ClipBundle | None = None
+
+    @classmethod
+    def create(cls, out: str | os.PathLike[str], **settings: Any) -> "Study":
+        """A study from flat keywords: ``model``, ``pretrained``, ``device``, ``precision``, ``data_root``
+        (or ``root``), ``source``, ``targets``, ``domain_images``, ``shots``, ``episodes``, ``steps``,
+        ``seed``, ``methods``, ``baseline``, ``diagnose_shots``, any :class:`AnalysisConfig` field, ``progress``."""
+        if "data_root" in settings:
+            settings["root"] = settings.pop("data_root")
+        if "model" in settings:
+            settings["name"] = settings.pop("model")
+        parts: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "grid": {}, "analysis": {}}
+        kinds = {"model": ModelConfig, "data": StudyData, "grid": StudyGrid, "analysis": AnalysisConfig}
+        progress = settings.pop("progress", True)
+        for key, value in settings.items():
+            part = next((p for p, kind in kinds.items() if key in {f.name for f in fields(kind)}), None)
+            if part is None:
+                raise ConfigError(f"Study setting {key!r} is unknown; expected one of "
+                                  f"{sorted(f.name for kind in kinds.values() for f in fields(kind))}.")
+            parts[part][key] = tuple(value) if isinstance(value, list) else value
+        model = ModelConfig(**{"name": EMBEDDED_MODEL[0], "pretrained": EMBEDDED_MODEL[1], "device": "cpu",
+                               **parts["model"]})
+        analysis = AnalysisConfig(**{"attribution_steps": 8, **parts["analysis"]})
+        return cls(out, model, StudyData(**parts["data"]), StudyGrid(**parts["grid"]), analysis, progress)
+
+    # ------------------------------------------------------------------ the folder
+    def settings(self) -> dict[str, Any]:
+        """What determines the study's results (``study.json`` in the folder)."""
+        return json.loads(json.dumps({"model": asdict(self.model), "data": asdict(self.data), "grid": asdict(self.grid),
+                                      "analysis": asdict(self.analysis)}))
+
+    def check_folder(self) -> None:
+        """A study folder holds one study: its tables are reused only for the same settings."""
+        if self._checked:
+            return
+        path = self.out / "study.json"
+        if path.exists():
+            saved, now = json.loads(path.read_text()), self.settings()
+            differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            if differ:
+                raise ConfigError(f"{self.out} holds a study with other settings (differs in {differ}: "
+                                  f"{ {k: saved.get(k) for k in differ} }). Use another folder, or the same settings "
+                                  "to reuse its results.")
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.settings(), indent=2) + "\n")
+        self._checked = True
+
+    def cached(self, name: str, make: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+        """The table ``out/name`` (CSV), made once and reused."""
+        self.check_folder()
+        path = self.out / name
+        if path.exists():
+            return pd.read_csv(path)
+        table = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        table.to_csv(tmp, index=False)
+        tmp.replace(path)
+        return table
+
+    # ------------------------------------------------------------------ what the steps share
+    @property
+    def bundle(self) -> ClipBundle:
+        """The study's model, loaded once; every method built on it owns its adapters."""
+        if self._bundle is None:
+            self._bundle = load_clip(self.model.name, self.model.pretrained, device=self.model.device)
+        return self._bundle
+
+    @cached_property
+    def transform(self):
+        return protocol_transform(self.bundle)
+
+    def dataset_options(self, name: str) -> dict[str, Any]:
+        """Loader options: the embedded source's held-out split, the embedded targets' size."""
+        if name == self.data.source == "synthetic":
+            return {"split": "test", "images_per_class": 8}  # 512 held-out source images
+        return {"images_per_class": 60, "seed": self.grid.seed} if name.startswith("synthetic-") else {}
+
+    def load(self, name: str) -> Any:
+        return load_dataset(name, self.data.root, **self.dataset_options(name))
+
+    def run_folder(self, target: str, shots: int, label: str) -> Path:
+        """One folder per cell; the episode count is in the name, so another count never meets it."""
+        return self.out / "runs" / target / f"{shots}shot_{self.grid.episodes}ep" / label
+
+    def run_config(self, target: str, shots: int, adaptation: str, intervention: str) -> RunConfig:
+        """The papers' protocol for one cell (:func:`cdfsl_core.protocol.run_config`), on the study's
+        shared episode file of the target and shot setting."""
+        episodes = protocol.episode_config(shots, self.grid.episodes, self.grid.seed)
+        return protocol.run_config(
+            target, shots, adaptation, intervention, episodes=self.grid.episodes, steps=self.grid.steps,
+            seed=self.grid.seed, model=self.model.name, pretrained=self.model.pretrained, device=self.model.device,
+            precision=self.model.precision, data_root=self.data.root, data_options=self.dataset_options(target),
+            episode_file=str(self.out / "episodes" / protocol.episode_file_name(target, episodes)))
+
+    @property
+    def fine_tuned(self) -> list[str]:
+        return [label for label, adaptation, _ in self.grid.methods if adaptation != "zeroshot"]
+
+    # ------------------------------------------------------------------ the parts, each in its own module
+    def run_all(self, labels=None, shots=None) -> pd.DataFrame:
+        from analysis.study.runs import run_grid
+        return run_grid(self, labels, shots)
+
+    def accuracy_table(self, episodes: pd.DataFrame) -> pd.DataFrame:
+        from analysis.study.runs import accuracy_table
+        return accuracy_table(self, episodes)
+
+    def diagnostics(self) -> dict[str, pd.DataFrame]:
+        from analysis.study.inside import diagnostics
+        return diagnostics(self)
+
+    def controls(self, layer: int | None = None) -> pd.DataFrame:
+        from analysis.study.inside import controls
+        return controls(self, layer)
+
+    def intervention_stats(self) -> pd.DataFrame:
+        from analysis.study.inside import intervention_stats
+        return intervention_stats(self)
+
+    def cka_finetuned(self) -> pd.DataFrame:
+        from analysis.study.inside import cka_finetuned
+        return cka_finetuned(self)
+
+    def domain_similarity(self, pool: str = "cls") -> pd.DataFrame:
+        from analysis.study.domains import domain_similarity
+        return domain_similarity(self, pool)
+
+    def similarity(self) -> dict[str, float]:
+        from analysis.study.domains import similarity
+        return similarity(self)
+
+    def feature_view(self, method: str = "pca", per_domain: int = 150) -> pd.DataFrame:
+        from analysis.study.domains import feature_view
+        return feature_view(self, method, per_domain)
+
+    def samples(self, per_domain: int = 8) -> dict[str, list]:
+        from analysis.study.domains import samples
+        return samples(self, per_domain)
+
+    def figures(self, folder: str | os.PathLike[str] | None = None) -> dict[str, list[Path]]:
+        from analysis.study.gallery import figures
+        return figures(self, folder)

@@ -1,0 +1,135 @@
+"""What a study looks at inside the models: every token diagnostic, the positive controls, what
+each intervention reports of itself, and paired CKA between pretrained and fine-tuned models."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import torch
+
+from analysis.cka import cka
+from analysis.features import layer_features
+from analysis.run_diagnostics import diagnose_run
+from cdfsl_core.runner import RunConfig, load_run, load_state, prepare_episode, state_path
+
+if TYPE_CHECKING:
+    from analysis.study.folder import Study
+
+__all__ = ["TABLES", "cka_finetuned", "controls", "diagnostics", "intervention_stats"]
+
+TABLES = ("norms", "sinks", "head_tail", "attention", "rollout", "attribution")
+
+
+def diagnostics(study: "Study") -> dict[str, pd.DataFrame]:
+    """Every token diagnostic of episode 0 at ``diagnose_shots``: the pretrained model once per
+    target, and each fine-tuned method rebuilt from its saved state; into ``diagnostics/``."""
+    study.check_folder()
+    folder = study.out / "diagnostics"
+    if all((folder / f"{name}.csv").exists() for name in TABLES):
+        return {name: pd.read_csv(folder / f"{name}.csv") for name in TABLES}
+    shots = study.grid.diagnose_shots
+    study.run_all(study.fine_tuned, (shots,))
+    parts: dict[str, list[pd.DataFrame]] = {}
+    for target in study.data.targets:
+        for i, label in enumerate(study.fine_tuned):
+            tables = diagnose_run(study.run_folder(target, shots, label), [0], analysis=study.analysis,
+                                  pretrained=i == 0, model_label=label, bundle=study.bundle)
+            for name, table in tables.items():
+                parts.setdefault(name, []).append(table)
+    folder.mkdir(parents=True, exist_ok=True)
+    tables = {name: pd.concat(items, ignore_index=True) for name, items in parts.items()}
+    for name, table in tables.items():
+        table.to_csv(folder / f"{name}.csv", index=False)
+    return tables
+
+
+def controls(study: "Study", layer: int | None = None, images: int = 16) -> pd.DataFrame:
+    """Positive controls beside the real model: sink tokens per image at ``layer`` (default: the
+    middle block) of the pretrained model on ``images`` images of the first target, without a plant
+    and with each artefact of :mod:`analysis.controls` planted into patch token 0; per (plant,
+    definition) ``mean_count``, ``planted_token_found`` (share of images whose planted token the
+    definition flags) and ``found_by`` (the definition meant to find the plant)."""
+    def make() -> pd.DataFrame:
+        from analysis.controls import FINDS, PLANTS, Plant, planted
+        from analysis.diagnostics import TokenDiagnostics
+        from analysis.recorder import record
+        from cdfsl_core.methods import create_method
+
+        dataset = study.load(study.data.targets[0])
+        step = max(1, len(dataset) // images)
+        batch = torch.stack([study.transform(dataset.load_image(i)) for i in range(0, len(dataset), step)[:images]])
+        method = create_method(study.bundle, dataset.classes[:5], "zeroshot", "none").eval()
+        with torch.no_grad():
+            _, readout = method.text_features(readout=True)
+        block = len(study.bundle.model.visual.transformer.resblocks) // 2 if layer is None else layer
+        rows = []
+        for kind in ("none", *PLANTS):
+            plants = [] if kind == "none" else [Plant(kind, block, token=0)]
+            diagnostics = TokenDiagnostics.from_config(study.bundle.model.visual, readout, [block],
+                                                       study.analysis, "none")
+            with planted(method, plants, text=readout), record(method, layers=[block]) as cache, torch.no_grad():
+                method.encode_image(batch.to(readout.device), readout)
+            diagnostics.update(cache)
+            masks = diagnostics.sink_masks(cache)[block]
+            for _, row in diagnostics.tables()["sinks"].iterrows():
+                found = float(masks[row["definition"]][:, 0].float().mean()) if plants else float("nan")
+                rows.append({"plant": kind, "planted_per_image": len(plants), "definition": row["definition"],
+                             "label": row["label"], "layer": block, "images": row["images"],
+                             "mean_count": row["mean_count"], "planted_token_found": found,
+                             "found_by": FINDS.get(kind) == row["definition"], "dataset": study.data.targets[0],
+                             "model": "pretrained", **study.analysis.columns()})
+        return pd.DataFrame(rows)
+    return study.cached("diagnostics/controls.csv", make)
+
+
+def intervention_stats(study: "Study") -> pd.DataFrame:
+    """What every intervention reported of itself, from the runs' episode lines: one row per
+    (method, domain, shots, episode, block, stage), stage ``init`` (before training) or
+    ``trained``, with the per-block statistics of its ``measuring()`` (ATHA: alpha, beta, token and
+    class-vector norms, the relative edits), measured on the episode's queries."""
+    labels = [label for label, _, intervention in study.grid.methods if intervention != "none"]
+    study.run_all(labels)
+    rows = []
+    for label, _, intervention in study.grid.methods:
+        if label not in labels:
+            continue
+        for target in study.data.targets:
+            for k in study.grid.shots:
+                folder = study.run_folder(target, k, label)
+                config = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+                settings = {f"setting_{key}": value for key, value in vars(config.method.settings()).items()
+                            if isinstance(value, (int, float, str, bool)) or value is None}
+                for line in (folder / "episodes.jsonl").read_text().splitlines():
+                    row = json.loads(line)
+                    for stage, blocks in row.get("intervention_stats", {}).items():
+                        for block, stats in blocks.items():
+                            rows.append({"method": label, "intervention": intervention, "domain": target, "shots": k,
+                                         "episode": row["episode"], "block": int(block), "stage": stage, **stats,
+                                         **settings})
+    table = pd.DataFrame(rows)
+    table.to_csv(study.out / "intervention_stats.csv", index=False)
+    return table
+
+
+def cka_finetuned(study: "Study") -> pd.DataFrame:
+    """Linear CKA per layer between the pretrained and each fine-tuned model of episode 0 on the
+    episode's query images (paired, biased estimator: Kornblith et al.'s for models)."""
+    def make() -> pd.DataFrame:
+        study.run_all(study.fine_tuned, (study.grid.diagnose_shots,))
+        rows = []
+        for target in study.data.targets:
+            for label in study.fine_tuned:
+                folder = study.run_folder(target, study.grid.diagnose_shots, label)
+                config, bundle, dataset, episodes = load_run(folder, study.bundle)
+                method, _, _, query, _ = prepare_episode(config, bundle, dataset, episodes, 0)
+                before = layer_features(method, images=query)
+                load_state(method, state_path(folder, 0))
+                after = layer_features(method, images=query)
+                for layer in before:
+                    rows.append({"target": target, "method": label, "layer": layer, "images": len(query),
+                                 "cka": cka(before[layer], after[layer], "linear", "biased"),
+                                 "kernel": "linear", "estimator": "biased", "pool": "cls"})
+        return pd.DataFrame(rows)
+    return study.cached("cka_finetuned.csv", make)

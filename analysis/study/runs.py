@@ -1,0 +1,61 @@
+"""The run grid of a study: every (method, target, shots) cell through the episodic runner, and
+the accuracy table with paired differences against the baseline."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Sequence
+
+import pandas as pd
+
+from cdfsl_core.compare import paired_difference
+from cdfsl_core.runner import run
+from cdfsl_core.stats import mean_ci95
+
+if TYPE_CHECKING:
+    from analysis.study.folder import Study
+
+__all__ = ["accuracy_table", "run_grid"]
+
+
+def run_grid(study: "Study", labels: Sequence[str] | None = None, shots: Sequence[int] | None = None) -> pd.DataFrame:
+    """Every cell, resumed where finished (or only the methods ``labels`` and shot settings
+    ``shots``), all on the study's one model; one row per episode. Methods are independent, so
+    the order of the cells does not matter."""
+    study.check_folder()
+    rows = []
+    for label, adaptation, intervention in study.grid.methods:
+        if labels is not None and label not in labels:
+            continue
+        for target in study.data.targets:
+            for k in study.grid.shots if shots is None else shots:
+                folder = study.run_folder(target, k, label)
+                run(study.run_config(target, k, adaptation, intervention), folder, bundle=study.bundle,
+                    progress=study.progress, save_states=adaptation != "zeroshot")
+                for line in (folder / "episodes.jsonl").read_text().splitlines():
+                    row = json.loads(line)
+                    rows.append({"domain": target, "shots": k, "method": label, "episode": row["episode"],
+                                 "accuracy": row["accuracy"], "accuracy_init": row.get("accuracy_init"),
+                                 "status": row["status"], "seconds": row.get("seconds")})
+    return pd.DataFrame(rows)
+
+
+def accuracy_table(study: "Study", episodes: pd.DataFrame) -> pd.DataFrame:
+    """Mean accuracy and 95% CI per cell (the project's one CI convention), and the paired
+    difference against the baseline with its CI; written to ``accuracy_table.csv``."""
+    ok = episodes[episodes["status"] == "ok"]
+    summary = ok.groupby(["domain", "shots", "method"], sort=False)["accuracy"].agg(
+        mean="mean", episodes="count", ci95=lambda values: mean_ci95(values.tolist())[1]).reset_index()
+    baseline = study.grid.baseline
+    diffs = []
+    for _, row in summary.iterrows():
+        if row["method"] == baseline:
+            diffs.append((0.0, 0.0))
+            continue
+        result = paired_difference(study.run_folder(row["domain"], row["shots"], row["method"]),
+                                   study.run_folder(row["domain"], row["shots"], baseline))
+        diffs.append((result["mean_difference"], result["ci95"]))
+    summary["diff_vs_baseline"] = [d for d, _ in diffs]
+    summary["diff_ci95"] = [c for _, c in diffs]
+    summary.to_csv(study.out / "accuracy_table.csv", index=False)
+    return summary

@@ -1,0 +1,58 @@
+"""TIR: token re-weighting against the attention sink (CVPR 2026), as forward pre-hooks.
+
+Before vision blocks 8 and 10 of 12 (``round(8n/12)``, ``round(10n/12)`` for other depths), each
+patch token is scaled by the number m of classes whose top-k tokens contain it (the Sum score):
+w(m) = 2, 1.5, 1, 0.5, 0 for m = 1..5 (5-way), w(0) = 1. See METHODS.md, TIR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cdfsl_core import protocol
+from cdfsl_core.interventions.base import Intervention, check_blocks, register_intervention
+from cdfsl_core.token_text import project_tokens, sum_score, tir_weights, token_class_similarity
+
+__all__ = ["TIR", "TIRConfig"]
+
+
+@dataclass(frozen=True)
+class TIRConfig:
+    """TIR settings; defaults from the paper and the authors' code."""
+
+    blocks: tuple[int, ...] | None = None  # before these vision blocks; None: round(8n/12), round(10n/12): 8, 10 of 12
+    rho: float = protocol.TIR_RHO  # top-k fraction per class, k = floor(rho L)
+    lam: float = protocol.TIR_LAMBDA  # lambda of the weight rule (see token_text.tir_weights)
+
+
+class TIR(Intervention):
+    """Re-weight patch tokens by their Sum score: tokens relevant to every class (sinks) are removed."""
+
+    name = "tir"
+
+    def __init__(self, config: TIRConfig = TIRConfig()) -> None:
+        super().__init__()
+        self.config = config
+
+    def blocks(self, n_blocks: int) -> list[int]:
+        if self.config.blocks is not None:
+            return check_blocks("TIR", self.config.blocks, n_blocks)
+        return sorted({min(n_blocks - 1, round(n_blocks * f)) for f in (8 / 12, 10 / 12)})
+
+    def edit(self, block: int, x: torch.Tensor, state: dict) -> torch.Tensor:
+        # The Sum score only selects (its counts carry no gradient): computed without autograd,
+        # in fp32 whatever the autocast context.
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            projected = project_tokens(state["visual"], x[:, 1:].float())
+            counts = sum_score(token_class_similarity(projected, state["text"]), self.config.rho)
+            weights = tir_weights(counts, state["text"].shape[0], self.config.lam)
+            weights = torch.cat([weights.new_ones(len(x), 1), weights], dim=1)  # CLS keeps weight 1
+        return x * weights.unsqueeze(-1).to(x.dtype)
+
+
+
+
+register_intervention("tir", lambda n_blocks, config: TIR(config), TIRConfig,
+                      "token re-weighting by Sum score before two late blocks (TIR, CVPR 2026)")
