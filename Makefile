@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CLUSTER := $(VENV)/.cluster
 CONSTRAINTS := requirements/constraints.txt
 OUT ?= outputs/demo
 
@@ -17,6 +18,11 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
 
+# Ray for the sweep: the tests need it, the demo does not
+$(CLUSTER): $(STAMP)
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev,cluster]'
+	touch $(CLUSTER)
+
 demo: $(STAMP)
 	$(PY) -m analysis.demo --out $(OUT)
 
@@ -24,10 +30,10 @@ demo: $(STAMP)
 figures: $(STAMP)
 	$(PY) -m analysis.demo --out $(OUT) --figures figures
 
-test: $(STAMP)
+test: $(CLUSTER)
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(CLUSTER)
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
 clean-venv:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from cdfsl_core.cli import command, parser
 from cdfsl_core.errors import RunFolderError
@@ -63,6 +63,34 @@ def paired_difference(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
         raise RunFolderError(f"{run_a} and {run_b} have no finished episode in common.")
     mean, ci = mean_ci95([acc_a[i] - acc_b[i] for i in common])
     return {"mean_difference": mean, "ci95": ci, "episodes": len(common), "episode_file_sha256": sha_a}
+
+
+def accuracy_table(runs: Mapping[tuple[str, int, str], Sequence[str | Path]], baseline: str) -> Any:
+    """Mean accuracy and 95% CI per (domain, shots, method) over the episodes of its run folders
+    (one per episode seed), and the paired difference against ``baseline``'s runs on the same
+    episode files, with its CI; a pandas DataFrame with columns ``domain, shots, method, mean,
+    episodes, ci95, diff_vs_baseline, diff_ci95``."""
+    import pandas as pd
+
+    rows = []
+    for (domain, shots, method), folders in runs.items():
+        accuracies = [a for folder in folders for a in _load_run(Path(folder))[1].values()]
+        mean, ci = mean_ci95(accuracies)
+        partners = runs.get((domain, shots, baseline))
+        if method == baseline or partners is None:
+            difference, difference_ci = (0.0, 0.0) if method == baseline else (float("nan"), float("nan"))
+        else:
+            differences = []
+            for folder, partner in zip(folders, partners):  # the same seed, so the same episode file
+                sha, mine = _load_run(Path(folder))
+                other_sha, theirs = _load_run(Path(partner))
+                if sha != other_sha:
+                    raise RunFolderError(f"{folder} and {partner} used different episode files; they cannot be paired.")
+                differences += [mine[i] - theirs[i] for i in sorted(set(mine) & set(theirs))]
+            difference, difference_ci = mean_ci95(differences)
+        rows.append({"domain": domain, "shots": shots, "method": method, "mean": mean, "episodes": len(accuracies),
+                     "ci95": ci, "diff_vs_baseline": difference, "diff_ci95": difference_ci})
+    return pd.DataFrame(rows)
 
 
 def build_parser():

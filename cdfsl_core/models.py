@@ -39,6 +39,7 @@ __all__ = [
     "list_architectures",
     "PRECISIONS",
     "check_checkpoint",
+    "checkpoint_file",
     "load_clip",
     "register_pretrained",
     "resolve_device",
@@ -309,6 +310,19 @@ def load_clip(
         "quick_gelu": force_quick_gelu,
     }
     return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, info=info)
+
+
+def checkpoint_file(name: str, pretrained: str | os.PathLike[str] | None) -> str | None:
+    """The local weights file ``load_clip(name, pretrained)`` would load, found and checked without
+    building the model (None for random weights); a missing or unreadable file is a
+    :class:`CheckpointError` naming it."""
+    if pretrained is None:
+        return None
+    source, _ = _resolve_pretrained(name, os.fspath(pretrained), None, False)
+    if source is not None and os.path.isfile(source):
+        check_checkpoint(source)
+        return source
+    return None
 
 
 def check_checkpoint(path: str | os.PathLike[str]) -> None:

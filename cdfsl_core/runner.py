@@ -17,15 +17,17 @@ uninterrupted one: episode ``i`` seeds torch from ``(seed, i)`` before anything 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import platform
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -41,22 +43,27 @@ from cdfsl_core.errors import ConfigError, DeviceError, EpisodeError, RunFolderE
 from cdfsl_core.interventions import intervention_spec
 from cdfsl_core.lora import LoRAConfig
 from cdfsl_core.methods import FewShotCLIP, MethodConfig
-from cdfsl_core.models import PRECISIONS, ClipBundle, load_clip, resolve_device, resolve_precision
+from cdfsl_core.models import PRECISIONS, ClipBundle, checkpoint_file, load_clip, resolve_device, resolve_precision
 from cdfsl_core.stats import mean_ci95
 from cdfsl_core.zeroshot import autocast_for
 
 __all__ = [
     "DataConfig",
-    "load_run",
-    "prepare_episode",
     "ModelConfig",
     "NonFiniteLoss",
     "RunConfig",
+    "RunPlan",
     "TrainConfig",
+    "load_plan",
+    "load_run",
     "load_state",
+    "prepare_episode",
+    "prepare_run",
     "run",
+    "run_episodes",
     "save_state",
     "state_path",
+    "summarize",
     "train_episode",
 ]
 
@@ -284,7 +291,8 @@ def _git_revision() -> str | None:
         return None
 
 
-def _manifest(config: RunConfig, episodes: EpisodeFile, device: torch.device, bundle: ClipBundle) -> dict[str, Any]:
+def _manifest(config: RunConfig, episodes: EpisodeFile, device: torch.device, precision: str,
+              checkpoint: str | None) -> dict[str, Any]:
     import open_clip
 
     from cdfsl_core import __version__
@@ -297,9 +305,10 @@ def _manifest(config: RunConfig, episodes: EpisodeFile, device: torch.device, bu
         "open_clip": open_clip.__version__,
         "numpy": np.__version__,
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "precision": resolve_precision(device, config.model.precision),
-        "checkpoint": bundle.info.get("checkpoint"),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available()
+        else platform.processor() or platform.machine(),
+        "precision": precision,
+        "checkpoint": checkpoint,
         "episode_file": str(episodes.path) if episodes.path else None,
         "episode_file_sha256": episodes.sha256,
         "dataset_fingerprint": episodes.dataset_fingerprint,
@@ -494,34 +503,58 @@ def _check_precision(out: Path, device: str, precision: str, has_episodes: bool,
         )
 
 
-def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | None = None, progress: bool = True,
-        save_states: bool = False, allow_mixed_precision: bool = False) -> dict[str, Any]:
-    """Run (or resume) every episode of a run folder; returns the summary.
+@dataclass
+class RunPlan:
+    """A run folder checked and ready: its config (paths absolute), device, precision, data and
+    episodes. :func:`prepare_run` makes one; :func:`run_episodes` and :func:`summarize` use it."""
 
-    Everything is checked before anything is written: the config's values, the device and
-    precision, the data, the episode file, the run folder (a folder with finished episodes
-    resumes only with the same config, the same episode file, the same device type and
-    precision) and the weights. A folder without finished episodes accepts a corrected command.
-    Paths are stored absolute, so the folder works from any working folder; a finished run
-    rerun writes nothing. ``save_states`` also keeps each episode's trained parameters
-    (:func:`state_path`); it does not change results. Ctrl-C raises :class:`RunInterrupted`,
-    whose message says what finished."""
+    config: RunConfig
+    out: Path
+    device: torch.device
+    precision: str
+    dataset: Any
+    episodes: EpisodeFile
+
+    @property
+    def results(self) -> Path:
+        return self.out / "episodes.jsonl"
+
+    def finished(self) -> dict[int, dict[str, Any]]:
+        return _read_finished(self.results)[0]
+
+    def todo(self) -> list[int]:
+        finished = self.finished()
+        return [i for i in range(len(self.episodes)) if i not in finished]
+
+    def load_model(self) -> ClipBundle:
+        if self.config.model.pretrained is None:
+            torch.manual_seed(self.config.episodes.seed)  # random weights, the same in every process
+        return load_clip(self.config.model.name, self.config.model.pretrained, device=self.device)
+
+
+def prepare_run(config: RunConfig, out: str | os.PathLike[str], allow_mixed_precision: bool = False,
+                device: torch.device | None = None) -> RunPlan:
+    """Check everything, then write the run folder's config, episode file and manifest.
+
+    Checked before anything is written: the config's values, the device and precision, the run
+    folder (a folder with finished episodes resumes only with the same config, the same episode
+    file, the same device type and precision), the data, the episode file and the weights (found
+    and readable; they are loaded by whoever runs episodes). A folder without finished episodes
+    accepts a corrected command. ``device``: the device the episodes will run on when it is not
+    this process's (a sweep's driver plans for its GPU workers)."""
     out = Path(out)
     config = config.with_absolute_paths()
     config.validate()
-    device = resolve_device(config.model.device)
-    precision = resolve_precision(device, config.model.precision)
-    results_path = out / "episodes.jsonl"
-    finished, torn = _read_finished(results_path)
+    device = device if device is not None else resolve_device(config.model.device)
+    precision = resolve_precision(device, config.model.precision) if device.type != "cuda" or torch.cuda.is_available() \
+        else ("bf16" if config.model.precision == "auto" else config.model.precision)
+    finished = _read_finished(out / "episodes.jsonl")[0]
     _check_config(out, config, finished)
     _check_precision(out, device.type, precision, bool(finished), allow_mixed_precision)
     dataset = load_dataset(config.data.dataset, config.data.root, **config.data.options)
     episodes, episode_path, new_episodes = _episode_file(config, dataset, out)
     _check_episode_file(out, episodes, finished)
-    if bundle is None:
-        if config.model.pretrained is None:
-            torch.manual_seed(config.episodes.seed)  # random weights, the same in a resumed process
-        bundle = load_clip(config.model.name, config.model.pretrained, device=device)
+    checkpoint = checkpoint_file(config.model.name, config.model.pretrained)
 
     # ---- everything checked: from here on the run folder is written
     out.mkdir(parents=True, exist_ok=True)
@@ -529,69 +562,173 @@ def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | Non
         _write_json(out / "config.json", config.to_dict(), only_if_changed=True)
     if new_episodes:
         save_episodes(episodes, episode_path)
-    manifest = _manifest(config, episodes, device, bundle)
+    manifest = _manifest(config, episodes, device, precision, checkpoint)
     if not finished or not (out / "manifest.json").exists():
         _write_json(out / "manifest.json", manifest, only_if_changed=True)
     elif allow_mixed_precision:
         saved = json.loads((out / "manifest.json").read_text())
         if (saved.get("device"), saved.get("precision")) != (manifest["device"], manifest["precision"]):
             _write_json(out / "manifest.json", {**saved, "mixed_precision": True}, only_if_changed=True)
-    if torn:  # drop the torn line a killed write left, so new lines start on a line of their own
-        _write_lines(results_path, [json.dumps(finished[i]) for i in sorted(finished)])
-    todo = [i for i in range(len(episodes)) if i not in finished]
+    return RunPlan(config, out, device, precision, dataset, episodes)
+
+
+def load_plan(out: str | os.PathLike[str], device: torch.device | None = None) -> RunPlan:
+    """The plan of a prepared run folder, written by :func:`prepare_run` (in another process: a
+    sweep's worker); checks the episode file against the run's record, writes nothing."""
+    out = Path(out)
+    if not (out / "config.json").exists():
+        raise RunFolderError(f"{out} is not a prepared run folder: config.json is missing.")
+    config = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
+    device = device if device is not None else resolve_device(config.model.device)
+    precision = resolve_precision(device, config.model.precision)
+    dataset = load_dataset(config.data.dataset, config.data.root, **config.data.options)
+    episodes, _, new = _episode_file(config, dataset, out)
+    if new:
+        raise RunFolderError(f"{out}: its episode file is missing; prepare the run again.")
+    _check_episode_file(out, episodes, _read_finished(out / "episodes.jsonl")[0])
+    return RunPlan(config, out, device, precision, dataset, episodes)
+
+
+def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | None = None, progress: bool = True,
+        save_states: bool = False, allow_mixed_precision: bool = False) -> dict[str, Any]:
+    """Run (or resume) every episode of a run folder; returns the summary.
+
+    :func:`prepare_run` checks everything before the folder is written; the model is loaded (or
+    ``bundle`` used) only when episodes are left, so a finished run rerun only summarises and writes
+    nothing. Paths are stored absolute, so the folder works from any working folder. Several
+    processes may run the same folder at once: each episode is claimed (an OS file lock, released
+    if its process dies) and recorded exactly once. ``save_states`` also keeps each episode's
+    trained parameters (:func:`state_path`); it does not change results. Ctrl-C raises
+    :class:`RunInterrupted`, whose message says what finished."""
+    plan = prepare_run(config, out, allow_mixed_precision)
+    todo = plan.todo()
     if todo:
-        _run_episodes(config, out, bundle, dataset, episodes, todo, finished, device, precision, progress, save_states)
-    summary = summarise([finished[i] for i in sorted(finished)], episodes)
-    _write_json(out / "summary.json", summary, only_if_changed=True)
+        run_episodes(plan, bundle if bundle is not None else plan.load_model(), todo, progress, save_states)
+    return summarize(plan)
+
+
+def summarize(plan: RunPlan) -> dict[str, Any]:
+    """The run's summary from its episode lines; ``summary.json`` is written only when it changed."""
+    finished = plan.finished()
+    summary = summarise([finished[i] for i in sorted(finished)], plan.episodes)
+    _write_json(plan.out / "summary.json", summary, only_if_changed=True)
     return summary
 
 
-def _run_episodes(config: RunConfig, out: Path, bundle: ClipBundle, dataset: Any, episodes: EpisodeFile,
-                  todo: list[int], finished: dict[int, dict[str, Any]], device: torch.device, precision: str,
-                  progress: bool, save_states: bool) -> None:
-    """Run ``todo`` episodes, appending one synced line each to ``episodes.jsonl``."""
+@contextmanager
+def _claim(out: Path, index: int, wait: bool) -> Iterator[bool]:
+    """Hold episode ``index`` of a run folder for this process (an exclusive OS lock on a file in
+    ``.claims/``, which the OS releases when the process dies); yields False when another process
+    holds it and ``wait`` is False."""
+    folder = out / ".claims"
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"episode_{index:05d}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")  # who computes it (a test kills that process)
+            handle.flush()
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _append(path: Path, index: int, row: dict[str, Any]) -> bool:
+    """Append one episode line unless the episode is already there; under a lock, synced. A torn
+    last line (a writer killed midway) is ended first, so the new line stands on its own."""
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if index in _read_finished(path)[0]:
+                return False
+            with path.open("a+b") as handle:
+                handle.seek(0, os.SEEK_END)
+                if handle.tell():
+                    handle.seek(-1, os.SEEK_END)
+                    if handle.read(1) != b"\n":
+                        handle.write(b"\n")
+                handle.write((json.dumps(row) + "\n").encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+            return True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def run_episodes(plan: RunPlan, bundle: ClipBundle, indices: Sequence[int], progress: bool = True,
+                 save_states: bool = False, on_episode: Callable[[int], None] | None = None) -> int:
+    """Run the episodes ``indices`` of a prepared run that are not finished yet, each claimed
+    first so that concurrent processes (two commands, a sweep's tasks) never compute or record one
+    twice; episodes another process holds are waited for at the end (and run here if it died).
+    Returns how many this call recorded; ``on_episode(index)`` is called after each one."""
+    config, episodes = plan.config, plan.episodes
     transform = protocol_transform(bundle, config.train.resize_ratio)
     method: FewShotCLIP | None = None
     label = f"{config.method.adaptation}/{config.method.intervention} on {config.data.dataset}"
+    recorded = 0
+    pending = [i for i in indices if i not in plan.finished()]
+    bar = tqdm(total=len(pending), desc=label, disable=not progress)
     try:
-        with (out / "episodes.jsonl").open("a") as handle:
-            for index in tqdm(todo, desc=label, disable=not progress):
-                names = episodes.class_names(episodes.episodes[index])
-                start = time.perf_counter()
-                method, support, support_labels, query, query_labels = prepare_episode(
-                    config, bundle, dataset, episodes, index, method, transform)
-                row: dict[str, Any] = {"episode": index, "classes": names}
-                try:
-                    # the queries at the initial state: the method's accuracy before training, and what
-                    # the intervention measures about its own action (ATHA: its edit size per block)
-                    with method.intervention.measuring() as before:
-                        row["accuracy_init"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
-                    row.update(train_episode(method, support, support_labels, config.train, precision))
-                    with method.intervention.measuring() as after:
-                        row["accuracy"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
-                    if before or after:
-                        row["intervention_stats"] = {"init": _rounded(before), "trained": _rounded(after)}
-                    row["status"] = "ok"
-                except NonFiniteLoss as err:
-                    row.update(status="non-finite-loss", accuracy=None, message=str(err))
-                    tqdm.write(f"episode {index}: stopped, {err}; recorded as failed, not averaged")
-                if save_states and row["status"] == "ok" and method.trainable_state():
-                    save_state(method, state_path(out, index))  # before the row: a listed episode has its state
-                logged = method.intervention.episode_log()  # what the intervention says of itself (ATHA: alpha, beta)
-                if logged:
-                    row["intervention_log"] = logged
-                row["device"], row["precision"] = device.type, precision
-                row["episode_file_sha256"] = episodes.sha256
-                row["seconds"] = round(time.perf_counter() - start, 3)
-                handle.write(json.dumps(row) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-                finished[index] = row
+        for wait in (False, True):  # first what nobody holds, then wait for what others hold
+            busy = []
+            for index in pending:
+                with _claim(plan.out, index, wait) as claimed:
+                    if not claimed:
+                        busy.append(index)
+                        continue
+                    if index not in plan.finished():  # another process may have finished it meanwhile
+                        method, row = _episode(plan, bundle, index, method, transform, save_states)
+                        recorded += _append(plan.results, index, row)
+                    bar.update()
+                    if on_episode is not None:
+                        on_episode(index)
+            pending = busy
     except KeyboardInterrupt:
         raise RunInterrupted(
-            f"{len(finished)} of {len(episodes)} episodes finished and are saved in {out}; "
+            f"{len(plan.finished())} of {len(episodes)} episodes finished and are saved in {plan.out}; "
             "rerun the same command to resume."
         ) from None
+    finally:
+        bar.close()
+    return recorded
+
+
+def _episode(plan: RunPlan, bundle: ClipBundle, index: int, method: FewShotCLIP | None, transform: T.Compose,
+             save_states: bool) -> tuple[FewShotCLIP, dict[str, Any]]:
+    """Train and evaluate one episode; its line."""
+    config, episodes, precision = plan.config, plan.episodes, plan.precision
+    start = time.perf_counter()
+    method, support, support_labels, query, query_labels = prepare_episode(
+        config, bundle, plan.dataset, episodes, index, method, transform)
+    row: dict[str, Any] = {"episode": index, "classes": episodes.class_names(episodes.episodes[index])}
+    try:
+        # the queries at the initial state: the method's accuracy before training, and what the
+        # intervention measures about its own action (ATHA: its edit size per block)
+        with method.intervention.measuring() as before:
+            row["accuracy_init"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
+        row.update(train_episode(method, support, support_labels, config.train, precision))
+        with method.intervention.measuring() as after:
+            row["accuracy"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
+        if before or after:
+            row["intervention_stats"] = {"init": _rounded(before), "trained": _rounded(after)}
+        row["status"] = "ok"
+    except NonFiniteLoss as err:
+        row.update(status="non-finite-loss", accuracy=None, message=str(err))
+        tqdm.write(f"episode {index}: stopped, {err}; recorded as failed, not averaged")
+    if save_states and row["status"] == "ok" and method.trainable_state():
+        save_state(method, state_path(plan.out, index))  # before the row: a listed episode has its state
+    logged = method.intervention.episode_log()  # what the intervention says of itself (ATHA: alpha, beta)
+    if logged:
+        row["intervention_log"] = logged
+    row["device"], row["precision"] = plan.device.type, precision
+    row["episode_file_sha256"] = episodes.sha256
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    return method, row
 
 
 def _write_json(path: Path, content: dict[str, Any], only_if_changed: bool = False) -> None:
@@ -602,10 +739,4 @@ def _write_json(path: Path, content: dict[str, Any], only_if_changed: bool = Fal
         return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _write_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
     tmp.replace(path)

@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import pandas as pd
 
-from cdfsl_core.compare import paired_difference
+from cdfsl_core.compare import accuracy_table as compare_accuracy_table
 from cdfsl_core.runner import run
-from cdfsl_core.stats import mean_ci95
 
 if TYPE_CHECKING:
     from analysis.study.folder import Study
@@ -42,20 +41,10 @@ def run_grid(study: "Study", labels: Sequence[str] | None = None, shots: Sequenc
 
 def accuracy_table(study: "Study", episodes: pd.DataFrame) -> pd.DataFrame:
     """Mean accuracy and 95% CI per cell (the project's one CI convention), and the paired
-    difference against the baseline with its CI; written to ``accuracy_table.csv``."""
-    ok = episodes[episodes["status"] == "ok"]
-    summary = ok.groupby(["domain", "shots", "method"], sort=False)["accuracy"].agg(
-        mean="mean", episodes="count", ci95=lambda values: mean_ci95(values.tolist())[1]).reset_index()
-    baseline = study.grid.baseline
-    diffs = []
-    for _, row in summary.iterrows():
-        if row["method"] == baseline:
-            diffs.append((0.0, 0.0))
-            continue
-        result = paired_difference(study.run_folder(row["domain"], row["shots"], row["method"]),
-                                   study.run_folder(row["domain"], row["shots"], baseline))
-        diffs.append((result["mean_difference"], result["ci95"]))
-    summary["diff_vs_baseline"] = [d for d, _ in diffs]
-    summary["diff_ci95"] = [c for _, c in diffs]
+    difference against the baseline with its CI (:func:`cdfsl_core.compare.accuracy_table`, as
+    the sweep reports it); written to ``accuracy_table.csv``."""
+    cells = episodes[["domain", "shots", "method"]].drop_duplicates().itertuples(index=False)
+    runs = {(domain, shots, method): [study.run_folder(domain, shots, method)] for domain, shots, method in cells}
+    summary = compare_accuracy_table(runs, study.grid.baseline)
     summary.to_csv(study.out / "accuracy_table.csv", index=False)
     return summary
