@@ -19,11 +19,11 @@ import functools
 import os
 import sys
 import traceback
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from cdfsl_core.errors import CDFSLError
 
-__all__ = ["HelpFormatter", "command", "fraction", "logit_scale", "non_negative_int", "parser", "positive_float", "positive_int"]
+__all__ = ["HelpFormatter", "add_episode_arguments", "command", "fraction", "logit_scale", "non_negative_int", "parser", "positive_float", "positive_int"]
 
 DEBUG_ENV = "CDFSL_DEBUG"
 
@@ -39,48 +39,35 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return result
 
 
+def _number(text: str, convert: Callable[[str], float], valid: Callable[[float], bool], expected: str) -> Any:
+    """``text`` converted and checked, or an argparse error saying what was expected."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (1 or more), got {value}")
-    return value
+    return _number(text, int, lambda v: v >= 1, "a positive integer (1 or more)")
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
-    return value
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a finite positive number")
 
 
 def fraction(text: str) -> float:
     """A number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {value}")
-    return value
+    return _number(text, float, lambda v: 0 < v < 1, "a fraction between 0 and 1")
 
 
 def logit_scale(text: str) -> float | str:
@@ -91,6 +78,25 @@ def logit_scale(text: str) -> float | str:
         return positive_float(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a positive number, 'learned' or 'auto', got {text!r}") from None
+
+
+def add_episode_arguments(group: Any) -> None:
+    """The flags that draw episodes (``--ways --shots --queries --episodes --seed
+    --short-class-policy``), with the protocol's defaults, for every command that draws them."""
+    from cdfsl_core import protocol
+    from cdfsl_core.episodes import SHORT_CLASS_POLICIES
+
+    def ways(text: str) -> int:
+        return _number(text, int, lambda v: v >= 2, "at least 2 classes per episode")
+
+    group.add_argument("--ways", type=ways, default=protocol.WAYS, help="classes per episode")
+    group.add_argument("--shots", type=positive_int, default=protocol.SHOTS[0], help="support images per class")
+    group.add_argument("--queries", type=positive_int, default=protocol.QUERIES, help="query images per class")
+    group.add_argument("--episodes", type=positive_int, default=None,
+                       help="episodes (None: the papers' count for the shots, 800 for 1-shot, 400 for 5)")
+    group.add_argument("--seed", type=int, default=0, help="episode i is drawn from SeedSequence([seed, i])")
+    group.add_argument("--short-class-policy", choices=SHORT_CLASS_POLICIES, default="error",
+                       help="a class with fewer than shots + queries images: fail, skip it, or cycle its queries")
 
 
 def _debug(argv: Sequence[str] | None) -> bool:

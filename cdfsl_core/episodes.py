@@ -256,20 +256,13 @@ def load_episodes(path: str | os.PathLike[str], dataset: Any | None = None) -> E
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cdfsl_core.cli import parser, positive_int
+    from cdfsl_core.cli import add_episode_arguments, parser
 
     result = parser("python -m cdfsl_core.episodes", "Write a fixed episode file (hashed; the same arguments "
                     "always write the same bytes).")
     result.add_argument("--dataset", required=True, help="registered dataset (python -m cdfsl_core.data list)")
     result.add_argument("--data-root", default=None, help="folder holding the datasets (None: $CDFSL_DATA_ROOT)")
-    result.add_argument("--ways", type=positive_int, default=protocol.WAYS, help="classes per episode (at least 2)")
-    result.add_argument("--shots", type=positive_int, default=protocol.SHOTS[0], help="support images per class")
-    result.add_argument("--queries", type=positive_int, default=protocol.QUERIES, help="query images per class")
-    result.add_argument("--episodes", type=positive_int, default=None,
-                        help="episodes to draw (None: the papers' count for the shots, 800 or 400)")
-    result.add_argument("--seed", type=int, default=0, help="episode i is drawn from SeedSequence([seed, i])")
-    result.add_argument("--short-class-policy", choices=SHORT_CLASS_POLICIES, default="error",
-                        help="a class with fewer than shots + queries images: fail, skip it, or cycle its queries")
+    add_episode_arguments(result)
     result.add_argument("--out", required=True, help="episode file to write (.json)")
     return result
 

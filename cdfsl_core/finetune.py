@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from cdfsl_core import protocol
-from cdfsl_core.cli import command, logit_scale, non_negative_int, parser, positive_int
-from cdfsl_core.episodes import SHORT_CLASS_POLICIES, EpisodeConfig
+from cdfsl_core.cli import add_episode_arguments, command, logit_scale, non_negative_int, parser, positive_int
+from cdfsl_core.episodes import EpisodeConfig
 from cdfsl_core.names import ADAPTATIONS, INTERVENTIONS
 
 PRECISIONS = ("auto", "fp32", "bf16")  # as cdfsl_core.models.PRECISIONS, without importing torch
@@ -30,26 +30,12 @@ def default_episode_file(dataset: str, episodes: EpisodeConfig) -> Path:
     return Path("episodes") / protocol.episode_file_name(dataset, episodes)
 
 
-def ways(text: str) -> int:
-    value = positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"expected at least 2 classes per episode, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     result = parser("python -m cdfsl_core.finetune", __doc__)
     data = result.add_argument_group("data and episodes")
     data.add_argument("--dataset", default="synthetic-crops", help="registered dataset (python -m cdfsl_core.data list)")
     data.add_argument("--data-root", default=None, help="folder holding the datasets (None: $CDFSL_DATA_ROOT)")
-    data.add_argument("--ways", type=ways, default=protocol.WAYS, help="classes per episode")
-    data.add_argument("--shots", type=positive_int, default=protocol.SHOTS[0], help="support images per class")
-    data.add_argument("--queries", type=positive_int, default=protocol.QUERIES, help="query images per class")
-    data.add_argument("--episodes", type=positive_int, default=None,
-                      help="episodes (None: the papers' count for the shots, 800 for 1-shot, 400 for 5)")
-    data.add_argument("--seed", type=int, default=0, help="episode i is drawn from SeedSequence([seed, i])")
-    data.add_argument("--short-class-policy", choices=SHORT_CLASS_POLICIES, default="error",
-                      help="a class with fewer than shots + queries images: fail, skip it, or cycle its queries")
+    add_episode_arguments(data)
     data.add_argument("--episode-file", default=None,
                       help="episode file to use or create (None: episodes/<dataset>_<N>w<K>s<Q>q_<n>ep_seed<s>.json)")
     model = result.add_argument_group("model")
