@@ -84,19 +84,27 @@ def layer_features(model: torch.nn.Module, images: torch.Tensor | None = None, d
     device = next(visual.parameters()).device
     forward = visual
     if hasattr(model, "encode_image") and hasattr(model, "text_features"):  # a FewShotCLIP: its intervention too
+        was_training = model.training
+        model.eval()
         readout = model.text_features()[1]
+        model.train(was_training)
         forward = lambda x: model.encode_image(x, readout)  # noqa: E731
     unit_text = F.normalize(text.float(), dim=-1) if text is not None else None
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     left_out = {layer: 0.0 for layer in layers}
-    for ids in tqdm(batches, desc="recording features", disable=not progress, leave=False):
-        with record(visual, layers=layers, what=("resid_post",)) as cache:
-            forward(load(ids).to(device))
-        for layer in layers:
-            pooled, simple = pool_tokens(cache[f"blocks.{layer}.resid_post"], pool, visual, unit_text)
-            out[layer].append(pooled.float().cpu())
-            if simple is not None:
-                left_out[layer] += float(simple.sum())
+    was_training = model.training
+    model.eval()  # features are measured, not sampled: no LoRA dropout (the mode is given back)
+    try:
+        for ids in tqdm(batches, desc="recording features", disable=not progress, leave=False):
+            with record(visual, layers=layers, what=("resid_post",)) as cache:
+                forward(load(ids).to(device))
+            for layer in layers:
+                pooled, simple = pool_tokens(cache[f"blocks.{layer}.resid_post"], pool, visual, unit_text)
+                out[layer].append(pooled.float().cpu())
+                if simple is not None:
+                    left_out[layer] += float(simple.sum())
+    finally:
+        model.train(was_training)
     features = {layer: torch.cat(parts) for layer, parts in out.items()}
     if excluded is not None and pool == "mean-no-simple":
         excluded.update({layer: total / len(features[layer]) for layer, total in left_out.items()})

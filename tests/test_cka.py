@@ -122,3 +122,21 @@ def test_layer_features_match_the_recorder():
     assert torch.allclose(feats[1], native["image_intermediates_prefix"][1][:, 0], atol=1e-6)
     pooled = layer_features(bundle.model, images=images, pool="mean")[0]
     assert torch.allclose(pooled, native["image_intermediates"][0].mean(dim=1), atol=1e-6)
+
+
+def test_layer_features_of_a_method_are_measured_in_eval_mode(bundle):
+    """A method fresh from prepare_episode is in training mode; its LoRA dropout must not reach
+    the features (the paired CKA of fine-tuning read noisy features this way)."""
+    from analysis.features import layer_features
+    from cdfsl_core.lora import LoRAConfig
+    from cdfsl_core.methods import create_method
+
+    method = create_method(bundle, ["a", "b", "c"], "coop+lora", "none", lora=LoRAConfig(rank=2))
+    with torch.no_grad():
+        for b in (b for m in method.lora.adapters for b in m.lora_B.values()):
+            b.normal_(0, 0.5)
+    method.train()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    first, second = layer_features(method, images=images), layer_features(method, images=images)
+    assert all(torch.equal(first[layer], second[layer]) for layer in first)
+    assert method.training  # the mode is given back
