@@ -255,7 +255,7 @@ def print_domain_table(table: pd.DataFrame, estimator: str) -> None:
         for reference in ("within-source", "class-disjoint"):
             ref = group[group["comparison"] == reference].iloc[0]
             row[reference] = _format(ref["value"], ref["ci_low"], ref["ci_high"])
-        nulls = group[group["comparison"] == "null"]
+        nulls = group[group["comparison"] == "permutation-null"]
         if len(nulls):
             row["null (mean over targets)"] = f"{nulls['value'].mean():.4f}"
         rows.append(row)

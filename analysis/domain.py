@@ -45,7 +45,7 @@ from cdfsl_core.stats import median_gaussian_kernel
 __all__ = ["COMPARISONS", "DEFAULT_ESTIMATOR", "DomainEstimator", "DomainPlan", "compare_domains", "domain_similarity", "domain_table",
            "list_domain_estimators", "plan_comparisons", "random_pairing_prediction", "register_domain_estimator"]
 
-COMPARISONS = ("target", "within-source", "class-disjoint", "null")
+COMPARISONS = ("target", "within-source", "class-disjoint", "permutation-null")  # not a bare "null": pandas reads it as missing
 # Chosen by measurement on the embedded world (README, Domain similarity): it ranks the four
 # targets in the order of their zero-shot accuracy at every block, puts the most of them outside
 # the class-disjoint band, sees any kind of difference and comes with a permutation p-value.
@@ -376,7 +376,7 @@ def domain_table(source: Mapping[int, Any], targets: Mapping[str, Mapping[int, A
                     null = _null(spec, pool, a, b, result["value"], permutations, (seed, layer, k, 3, t))
                     row["p_value"] = null.pop("p_value")
                     rows.append(row)
-                    rows.append({**base, "estimator": spec.name, "comparison": "null", "target": name, **null})
+                    rows.append({**base, "estimator": spec.name, "comparison": "permutation-null", "target": name, **null})
                 else:
                     row["predicted"] = random_pairing_prediction(pool.x[a], pool.x[b])
                     rows.append(row)

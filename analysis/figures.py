@@ -148,7 +148,7 @@ def domain_similarity_by_layer(table: pd.DataFrame, estimators: Sequence[str] | 
                     label=f"source: {'class-disjoint halves' if comparison == 'class-disjoint' else 'random halves'}")
             if comparison == "class-disjoint":
                 ax.fill_between(ref["layer"], ref["ci_low"], ref["ci_high"], color="grey", alpha=0.25)
-        null = part[part["comparison"] == "null"].groupby("layer")["value"].mean()
+        null = part[part["comparison"] == "permutation-null"].groupby("layer")["value"].mean()
         if len(null):
             ax.plot(null.index, null.values, "-.", color="black", linewidth=0.8, label="permutation null")
         for target in targets:
@@ -162,7 +162,8 @@ def domain_similarity_by_layer(table: pd.DataFrame, estimators: Sequence[str] | 
             "lower = more similar" if higher is False or higher == 0.0 else "negative control; x: predicted")
         ax.set_title(f"{estimator} ({direction})", fontsize=9)
         ax.set_xlabel("vision block")
-    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    entries = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    axes[0, -1].legend(entries.values(), entries.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     settings = (f"n = {int(table['n'].iloc[0])} images per side" if "n" in table else "") + (
         f", pool {table['pool'].iloc[0]}" if "pool" in table else "")
     figure.suptitle(f"Source vs each target per block ({settings}); bands: 95% bootstrap intervals; grey band: two "

@@ -129,7 +129,7 @@ def test_mmd_of_a_distribution_with_itself_is_near_zero_and_not_significant():
     # the positive control: a shifted target is far from the null
     shifted = _table(source, _gaussian(200, eye, torch.full((5,), 0.5), seed=21), labels, permutations=100)
     row = shifted[shifted["comparison"] == "target"].iloc[0]
-    null = shifted[shifted["comparison"] == "null"].iloc[0]
+    null = shifted[shifted["comparison"] == "permutation-null"].iloc[0]
     assert row["p_value"] == pytest.approx(1 / 101) and row["value"] > null["ci_high"]
 
 
@@ -151,12 +151,12 @@ def test_the_table_is_tidy_with_references_beside_every_target():
                          labels, ("mmd", "feature-cka", "random-pairing-cka"), bootstrap=5, permutations=5,
                          labels={"model": "m"})
     assert {"estimator", "layer", "comparison", "target", "value", "ci_low", "ci_high", "p_value", "n"} <= set(table)
-    assert set(table["comparison"]) == {"target", "within-source", "class-disjoint", "null"}
+    assert set(table["comparison"]) == {"target", "within-source", "class-disjoint", "permutation-null"}
     assert table["n"].eq(60).all() and table["model"].eq("m").all()
     counts = table.groupby(["estimator", "comparison"]).size()
-    assert counts[("mmd", "target")] == 4 and counts[("mmd", "null")] == 4 and counts[("mmd", "class-disjoint")] == 2
+    assert counts[("mmd", "target")] == 4 and counts[("mmd", "permutation-null")] == 4 and counts[("mmd", "class-disjoint")] == 2
     control = table[(table["estimator"] == "random-pairing-cka") & (table["comparison"] == "target")]
-    assert control["predicted"].notna().all() and ("random-pairing-cka", "null") not in counts
+    assert control["predicted"].notna().all() and ("random-pairing-cka", "permutation-null") not in counts
 
 
 # --------------------------------------------------------------------------- the embedded world
@@ -242,8 +242,9 @@ def test_the_command_on_the_real_layouts(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "mmd (lower = more similar; n = 12 images per side" in printed and "blind to" in printed
     assert "random-pairing-cka (no direction" in printed and "predicted" in printed
-    table = pd.read_csv(out)
+    table = pd.read_csv(out)  # read as a user would: no label may turn into a missing value
     assert {"estimator", "layer", "comparison", "target", "value", "ci_low", "ci_high"} <= set(table)
+    assert set(table["comparison"]) == {"target", "within-source", "class-disjoint", "permutation-null"}
     assert set(table["target"].dropna()) == {"chestx"} and set(table["estimator"]) == set(list_domain_estimators())
     assert (tmp_path / "domain_mmd.png").exists() and (tmp_path / "domain_feature-cka.pdf").exists()
 
