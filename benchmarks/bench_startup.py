@@ -26,6 +26,7 @@ COMMANDS = (
     ("analysis.run_diagnostics", "--help"),
     ("analysis.cka", "--help"),
     ("analysis.demo", "--help"),
+    ("cdfsl_core.sweep", "--help"),
 )
 
 

@@ -20,9 +20,8 @@ from pathlib import Path
 from cdfsl_core import protocol
 from cdfsl_core.cli import add_episode_arguments, command, logit_scale, non_negative_int, parser, positive_int
 from cdfsl_core.episodes import EpisodeConfig
+from cdfsl_core.models import PRECISIONS  # models.py imports torch and open_clip only where used
 from cdfsl_core.names import ADAPTATIONS, INTERVENTIONS
-
-PRECISIONS = ("auto", "fp32", "bf16")  # as cdfsl_core.models.PRECISIONS, without importing torch
 
 
 def default_episode_file(dataset: str, episodes: EpisodeConfig) -> Path:

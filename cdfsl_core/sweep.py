@@ -35,6 +35,7 @@ from typing import Any
 from cdfsl_core import protocol
 from cdfsl_core.cli import command, non_negative_int, parser, positive_int
 from cdfsl_core.errors import ConfigError
+from cdfsl_core.models import PRECISIONS
 from cdfsl_core.names import ADAPTATIONS
 
 __all__ = ["SweepGrid", "load_grid", "plan_sweep", "sweep"]
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--model", default=None, help=f"open_clip architecture (None: {defaults.model})")
     grid.add_argument("--pretrained", default=None, help=f"tag or weights file; 'none': random (None: {defaults.pretrained})")
     grid.add_argument("--data-root", default=None, help="the datasets' root (None: $CDFSL_DATA_ROOT)")
-    grid.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None, help="None: auto")
+    grid.add_argument("--precision", choices=PRECISIONS, default=None, help="None: auto")
     grid.add_argument("--baseline", default=None, help="method of the paired differences (None: the first)")
     grid.add_argument("--out", default=None, help=f"the sweep's folder (None: {defaults.out})")
     ray_group = result.add_argument_group("Ray")

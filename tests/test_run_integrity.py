@@ -201,7 +201,8 @@ def test_every_flag_has_a_help_line_with_its_default():
 @pytest.mark.parametrize("command", [["cdfsl_core.finetune", "--help"], ["cdfsl_core.models", "list"],
                                      ["cdfsl_core.episodes", "--help"], ["cdfsl_core.compare", "--help"],
                                      ["analysis.run_diagnostics", "--help"], ["analysis.cka", "--help"],
-                                     ["analysis.demo", "--help"], ["cdfsl_core.data", "list"]])
+                                     ["analysis.demo", "--help"], ["cdfsl_core.data", "list"],
+                                     ["cdfsl_core.sweep", "--help"]])
 def test_help_and_models_list_do_not_import_torch(command):
     # not a timed test: what makes them fast is that PyTorch and open_clip are not imported
     result = subprocess.run([sys.executable, "-X", "importtime", "-m", *command], capture_output=True, text=True,
