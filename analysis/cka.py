@@ -23,9 +23,12 @@ are not paired; their similarity is :mod:`analysis.domain`, and this module's co
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from cdfsl_core.cli import command, non_negative_int, parser, positive_int
+from cdfsl_core.atomic import write_table
+from cdfsl_core.cli import command, non_negative_int, parser, positive_int, pretrained_arg, pretrained_value
+from cdfsl_core.paths import check_writable_file, check_writable_folder
 
 DOMAIN_ESTIMATORS = ("mmd", "feature-cka", "mean-shift", "frechet", "random-pairing-cka")  # as analysis.domain
 SYNTHETIC_TARGETS = ("synthetic-crops", "synthetic-satellite", "synthetic-lesions", "synthetic-xray")
@@ -44,7 +47,8 @@ With --compare-with it measures paired CKA instead: the same target images throu
                         help="target dataset; repeat for several (None: the four embedded targets)")
     result.add_argument("--data-root", default=None, help="folder holding the datasets (None: $CDFSL_DATA_ROOT)")
     result.add_argument("--model", default="cdfsl-synth-vit", help="open_clip architecture")
-    result.add_argument("--pretrained", default="synthetic", help="tag or weights file")
+    result.add_argument("--pretrained", type=pretrained_arg, default="synthetic",
+                        help="tag, weights file, or 'none' (random weights)")
     result.add_argument("--images", type=positive_int, default=500, help="images drawn per domain (then every "
                         "comparison uses the same n: the smallest target, half the source, each class half)")
     result.add_argument("--estimator", choices=(*DOMAIN_ESTIMATORS, "all"), default="mmd",
@@ -55,7 +59,7 @@ With --compare-with it measures paired CKA instead: the same target images throu
     result.add_argument("--bootstrap", type=non_negative_int, default=50, help="bootstrap draws for the intervals")
     result.add_argument("--permutations", type=non_negative_int, default=100, help="draws of the permutation null")
     result.add_argument("--pairings", type=positive_int, default=20, help="random pairings (random-pairing-cka)")
-    result.add_argument("--seed", type=int, default=0, help="sampling seed")
+    result.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed")
     result.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     result.add_argument("--compare-with", default=None,
                         help="paired mode: another tag or weights file of the same architecture; CKA per layer "
@@ -276,13 +280,20 @@ def main(argv: list[str] | None = None) -> int:
     from cdfsl_core.runner import protocol_transform
 
     args = build_parser().parse_args(argv)
+    if args.out is not None:
+        check_writable_file(args.out, "--out")
+    if args.figure is not None:
+        check_writable_folder(args.figure.parent, "--figure")
+    if (args.model, args.pretrained) == ("cdfsl-synth-vit", "synthetic"):
+        print(f"model: {args.model} / {args.pretrained}, the embedded toy CLIP (the default); pass --model and "
+              "--pretrained for another", file=sys.stderr)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     names = args.target or list(SYNTHETIC_TARGETS)
     targets = {name: load_dataset(name, args.data_root) for name in names}
-    bundle = load_clip(args.model, args.pretrained, device=args.device)
+    bundle = load_clip(args.model, pretrained_value(args.pretrained), device=args.device)
     transform = protocol_transform(bundle, 1.15)
     if args.compare_with is not None:
-        other = load_clip(args.model, args.compare_with, device=args.device)
+        other = load_clip(args.model, pretrained_value(args.compare_with), device=args.device)
         rows = []
         for name, dataset in targets.items():
             chosen = sample_indices(len(dataset), args.images, args.seed)
@@ -316,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 save_figure(domain_similarity_by_layer(table, estimator), args.figure.parent, stem)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False)
+        write_table(table, args.out)
         print(f"\nwrote {args.out}")
     return 0
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from cdfsl_core import protocol
 from cdfsl_core.cli import command, parser, positive_int
+from cdfsl_core.paths import check_writable_folder
+from cdfsl_core.stats import format_mean_ci
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     start = time.perf_counter()
+    check_writable_folder(args.out, "--out")
+    if args.figures is not None:
+        check_writable_folder(args.figures, "--figures")
     args.out.mkdir(parents=True, exist_ok=True)
     study = Study.create(args.out, episodes=args.episodes, steps=args.steps, seed=args.seed)
     baseline = study.grid.baseline
@@ -49,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = pd.read_csv(args.out / "accuracy_table.csv")  # written by study.figures
 
     view = summary.assign(
-        accuracy=[f"{100 * m:.1f} +- {100 * c:.1f}" for m, c in zip(summary["mean"], summary["ci95"])],
-        vs_baseline=[f"{100 * d:+.1f} +- {100 * c:.1f}" if m != baseline else "-"
+        accuracy=[format_mean_ci(m, c) for m, c in zip(summary["mean"], summary["ci95"])],
+        vs_baseline=[format_mean_ci(d, c, signed=True) if m != baseline else "-"
                      for d, c, m in zip(summary["diff_vs_baseline"], summary["diff_ci95"], summary["method"])],
     )
     print(view.pivot_table(index=["domain", "shots"], columns="method", values="accuracy", aggfunc="first", sort=False)

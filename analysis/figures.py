@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from cdfsl_core.atomic import atomic_path
 from cdfsl_core.stats import mean_ci95
 
 __all__ = [
@@ -42,7 +43,8 @@ def save_figure(figure: plt.Figure, folder: str | Path, name: str) -> list[Path]
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
     for path in paths:
-        figure.savefig(path, dpi=150, bbox_inches="tight")
+        with atomic_path(path) as tmp:  # the format from the final name: the temporary one has another suffix
+            figure.savefig(tmp, dpi=150, bbox_inches="tight", format=path.suffix[1:])
     return paths
 
 

@@ -21,6 +21,10 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from dataclasses import asdict
+
+from cdfsl_core.atomic import write_json, write_table
+from cdfsl_core.paths import check_writable_folder
 from cdfsl_core.cli import command, fraction, non_negative_int, parser, positive_float, positive_int
 
 
@@ -69,7 +73,7 @@ from analysis.diagnostics import TokenDiagnostics  # noqa: E402
 from analysis.recorder import record  # noqa: E402
 from cdfsl_core.errors import ConfigError  # noqa: E402
 from cdfsl_core.methods import FewShotCLIP  # noqa: E402
-from cdfsl_core.runner import evaluate, load_run, load_state, prepare_episode, state_path, train_episode  # noqa: E402
+from cdfsl_core.runner import _read_finished, evaluate, load_run, load_state, prepare_episode, state_path, train_episode  # noqa: E402
 
 __all__ = ["diagnose_model", "diagnose_run"]
 
@@ -140,11 +144,13 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
     'fine-tuned ADAPTATION/INTERVENTION'). ``bundle``: an already loaded model of the run (a study
     passes its own; methods built on it are independent)."""
     folder = Path(folder)
+    target = Path(out) if out is not None else folder / "diagnostics"
+    settings = {"run": str(folder.resolve()), "episodes": [int(i) for i in episodes], "pretrained": pretrained,
+                "model_label": model_label, **asdict(analysis)}
+    _check_settings(target, settings)
+    check_writable_folder(target, "--out" if out is not None else "the run's diagnostics folder (pass --out elsewhere)")
     config, bundle, dataset, episode_file = load_run(folder, bundle)
-    recorded = {}
-    results = folder / "episodes.jsonl"
-    if results.exists():
-        recorded = {r["episode"]: r for r in map(json.loads, results.read_text().splitlines()) if r}
+    recorded = _read_finished(folder / "episodes.jsonl")[0]  # tolerant of a torn last line
     method_label = f"{config.method.adaptation}/{config.method.intervention}"
     collected: dict[str, list[pd.DataFrame]] = {}
     method = None
@@ -174,11 +180,27 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
                 table["fine_tuned_from"] = "saved state" if saved.exists() else "re-trained"
             collected.setdefault(name, []).extend(tables_of)
     tables = {name: pd.concat(parts, ignore_index=True) for name, parts in collected.items()}
-    target = Path(out) if out is not None else folder / "diagnostics"
-    target.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
-        table.to_csv(target / f"{name}.csv", index=False)
+        write_table(table, target / f"{name}.csv")
+    write_json(target / SETTINGS, settings)  # last: the tables beside it are complete
     return tables
+
+
+SETTINGS = "settings.json"
+
+
+def _check_settings(target: Path, settings: dict[str, Any]) -> None:
+    """Tables of other settings are never replaced silently: a folder whose ``settings.json``
+    differs is refused, naming each difference."""
+    path = target / SETTINGS
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    differ = [f"{key}: {saved.get(key)!r} (the tables there) vs {settings.get(key)!r} (now)"
+              for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)]
+    if differ:
+        raise ConfigError(f"{target} holds diagnostics tables of other settings ({'; '.join(differ)}); they would be "
+                          "replaced. Pass --out for another folder, or the same settings to recompute them.")
 
 
 @command

@@ -65,9 +65,33 @@ def positive_float(text: str) -> float:
     return _number(text, float, lambda v: 0 < v < float("inf"), "a finite positive number")
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    return _number(text, float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+
+
 def fraction(text: str) -> float:
     """A number strictly between 0 and 1."""
     return _number(text, float, lambda v: 0 < v < 1, "a fraction between 0 and 1")
+
+
+RANDOM_WEIGHTS = "none"  # the one spelling of "random weights" for --pretrained, grids, studies and notebooks
+
+
+def pretrained_value(value: str | None) -> str | None:
+    """``--pretrained`` as ``load_clip`` takes it: ``"none"`` (any case) or ``None`` means random
+    weights (``None``); anything else (a tag or a weights file) is kept."""
+    if value is None or str(value).strip().lower() == RANDOM_WEIGHTS:
+        return None
+    return str(value)
+
+
+def pretrained_arg(text: str) -> str:
+    """An argparse type for ``--pretrained``: a tag, a weights file, or ``none`` (random weights);
+    kept as written (``pretrained_value`` turns ``none`` into ``None``)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a tag, a weights file or 'none' (random weights), got ''")
+    return text
 
 
 def logit_scale(text: str) -> float | str:
@@ -94,7 +118,7 @@ def add_episode_arguments(group: Any) -> None:
     group.add_argument("--queries", type=positive_int, default=protocol.QUERIES, help="query images per class")
     group.add_argument("--episodes", type=positive_int, default=None,
                        help="episodes (None: the papers' count for the shots, 800 for 1-shot, 400 for 5)")
-    group.add_argument("--seed", type=int, default=0, help="episode i is drawn from SeedSequence([seed, i])")
+    group.add_argument("--seed", type=non_negative_int, default=0, help="episode i is drawn from SeedSequence([seed, i])")
     group.add_argument("--short-class-policy", choices=SHORT_CLASS_POLICIES, default="error",
                        help="a class with fewer than shots + queries images: fail, skip it, or cycle its queries")
 

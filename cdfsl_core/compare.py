@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 
 from cdfsl_core.cli import command, parser
 from cdfsl_core.errors import RunFolderError
-from cdfsl_core.stats import mean_ci95
+from cdfsl_core.models import short_identity
+from cdfsl_core.stats import format_mean_ci, mean_ci95
 
 
 def _load_run(folder: Path) -> tuple[str, dict[int, float]]:
@@ -49,6 +50,34 @@ def _load_run(folder: Path) -> tuple[str, dict[int, float]]:
     return sha, accuracies
 
 
+def _weights(folder: Path) -> str | None:
+    """The model a run folder's episodes were computed with (``manifest.json``'s ``weights``; None
+    for runs written before it was recorded); lines of two models are an error."""
+    saved = json.loads((folder / "manifest.json").read_text()).get("weights")
+    lines = set()
+    for line in (folder / "episodes.jsonl").read_text().splitlines():
+        try:
+            lines.add(json.loads(line).get("weights"))
+        except json.JSONDecodeError:
+            continue
+    recorded = (lines | {saved}) - {None}
+    if len(recorded) > 1:
+        raise RunFolderError(f"{folder} mixes episodes of different models ({', '.join(sorted(short_identity(r) for r in recorded))}); "
+                             "it pairs with nothing. Rerun it into a new --out folder.")
+    return next(iter(recorded), None)
+
+
+def _same_model(run_a: Path, run_b: Path) -> None:
+    """Paired runs start from the same model: both weights recorded and equal (older run folders
+    that recorded none are let through)."""
+    weights_a, weights_b = _weights(run_a), _weights(run_b)
+    if weights_a is not None and weights_b is not None and weights_a != weights_b:
+        raise RunFolderError(
+            f"{run_a} and {run_b} were computed with different models (weights {short_identity(weights_a)} vs "
+            f"{short_identity(weights_b)}); their difference would mix a change of model with the change of method. Rerun "
+            "one of them with the other's --model and --pretrained.")
+
+
 def paired_difference(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
     """Mean and 95% CI of accuracy(A) - accuracy(B) over the episodes both runs finished."""
     sha_a, acc_a = _load_run(Path(run_a))
@@ -58,6 +87,7 @@ def paired_difference(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
             f"{run_a} and {run_b} used different episode files ({sha_a[:12]} vs {sha_b[:12]}); "
             "paired differences need the same one. Rerun one of them with --episode-file of the other."
         )
+    _same_model(Path(run_a), Path(run_b))
     common = sorted(set(acc_a) & set(acc_b))
     if not common:
         raise RunFolderError(f"{run_a} and {run_b} have no finished episode in common.")
@@ -86,6 +116,7 @@ def accuracy_table(runs: Mapping[tuple[str, int, str], Sequence[str | Path]], ba
                 other_sha, theirs = _load_run(Path(partner))
                 if sha != other_sha:
                     raise RunFolderError(f"{folder} and {partner} used different episode files; they cannot be paired.")
+                _same_model(Path(folder), Path(partner))
                 differences += [mine[i] - theirs[i] for i in sorted(set(mine) & set(theirs))]
             difference, difference_ci = mean_ci95(differences)
         rows.append({"domain": domain, "shots": shots, "method": method, "mean": mean, "episodes": len(accuracies),
@@ -104,7 +135,7 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     result = paired_difference(args.run_a, args.run_b)
-    print(f"{args.run_a} - {args.run_b}: {100 * result['mean_difference']:+.2f} +- {100 * result['ci95']:.2f} "
+    print(f"{args.run_a} - {args.run_b}: {format_mean_ci(result['mean_difference'], result['ci95'], digits=2, signed=True)} "
           f"points over {result['episodes']} paired episodes")
     return 0
 

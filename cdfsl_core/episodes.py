@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cdfsl_core import protocol
+from cdfsl_core.atomic import write_text
 from cdfsl_core.errors import EpisodeError
 
 FORMAT = "cdfsl-episodes/1"
@@ -156,25 +157,25 @@ def generate_episodes(dataset: Any, config: EpisodeConfig) -> EpisodeFile:
     if short and config.short_class_policy == "error":
         listing = ", ".join(f"{dataset.classes[c]!r} ({len(by_class[c])})" for c in short[:5])
         raise EpisodeError(
-            f"{dataset.name}: {len(short)} class(es) have fewer than k_shot + n_query = {need} "
-            f"images: {listing}. Fix: fewer queries, or short_class_policy='skip' (leave them out) "
-            "or 'cycle' (repeat their query images); the policy is recorded in the episode file."
+            f"{dataset.name}: {len(short)} class(es) have fewer than shots + queries = {config.k_shot} + "
+            f"{config.n_query} = {need} images: {listing}. Fix: fewer --shots or --queries, or --short-class-policy "
+            "skip (leave them out) or cycle (repeat their query images); the policy is recorded in the episode file."
         )
     if config.short_class_policy == "cycle":
         too_small = [c for c in short if len(by_class[c]) <= config.k_shot]
         if too_small:
             raise EpisodeError(
                 f"{dataset.name}: class(es) {[dataset.classes[c] for c in too_small]} have at most "
-                f"k_shot = {config.k_shot} images, so no query image is left even with cycling. "
-                "Use short_class_policy='skip' or fewer shots."
+                f"shots = {config.k_shot} images, so no query image is left even with cycling. "
+                "Use --short-class-policy skip or fewer --shots."
             )
     eligible = [c for c in range(len(by_class)) if len(by_class[c]) > 0]
     if config.short_class_policy == "skip":
         eligible = [c for c in eligible if c not in short]
     if config.n_way > len(eligible):
         raise EpisodeError(
-            f"{dataset.name}: n_way={config.n_way} but only {len(eligible)} class(es) can be drawn "
-            f"(of {len(dataset.classes)}; policy {config.short_class_policy!r}). Use n_way <= {len(eligible)}."
+            f"{dataset.name}: ways = {config.n_way} but only {len(eligible)} class(es) can be drawn "
+            f"(of {len(dataset.classes)}; short-class policy {config.short_class_policy!r}). Use --ways <= {len(eligible)}."
         )
     episodes = []
     for index in range(config.n_episodes):
@@ -207,9 +208,7 @@ def save_episodes(episodes: EpisodeFile, path: str | os.PathLike[str]) -> Path:
     content = episodes.content()
     episodes.sha256 = content_hash(content)
     text = json.dumps({**content, "sha256": episodes.sha256}, sort_keys=True, separators=(",", ":"))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
+    write_text(path, text + "\n")
     episodes.path = path
     return path
 

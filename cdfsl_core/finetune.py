@@ -18,10 +18,12 @@ import sys
 from pathlib import Path
 
 from cdfsl_core import protocol
-from cdfsl_core.cli import add_episode_arguments, command, logit_scale, non_negative_int, parser, positive_int
+from cdfsl_core.cli import (add_episode_arguments, command, logit_scale, non_negative_int, parser, positive_int,
+                            pretrained_arg, pretrained_value)
 from cdfsl_core.episodes import EpisodeConfig
 from cdfsl_core.models import PRECISIONS  # models.py imports torch and open_clip only where used
 from cdfsl_core.names import ADAPTATIONS, INTERVENTIONS
+from cdfsl_core.stats import format_mean_ci
 
 
 def default_episode_file(dataset: str, episodes: EpisodeConfig) -> Path:
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="episode file to use or create (None: episodes/<dataset>_<N>w<K>s<Q>q_<n>ep_seed<s>.json)")
     model = result.add_argument_group("model")
     model.add_argument("--model", default="cdfsl-synth-vit", help="open_clip architecture (python -m cdfsl_core.models list)")
-    model.add_argument("--pretrained", default="synthetic", help="tag or local weights file; 'none': random weights")
+    model.add_argument("--pretrained", type=pretrained_arg, default="synthetic",
+                       help="tag or local weights file; 'none': random weights")
     model.add_argument("--device", default="auto", help="'auto' (a GPU when there is one), 'cpu' or 'cuda'")
     model.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="'auto': bf16 autocast on CUDA, fp32 on CPU; 'bf16' or 'fp32' on any device")
@@ -55,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--augment", action="store_true", help="the authors' 5 views per support image")
     runs = result.add_argument_group("run folder")
     runs.add_argument("--out", required=True, help="run folder (created; rerun the same command to resume)")
+    runs.add_argument("--save-states", action="store_true",
+                      help="keep each episode's trained parameters in RUN/states/ (for run_diagnostics and --export-merged)")
+    runs.add_argument("--export-merged", type=Path, default=None,
+                      help="after the run, write the fine-tuned model of one episode (LoRA folded into the weights) "
+                           "to this .safetensors file, for --pretrained and analysis.cka --compare-with")
+    runs.add_argument("--export-merged-episode", type=non_negative_int, default=0,
+                      help="the episode --export-merged writes")
     runs.add_argument("--allow-mixed-precision", action="store_true",
                       help="resume a run on another device type or precision than its first episodes")
     return result
@@ -71,7 +81,7 @@ def config_from_args(args: argparse.Namespace):
                                        args.short_class_policy)
     config = protocol.run_config(
         args.dataset, args.shots, args.adaptation, args.intervention, episodes=episodes.n_episodes, steps=args.steps,
-        seed=args.seed, model=args.model, pretrained=None if args.pretrained == "none" else args.pretrained,
+        seed=args.seed, model=args.model, pretrained=pretrained_value(args.pretrained),
         device=args.device, precision=args.precision, data_root=args.data_root,
         episode_file=args.episode_file or str(default_episode_file(args.dataset, episodes)),
         scale=None if args.logit_scale == "auto" else args.logit_scale, lora_rank=args.lora_rank,
@@ -90,9 +100,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "auto" and not torch.cuda.is_available():
         print("device auto: no CUDA device is available, running on the CPU in fp32 (--device cpu says so explicitly).",
               file=sys.stderr)
-    summary = run(config_from_args(args), args.out, allow_mixed_precision=args.allow_mixed_precision)
+    if (args.model, args.pretrained) == ("cdfsl-synth-vit", "synthetic"):
+        print("model: cdfsl-synth-vit / synthetic, the embedded toy CLIP (the default); pass --model and --pretrained "
+              "for another.", file=sys.stderr)
+    if args.export_merged is not None:  # checked before the run, not after it
+        from cdfsl_core.errors import ConfigError
+        from cdfsl_core.paths import check_writable_file
+
+        if args.export_merged.suffix != ".safetensors":
+            raise ConfigError(f"--export-merged {args.export_merged}: expected a .safetensors file name.")
+        check_writable_file(args.export_merged, "--export-merged")
+    summary = run(config_from_args(args), args.out, allow_mixed_precision=args.allow_mixed_precision,
+                  save_states=args.save_states or args.export_merged is not None)
+    if args.export_merged is not None:
+        from cdfsl_core.export import export_merged
+
+        written = export_merged(args.out, args.export_merged_episode, args.export_merged)
+        print(f"merged checkpoint of episode {args.export_merged_episode}: {written} (load it with "
+              f"--pretrained {written}, e.g. analysis.cka --compare-with)", file=sys.stderr)
     print(json.dumps(summary, indent=2))
-    print(f"{100 * summary['mean_accuracy']:.2f} +- {100 * summary['ci95']:.2f} % over {summary['episodes']} episodes; "
+    print(f"{format_mean_ci(summary['mean_accuracy'], summary['ci95'], digits=2)} % over {summary['episodes']} episodes; "
           f"run folder {args.out}")
     return 0
 

@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
+from cdfsl_core.atomic import atomic_path
 from cdfsl_core.errors import CheckpointError, DeviceError
 
 if TYPE_CHECKING:
@@ -38,13 +39,19 @@ __all__ = [
     "PretrainedSource",
     "list_architectures",
     "PRECISIONS",
+    "architecture_widths",
+    "check_architecture",
     "check_checkpoint",
+    "check_checkpoint_fits",
     "checkpoint_file",
+    "file_sha256",
+    "weights_identity",
     "load_clip",
     "register_pretrained",
     "resolve_device",
     "resolve_precision",
     "save_checkpoint",
+    "short_identity",
 ]
 
 _CONFIG_DIR = resources.files("cdfsl_core") / "model_configs"
@@ -260,12 +267,7 @@ def load_clip(
         allow_download: let open_clip fetch a tag that is not cached.
     """
     open_clip = _open_clip()
-    if name not in open_clip.list_models():
-        raise CheckpointError(
-            f"Unknown architecture {name!r}. Expected an open_clip model name "
-            f"(e.g. ViT-B-16, ViT-B-32, ViT-L-14, *-quickgelu) or one of this package's: "
-            f"{', '.join(PACKAGE_ARCHITECTURES)}. `python -m cdfsl_core.models list` lists them."
-        )
+    check_architecture(name)
     torch_device = resolve_device(device)  # a device that cannot be had fails here, before any weights
     pretrained_str = None if pretrained is None else os.fspath(pretrained)
     source: str | None = None
@@ -318,11 +320,118 @@ def checkpoint_file(name: str, pretrained: str | os.PathLike[str] | None) -> str
     :class:`CheckpointError` naming it."""
     if pretrained is None:
         return None
+    check_architecture(name)
     source, _ = _resolve_pretrained(name, os.fspath(pretrained), None, False)
     if source is not None and os.path.isfile(source):
         check_checkpoint(source)
+        check_checkpoint_fits(name, source)
         return source
     return None
+
+
+def architecture_widths(name: str) -> dict[str, int]:
+    """The residual widths of an architecture's towers (``{"vision": 768, "text": 512}``), from its
+    config, without building it; empty when the config does not say (timm towers)."""
+    cfg = _open_clip().get_model_config(name) or {}
+    widths = {}
+    for tower, key in (("vision", "vision_cfg"), ("text", "text_cfg")):
+        width = (cfg.get(key) or {}).get("width")
+        if isinstance(width, int):
+            widths[tower] = width
+    return widths
+
+
+def check_architecture(name: str) -> None:
+    """A :class:`CheckpointError` naming the known architectures when ``name`` is not one."""
+    if name not in _open_clip().list_models():
+        raise CheckpointError(
+            f"Unknown architecture {name!r}. Expected an open_clip model name "
+            f"(e.g. ViT-B-16, ViT-B-32, ViT-L-14, *-quickgelu) or one of this package's: "
+            f"{', '.join(PACKAGE_ARCHITECTURES)}. `python -m cdfsl_core.models list` lists them."
+        )
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a checkpoint, read without loading its values where possible."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return {key: tuple(value.shape) for key, value in state.items() if hasattr(value, "shape")} \
+        if isinstance(state, dict) else {}
+
+
+def check_checkpoint_fits(name: str, path: str | os.PathLike[str]) -> None:
+    """A :class:`CheckpointError` when the checkpoint at ``path`` cannot be architecture ``name``'s
+    (its tensors' names and shapes against the model built on the meta device: no memory, no
+    values). Positional embeddings may differ in length (open_clip resizes them on load)."""
+    import torch
+
+    path = Path(path)
+    found = {key.removeprefix("module."): shape for key, shape in _checkpoint_shapes(path).items()}
+    if not found:
+        return  # not a plain state dict (open_clip's own loader decides)
+    with torch.device("meta"):
+        expected = {key: tuple(value.shape) for key, value in
+                    _open_clip().create_model(name, pretrained=None, device="meta").state_dict().items()}
+    wrong = [f"{key} {found[key]} (the architecture has {shape})" for key, shape in expected.items()
+             if key in found and found[key] != shape and not key.endswith("positional_embedding")]
+    missing = [key for key in expected if key not in found and key not in ("logit_bias", "attn_mask")]
+    if wrong or len(missing) > len(expected) // 2:
+        detail = "; ".join(wrong[:3]) if wrong else f"{len(missing)} of its {len(expected)} tensors are missing " \
+            f"(e.g. {', '.join(missing[:3])})"
+        raise CheckpointError(
+            f"Weights in {path} do not fit architecture {name!r}: {detail}. Pass the architecture the checkpoint was "
+            "trained with (--model; its model card or config says which)."
+        )
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes (cached per process by path, size and modification time: hashing
+    ViT-B/16's 600 MB takes about 1.5 s)."""
+    import hashlib
+
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def weights_identity(name: str, pretrained: str | os.PathLike[str] | None, seed: int | None = None) -> str:
+    """What a run's model is, for its manifest and every episode line: ``sha256:<hex>`` of the
+    weights file ``load_clip(name, pretrained)`` loads (the content, so a file replaced at the same
+    path is another model), or ``random:<name>:seed<seed>`` for random weights (drawn after
+    ``torch.manual_seed(seed)``). A missing or unreadable file is a :class:`CheckpointError`."""
+    if pretrained is None:
+        check_architecture(name)
+        return f"random:{name}:seed{seed}"
+    source = checkpoint_file(name, pretrained)
+    if source is None:  # pragma: no cover - every tag resolves to a local file when downloads are off
+        return f"tag:{name}:{os.fspath(pretrained)}"
+    return f"sha256:{file_sha256(source)}"
+
+
+def short_identity(identity: str) -> str:
+    """A weights identity for a message: ``sha256:`` and 16 hex digits, or the whole random tag."""
+    return identity[:23] + "..." if identity.startswith("sha256:") else identity
 
 
 def check_checkpoint(path: str | os.PathLike[str]) -> None:
@@ -372,18 +481,17 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, str(tmp))
-    elif path.suffix in (".pt", ".pth", ".bin"):
-        torch.save(state, tmp)
-    else:
+    if path.suffix not in _CHECKPOINT_SUFFIXES:
         raise CheckpointError(
             f"Cannot save to {path}: expected a .safetensors, .pt, .pth or .bin suffix."
         )
-    os.replace(tmp, path)  # a killed process never leaves a half-written checkpoint
+    with atomic_path(path) as tmp:  # a killed process never leaves a half-written checkpoint
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, str(tmp))
+        else:
+            torch.save(state, tmp)
     return path
 
 
@@ -406,9 +514,27 @@ def _main(argv: list[str] | None = None) -> int:
             local = sorted(tag for a, tag in _LOCAL_PRETRAINED if a == arch)
             print(f"{arch}\t{'shipped: ' + ', '.join(local) if local else ''}")
         return 0
+    check_architecture(args.name)
+    _check_online(args.name, args.tag)
     bundle = load_clip(args.name, args.tag, cache_dir=args.cache_dir, allow_download=True)
     print(f"cached {args.name} / {args.tag}: {bundle.info}")
     return 0
+
+
+def _check_online(name: str, tag: str, timeout: float = 3.0) -> None:
+    """Fail at once, with what to do instead, when a download cannot work: the Hugging Face hub is
+    switched off (``HF_HUB_OFFLINE``) or does not answer within ``timeout`` seconds."""
+    import socket
+
+    fix = (f"On a machine with network run `python -m cdfsl_core.models download {name} {tag}` and copy the cache "
+           "(~/.cache/huggingface) here, or pass the path of a local weights file as --pretrained "
+           "(.safetensors, .pt, .pth or .bin).")
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        raise CheckpointError(f"Cannot download {name} / {tag}: HF_HUB_OFFLINE is set. {fix}")
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError as err:
+        raise CheckpointError(f"Cannot download {name} / {tag}: the Hugging Face hub does not answer ({err}). {fix}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,11 @@ class, so CLIP's symmetric in-batch loss would count true pairs as negatives). P
 vary per step so the text tower learns colour and pattern words, not one sentence per class; that
 is what lets it name the targets' held-out combinations zero-shot.
 
-Writes ``<out>/<arch>_synthetic.safetensors`` (fp16) and ``<out>/MODEL_CARD.md`` with the
-command, the config and the measured results (:mod:`cdfsl_core.world_report`).
+Writes ``<out>/<arch>_synthetic.safetensors`` (fp16) and ``<out>/pretrain_config.json`` into a
+folder of the user's (default ``outputs/pretrain``, never the package's own ``weights/``), and
+refuses to replace existing weights without ``--force``. Use the result with
+``--pretrained <out>/<arch>_synthetic.safetensors``; ``python -m cdfsl_core.world_report`` measures
+it and writes its model card.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cdfsl_core.atomic import atomic_path, write_text
 from cdfsl_core.cli import command, parser, positive_float, positive_int
+from cdfsl_core.errors import ConfigError
 
 TEMPLATES = (
     "a photo of a {}.",
@@ -35,6 +40,7 @@ TEMPLATES = (
     "the {}.",
 )
 PACKAGE_WEIGHTS = Path(__file__).parent / "weights"
+DEFAULT_OUT = Path("outputs") / "pretrain"
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
     result.add_argument("--lr", type=positive_float, default=defaults.lr, help="AdamW peak learning rate")
     result.add_argument("--seed", type=int, default=defaults.seed, help="world seed and torch seed")
     result.add_argument("--arch", default=defaults.arch, help="registered architecture (model_configs/*.json)")
-    result.add_argument("--out", type=Path, default=PACKAGE_WEIGHTS, help="folder for the weights")
+    result.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the weights (created)")
+    result.add_argument("--force", action="store_true",
+                        help="replace weights already in --out (also needed to write into the package's own weights/)")
     return result
+
+
+def check_out(out: Path, arch: str, force: bool) -> Path:
+    """The weights file ``pretrain`` will write into ``out``, checked before any work: an existing
+    file, or the package's shipped weights folder, only with ``force``; a folder that cannot be
+    written is an error naming it."""
+    from cdfsl_core.paths import check_writable_folder
+
+    weights = out / f"{arch}_synthetic.safetensors"
+    if not force:
+        if out.resolve() == PACKAGE_WEIGHTS.resolve():
+            raise ConfigError(f"--out {out} is the package's own weights folder: every demo and run would use the new "
+                              "model. Pass another --out (default outputs/pretrain), or --force to replace the shipped "
+                              "model on purpose.")
+        if weights.exists():
+            raise ConfigError(f"{weights} exists; pretraining would replace it. Pass another --out, or --force to "
+                              "replace it.")
+    check_writable_folder(out, "--out")
+    return weights
 
 
 if __name__ == "__main__":
@@ -75,7 +102,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from cdfsl_core.data.synthetic import SyntheticDataset, SyntheticSpec, render  # noqa: E402
-from cdfsl_core.models import load_clip  # noqa: E402
+from cdfsl_core.models import check_architecture, load_clip  # noqa: E402
 
 
 def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -155,10 +182,9 @@ def pretrain(config: PretrainConfig, out_dir: Path) -> Path:
     from safetensors.torch import save_file
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file(state, str(tmp), metadata={"config": json.dumps(asdict(config))})
-    tmp.replace(weights)
-    (out_dir / "pretrain_config.json").write_text(
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"config": json.dumps(asdict(config))})
+    write_text(out_dir / "pretrain_config.json",
         json.dumps({**asdict(config), "train_minutes": round(minutes, 2), "command": " ".join(["python -m cdfsl_core.pretrain", *sys.argv[1:]]),
                     "history": history}, indent=2)
         + "\n"
@@ -170,6 +196,8 @@ def pretrain(config: PretrainConfig, out_dir: Path) -> Path:
 @command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_out(args.out, args.arch, args.force)
+    check_architecture(args.arch)
     config = PretrainConfig(
         arch=args.arch,
         seed=args.seed,

@@ -37,14 +37,17 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from cdfsl_core import protocol
+from cdfsl_core.atomic import atomic_path, write_json
 from cdfsl_core.data import load_dataset
 from cdfsl_core.episodes import EpisodeConfig, EpisodeFile, generate_episodes, load_episodes, save_episodes
 from cdfsl_core.errors import ConfigError, DeviceError, EpisodeError, RunFolderError, RunInterrupted
 from cdfsl_core.interventions import intervention_spec
 from cdfsl_core.lora import LoRAConfig
 from cdfsl_core.methods import FewShotCLIP, MethodConfig
-from cdfsl_core.models import PRECISIONS, ClipBundle, checkpoint_file, load_clip, resolve_device, resolve_precision
-from cdfsl_core.stats import mean_ci95
+from cdfsl_core.models import (PRECISIONS, ClipBundle, checkpoint_file, load_clip, resolve_device, resolve_precision,
+                               short_identity, weights_identity)
+from cdfsl_core.paths import check_writable_folder
+from cdfsl_core.stats import json_number, mean_ci95
 from cdfsl_core.zeroshot import autocast_for
 
 __all__ = [
@@ -292,7 +295,7 @@ def _git_revision() -> str | None:
 
 
 def _manifest(config: RunConfig, episodes: EpisodeFile, device: torch.device, precision: str,
-              checkpoint: str | None) -> dict[str, Any]:
+              checkpoint: str | None, weights: str) -> dict[str, Any]:
     import open_clip
 
     from cdfsl_core import __version__
@@ -309,6 +312,7 @@ def _manifest(config: RunConfig, episodes: EpisodeFile, device: torch.device, pr
         else platform.processor() or platform.machine(),
         "precision": precision,
         "checkpoint": checkpoint,
+        "weights": weights,  # sha256 of the weights file, or random:<arch>:seed<s>
         "episode_file": str(episodes.path) if episodes.path else None,
         "episode_file_sha256": episodes.sha256,
         "dataset_fingerprint": episodes.dataset_fingerprint,
@@ -361,6 +365,8 @@ def _differences(saved: Any, new: Any, prefix: str = "") -> list[str]:
 def _recorded_episode_file(out: Path, finished: dict[int, dict[str, Any]]) -> str | None:
     """The sha256 of the episode file a run's finished lines came from; a folder whose lines (or
     manifest) disagree is an error."""
+    if not finished:  # nothing finished: nothing to mix with (a corrected command after a failed start)
+        return None
     manifest = out / "manifest.json"
     recorded = json.loads(manifest.read_text()).get("episode_file_sha256") if manifest.exists() else None
     shas = {row.get("episode_file_sha256", recorded) for row in finished.values()}
@@ -370,6 +376,40 @@ def _recorded_episode_file(out: Path, finished: dict[int, dict[str, Any]]) -> st
             "Its mean pairs with nothing; rerun it into a new --out folder."
         )
     return next(iter(shas)) if shas else recorded
+
+
+def _check_weights(out: Path, weights: str, finished: dict[int, dict[str, Any]]) -> None:
+    """A folder with finished episodes resumes only with the model they were computed with (the
+    weights' content, not their path); lines of two models in one folder are an error too."""
+    if not finished:
+        return
+    manifest = out / "manifest.json"
+    saved = json.loads(manifest.read_text()).get("weights") if manifest.exists() else None
+    recorded = {row["weights"] for row in finished.values() if row.get("weights")} | ({saved} if saved else set())
+    if len(recorded) > 1:
+        raise RunFolderError(f"{out} mixes episodes of different models ({', '.join(sorted(short_identity(r) for r in recorded))}); "
+                             "its mean belongs to no model. Rerun it into a new --out folder.")
+    if recorded and recorded != {weights}:
+        old = next(iter(recorded))
+        raise RunFolderError(
+            f"{out} holds {len(finished)} finished episode(s) computed with weights {short_identity(old)}, but the model now "
+            f"is {short_identity(weights)} (the weights file was replaced, or another model was given). Resuming would average "
+            "two models. Restore the original weights, or start a new run with a new --out folder.")
+
+
+def _check_lora_rank(config: RunConfig) -> None:
+    """A LoRA rank above the width of the layers it adapts is no low-rank adapter (and at
+    --lora-rank 100000 fills memory): refused, naming the widths."""
+    if config.method.adaptation not in ("lora", "coop+lora"):
+        return
+    from cdfsl_core.models import architecture_widths
+
+    widths = architecture_widths(config.model.name)
+    if widths and config.method.lora.rank > min(widths.values()):
+        described = ", ".join(f"{tower} {width}" for tower, width in widths.items())
+        raise ConfigError(f"lora rank {config.method.lora.rank} is above the width of the layers it adapts ({described} "
+                          f"in {config.model.name}); a rank-r adapter needs r <= {min(widths.values())}. Pass a smaller "
+                          f"--lora-rank (the papers' is {protocol.LORA_RANK}).")
 
 
 def _check_config(out: Path, config: RunConfig, finished: dict[int, dict[str, Any]]) -> None:
@@ -404,8 +444,8 @@ def summarise(rows: list[dict[str, Any]], episodes: EpisodeFile) -> dict[str, An
     ok = [r["accuracy"] for r in rows if r["status"] == "ok"]
     mean, ci = mean_ci95(ok)
     return {
-        "mean_accuracy": mean,
-        "ci95": ci,
+        "mean_accuracy": json_number(mean),  # null with no finished episode
+        "ci95": json_number(ci),  # null with fewer than 2 (undefined, not 0)
         "episodes": len(ok),
         "failed_episodes": [r["episode"] for r in rows if r["status"] != "ok"],
         "episodes_in_file": len(episodes),
@@ -456,6 +496,11 @@ def load_run(folder: str | os.PathLike[str], bundle: ClipBundle | None = None) -
     if recorded is not None and recorded != episodes.sha256:
         raise RunFolderError(f"{folder} was run on an episode file with sha256 {recorded[:16]}..., but {path} now has "
                              f"sha256 {episodes.sha256[:16]}...; its episodes cannot be rebuilt. Restore the file.")
+    weights = weights_identity(config.model.name, config.model.pretrained, config.episodes.seed)
+    saved = json.loads((folder / "manifest.json").read_text()).get("weights") if (folder / "manifest.json").exists() else None
+    if saved is not None and saved != weights:
+        raise RunFolderError(f"{folder} was run with weights {short_identity(saved)}, but {config.model.pretrained} now holds "
+                             f"{short_identity(weights)}; its fine-tuned models cannot be rebuilt. Restore the original weights.")
     if bundle is None:
         if config.model.pretrained is None:
             torch.manual_seed(config.episodes.seed)
@@ -471,10 +516,8 @@ def state_path(folder: str | os.PathLike[str], index: int) -> Path:
 def save_state(method: FewShotCLIP, path: Path) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(method.trainable_state(), str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(method.trainable_state(), str(tmp))
 
 
 def load_state(method: FewShotCLIP, path: Path) -> None:
@@ -514,6 +557,7 @@ class RunPlan:
     precision: str
     dataset: Any
     episodes: EpisodeFile
+    weights: str = ""  # the model's identity (cdfsl_core.models.weights_identity), recorded in every line
 
     @property
     def results(self) -> Path:
@@ -543,6 +587,7 @@ def prepare_run(config: RunConfig, out: str | os.PathLike[str], allow_mixed_prec
     accepts a corrected command. ``device``: the device the episodes will run on when it is not
     this process's (a sweep's driver plans for its GPU workers)."""
     out = Path(out)
+    check_writable_folder(out, "run folder (--out)")
     config = config.with_absolute_paths()
     config.validate()
     device = device if device is not None else resolve_device(config.model.device)
@@ -554,22 +599,28 @@ def prepare_run(config: RunConfig, out: str | os.PathLike[str], allow_mixed_prec
     dataset = load_dataset(config.data.dataset, config.data.root, **config.data.options)
     episodes, episode_path, new_episodes = _episode_file(config, dataset, out)
     _check_episode_file(out, episodes, finished)
+    # every image the episodes name, read to its header (a missing, empty or foreign file fails
+    # here, before the folder is written; a body truncated midway fails when it is decoded)
+    dataset.check_images([i for episode in episodes.episodes for i in (*episode.support_ids, *episode.query_ids)])
     checkpoint = checkpoint_file(config.model.name, config.model.pretrained)
+    _check_lora_rank(config)
+    weights = weights_identity(config.model.name, config.model.pretrained, config.episodes.seed)
+    _check_weights(out, weights, finished)
 
     # ---- everything checked: from here on the run folder is written
     out.mkdir(parents=True, exist_ok=True)
     if not finished:
-        _write_json(out / "config.json", config.to_dict(), only_if_changed=True)
+        write_json(out / "config.json", config.to_dict(), only_if_changed=True)
     if new_episodes:
         save_episodes(episodes, episode_path)
-    manifest = _manifest(config, episodes, device, precision, checkpoint)
+    manifest = _manifest(config, episodes, device, precision, checkpoint, weights)
     if not finished or not (out / "manifest.json").exists():
-        _write_json(out / "manifest.json", manifest, only_if_changed=True)
+        write_json(out / "manifest.json", manifest, only_if_changed=True)
     elif allow_mixed_precision:
         saved = json.loads((out / "manifest.json").read_text())
         if (saved.get("device"), saved.get("precision")) != (manifest["device"], manifest["precision"]):
-            _write_json(out / "manifest.json", {**saved, "mixed_precision": True}, only_if_changed=True)
-    return RunPlan(config, out, device, precision, dataset, episodes)
+            write_json(out / "manifest.json", {**saved, "mixed_precision": True}, only_if_changed=True)
+    return RunPlan(config, out, device, precision, dataset, episodes, weights)
 
 
 def load_plan(out: str | os.PathLike[str], device: torch.device | None = None) -> RunPlan:
@@ -585,8 +636,15 @@ def load_plan(out: str | os.PathLike[str], device: torch.device | None = None) -
     episodes, _, new = _episode_file(config, dataset, out)
     if new:
         raise RunFolderError(f"{out}: its episode file is missing; prepare the run again.")
-    _check_episode_file(out, episodes, _read_finished(out / "episodes.jsonl")[0])
-    return RunPlan(config, out, device, precision, dataset, episodes)
+    finished = _read_finished(out / "episodes.jsonl")[0]
+    _check_episode_file(out, episodes, finished)
+    weights = weights_identity(config.model.name, config.model.pretrained, config.episodes.seed)
+    planned = json.loads((out / "manifest.json").read_text()).get("weights") if (out / "manifest.json").exists() else None
+    if planned is not None and planned != weights:
+        raise RunFolderError(f"{out} was prepared for weights {short_identity(planned)}, but the model now is {short_identity(weights)} "
+                             "(the weights file changed since); prepare the run again.")
+    _check_weights(out, weights, finished)
+    return RunPlan(config, out, device, precision, dataset, episodes, weights)
 
 
 def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | None = None, progress: bool = True,
@@ -611,7 +669,7 @@ def summarize(plan: RunPlan) -> dict[str, Any]:
     """The run's summary from its episode lines; ``summary.json`` is written only when it changed."""
     finished = plan.finished()
     summary = summarise([finished[i] for i in sorted(finished)], plan.episodes)
-    _write_json(plan.out / "summary.json", summary, only_if_changed=True)
+    write_json(plan.out / "summary.json", summary, only_if_changed=True)
     return summary
 
 
@@ -727,16 +785,6 @@ def _episode(plan: RunPlan, bundle: ClipBundle, index: int, method: FewShotCLIP 
         row["intervention_log"] = logged
     row["device"], row["precision"] = plan.device.type, precision
     row["episode_file_sha256"] = episodes.sha256
+    row["weights"] = plan.weights
     row["seconds"] = round(time.perf_counter() - start, 3)
     return method, row
-
-
-def _write_json(path: Path, content: dict[str, Any], only_if_changed: bool = False) -> None:
-    """Atomically: a killed process never leaves half a file. With ``only_if_changed``, a file
-    that already holds ``content`` is not touched (a finished run rerun writes nothing)."""
-    text = json.dumps(content, indent=2) + "\n"
-    if only_if_changed and path.exists() and path.read_text() == text:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

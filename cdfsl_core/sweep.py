@@ -32,9 +32,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cdfsl_core.atomic import write_table
 from cdfsl_core import protocol
-from cdfsl_core.cli import command, non_negative_int, parser, positive_int
+from cdfsl_core.cli import (command, logit_scale, non_negative_float, non_negative_int, parser, positive_float,
+                            positive_int, pretrained_arg, pretrained_value)
+from cdfsl_core.paths import check_writable_folder
 from cdfsl_core.errors import ConfigError
+from cdfsl_core.stats import format_mean_ci
 from cdfsl_core.models import PRECISIONS
 from cdfsl_core.names import ADAPTATIONS
 
@@ -52,7 +56,13 @@ class SweepGrid:
     methods: tuple[str, ...] = DEFAULT_METHODS  # adaptation/intervention
     seeds: tuple[int, ...] = (0,)  # episode seeds: every seed is another episode file
     episodes: int | None = None  # per run (None: the papers', 800 for 1-shot and 400 for 5-shot)
+    ways: int = protocol.WAYS  # classes per episode
+    queries: int = protocol.QUERIES  # query images per class
+    short_class_policy: str = "error"  # a class with too few images: 'error', 'skip' or 'cycle' (as finetune)
     steps: int = protocol.STEPS
+    lora_rank: int = protocol.LORA_RANK  # LoRA rank r
+    logit_scale: float | str = "auto"  # s in s * cos: a number, 'learned', or 'auto' (the protocol's per shots)
+    augment: bool = False  # the authors' 5 views per support image
     model: str = "cdfsl-synth-vit"  # open_clip architecture
     pretrained: str | None = "synthetic"  # tag or weights file (None: random weights)
     data_root: str | None = None  # the datasets' root (None: $CDFSL_DATA_ROOT)
@@ -65,8 +75,50 @@ class SweepGrid:
     max_retries: int = 3  # retries of a task whose worker died
 
     def validate(self) -> None:
+        """Every value checked, each named as a grid key (the TOML file's and the flags' names)."""
         from cdfsl_core.data import list_datasets
+        from cdfsl_core.episodes import SHORT_CLASS_POLICIES
         from cdfsl_core.interventions import list_interventions
+
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: Any) -> bool:
+            return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+        def check(key: str, ok: bool, expected: str) -> None:
+            if not ok:
+                value = getattr(self, key)
+                raise ConfigError(f"grid {key} = {list(value) if isinstance(value, tuple) else value!r}: expected "
+                                  f"{expected}.")
+
+        for key in ("datasets", "methods"):
+            check(key, isinstance(getattr(self, key), (tuple, list)) and all(isinstance(v, str) for v in getattr(self, key)),
+                  "a list of names")
+        check("shots", isinstance(self.shots, (tuple, list)) and all(is_int(v) and v >= 1 for v in self.shots),
+              "a list of positive integers")
+        check("seeds", isinstance(self.seeds, (tuple, list)) and all(is_int(v) and v >= 0 for v in self.seeds),
+              "a list of integers >= 0")
+        check("episodes", self.episodes is None or (is_int(self.episodes) and self.episodes >= 1),
+              "a positive integer (or leave it out: the papers' count)")
+        check("ways", is_int(self.ways) and self.ways >= 2, "an integer >= 2")
+        check("queries", is_int(self.queries) and self.queries >= 1, "a positive integer")
+        check("short_class_policy", self.short_class_policy in SHORT_CLASS_POLICIES, f"one of {SHORT_CLASS_POLICIES}")
+        check("steps", is_int(self.steps) and self.steps >= 0, "an integer >= 0")
+        check("lora_rank", is_int(self.lora_rank) and self.lora_rank >= 1, "a positive integer")
+        check("logit_scale", self.logit_scale in ("auto", "learned") or (is_number(self.logit_scale)
+                                                                           and self.logit_scale > 0),
+              "a positive number, 'learned' or 'auto'")
+        check("augment", isinstance(self.augment, bool), "true or false")
+        for key in ("model", "out", "precision"):
+            check(key, isinstance(getattr(self, key), str) and getattr(self, key) != "", "a non-empty string")
+        check("pretrained", self.pretrained is None or isinstance(self.pretrained, str), "a tag, a weights file or 'none'")
+        check("data_root", self.data_root is None or isinstance(self.data_root, str), "a folder path")
+        check("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
+        check("shard", is_int(self.shard) and self.shard >= 1, "a positive integer")
+        check("cpus_per_task", is_number(self.cpus_per_task) and self.cpus_per_task > 0, "a positive number")
+        check("gpus_per_task", is_number(self.gpus_per_task) and self.gpus_per_task >= 0, "a number >= 0")
+        check("max_retries", is_int(self.max_retries) and self.max_retries >= 0, "an integer >= 0")
 
         unknown = [d for d in self.datasets if d not in list_datasets()]
         if unknown:
@@ -101,7 +153,11 @@ def load_grid(path: str | os.PathLike[str], **overrides: Any) -> SweepGrid:
     if unknown:
         raise ConfigError(f"grid file {path}: unknown keys {unknown}; expected some of {sorted(known)}.")
     values = {key: tuple(value) if isinstance(value, list) else value for key, value in {**raw, **overrides}.items()}
-    return SweepGrid(**values)
+    if values.get("pretrained") is not None:
+        values["pretrained"] = pretrained_value(values["pretrained"])
+    grid = SweepGrid(**values)
+    grid.validate()  # before Ray starts: a wrong value fails in a second, named as the file's key
+    return grid
 
 
 @dataclass(frozen=True)
@@ -130,14 +186,18 @@ def plan_sweep(grid: SweepGrid, device: str = "cpu") -> list[Cell]:
     for dataset in grid.datasets:
         for shots in grid.shots:
             for seed in grid.seeds:
-                episodes = protocol.episode_config(shots, grid.episodes, seed)
+                episodes = protocol.episode_config(shots, grid.episodes, seed, grid.ways, grid.queries,
+                                                   grid.short_class_policy)
                 episode_file = out / "episodes" / protocol.episode_file_name(dataset, episodes)
                 for method in grid.methods:
                     adaptation, _, intervention = method.partition("/")
                     config = protocol.run_config(
                         dataset, shots, adaptation, intervention, episodes=episodes.n_episodes, steps=grid.steps,
                         seed=seed, model=grid.model, pretrained=grid.pretrained, device=device,
-                        precision=grid.precision, data_root=grid.data_root, episode_file=str(episode_file))
+                        precision=grid.precision, data_root=grid.data_root, episode_file=str(episode_file),
+                        scale=None if grid.logit_scale == "auto" else grid.logit_scale, lora_rank=grid.lora_rank,
+                        augment=grid.augment, ways=grid.ways, queries=grid.queries,
+                        short_class_policy=grid.short_class_policy)
                     folder = out / dataset / f"{shots}shot" / method.replace("/", "_") / f"seed{seed}"
                     plan = prepare_run(config, folder, device=torch.device(device))
                     cells.append(Cell(dataset, shots, method, seed, folder, tuple(plan.todo())))
@@ -247,7 +307,7 @@ def sweep(grid: SweepGrid, address: str | None = None, progress: bool = True) ->
         runs.setdefault((cell.dataset, cell.shots, cell.method), []).append(cell.folder)
     table = accuracy_table(runs, grid.baseline or grid.methods[0])
     Path(grid.out).mkdir(parents=True, exist_ok=True)
-    table.to_csv(Path(grid.out) / "accuracy_table.csv", index=False)
+    write_table(table, Path(grid.out) / "accuracy_table.csv")
     return table
 
 
@@ -270,21 +330,31 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--shots", type=positive_int, nargs="+", default=None, help="shot settings (None: 1 5)")
     grid.add_argument("--methods", nargs="+", default=None,
                       help=f"adaptation/intervention pairs (None: {' '.join(defaults.methods)})")
-    grid.add_argument("--seeds", type=int, nargs="+", default=None, help="episode seeds (None: 0)")
+    grid.add_argument("--seeds", type=non_negative_int, nargs="+", default=None, help="episode seeds (None: 0)")
     grid.add_argument("--episodes", type=positive_int, default=None,
                       help="episodes per run (None: the papers', 800 for 1-shot and 400 for 5-shot)")
+    grid.add_argument("--ways", type=positive_int, default=None, help=f"classes per episode (None: {defaults.ways})")
+    grid.add_argument("--queries", type=positive_int, default=None, help=f"queries per class (None: {defaults.queries})")
+    grid.add_argument("--short-class-policy", choices=("error", "skip", "cycle"), default=None,
+                      help="a class with fewer than shots + queries images (None: error)")
     grid.add_argument("--steps", type=non_negative_int, default=None, help=f"training steps (None: {defaults.steps})")
+    grid.add_argument("--lora-rank", type=positive_int, default=None, help=f"LoRA rank (None: {defaults.lora_rank})")
+    grid.add_argument("--logit-scale", type=logit_scale, default=None, help="a number, 'learned' or 'auto' (None: auto)")
+    grid.add_argument("--augment", action="store_true", default=None, help="the authors' 5 views per support image")
     grid.add_argument("--model", default=None, help=f"open_clip architecture (None: {defaults.model})")
-    grid.add_argument("--pretrained", default=None, help=f"tag or weights file; 'none': random (None: {defaults.pretrained})")
+    grid.add_argument("--pretrained", type=pretrained_arg, default=None,
+                      help=f"tag or weights file; 'none': random (None: {defaults.pretrained})")
     grid.add_argument("--data-root", default=None, help="the datasets' root (None: $CDFSL_DATA_ROOT)")
     grid.add_argument("--precision", choices=PRECISIONS, default=None, help="None: auto")
     grid.add_argument("--baseline", default=None, help="method of the paired differences (None: the first)")
     grid.add_argument("--out", default=None, help=f"the sweep's folder (None: {defaults.out})")
+    grid.add_argument("--max-retries", type=non_negative_int, default=None,
+                      help=f"retries of a task whose worker died (None: {defaults.max_retries})")
     ray_group = result.add_argument_group("Ray")
     ray_group.add_argument("--address", default=None, help="a Ray cluster, HOST:PORT or 'auto' (None: this machine)")
     ray_group.add_argument("--shard", type=positive_int, default=None, help=f"episodes per task (None: {defaults.shard})")
-    ray_group.add_argument("--cpus-per-task", type=float, default=None, help=f"None: {defaults.cpus_per_task:g}")
-    ray_group.add_argument("--gpus-per-task", type=float, default=None,
+    ray_group.add_argument("--cpus-per-task", type=positive_float, default=None, help=f"None: {defaults.cpus_per_task:g}")
+    ray_group.add_argument("--gpus-per-task", type=non_negative_float, default=None,
                            help=f"GPUs per task; fractions share a GPU (None: {defaults.gpus_per_task:g}, CPU only)")
     return result
 
@@ -295,9 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     given = {name: getattr(args, name) for name in (f.name for f in fields(SweepGrid)) if getattr(args, name, None)
              is not None}
     given = {key: tuple(value) if isinstance(value, list) else value for key, value in given.items()}
-    if given.get("pretrained") == "none":
-        given["pretrained"] = None
-    grid = load_grid(args.grid, **given) if args.grid is not None else SweepGrid(**given)
+    if "pretrained" in given:
+        given["pretrained"] = pretrained_value(given["pretrained"])
+    if args.grid is not None:
+        grid = load_grid(args.grid, **given)
+    else:
+        grid = SweepGrid(**given)
+        grid.validate()
+    check_writable_folder(grid.out, "--out")
     table = sweep(grid, args.address)
     print_table(table)
     print(f"\nrun folders and accuracy_table.csv in {grid.out}")
@@ -307,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(table: Any) -> None:
     """The accuracy table as ``make demo`` prints it: accuracy with CI per cell, then paired differences."""
     view = table.assign(
-        accuracy=[f"{100 * m:.1f} +- {100 * c:.1f}" for m, c in zip(table["mean"], table["ci95"])],
-        vs_baseline=[f"{100 * d:+.1f} +- {100 * c:.1f}" for d, c in zip(table["diff_vs_baseline"], table["diff_ci95"])])
+        accuracy=[format_mean_ci(m, c) for m, c in zip(table["mean"], table["ci95"])],
+        vs_baseline=[format_mean_ci(d, c, signed=True) for d, c in zip(table["diff_vs_baseline"], table["diff_ci95"])])
     print(view.pivot_table(index=["domain", "shots"], columns="method", values="accuracy", aggfunc="first",
                            sort=False).to_string())
     baseline = table.loc[table["diff_vs_baseline"].eq(0) & table["diff_ci95"].eq(0), "method"]

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cdfsl_core.atomic import write_text
 from cdfsl_core.cli import command, parser, positive_int
 
 
@@ -46,7 +47,7 @@ from cdfsl_core.data import load_dataset  # noqa: E402
 from cdfsl_core.data.synthetic import SYNTHETIC_TARGETS  # noqa: E402
 from cdfsl_core.episodes import generate_episodes  # noqa: E402
 from cdfsl_core.models import load_clip  # noqa: E402
-from cdfsl_core.stats import median_gaussian_kernel  # noqa: E402
+from cdfsl_core.stats import format_mean_ci, json_number, median_gaussian_kernel  # noqa: E402
 from cdfsl_core.zeroshot import accuracy, image_features, mean_ci95, text_features, zero_shot_episodes  # noqa: E402
 
 
@@ -87,8 +88,8 @@ def measure(
         sample = np.sort(rng.choice(len(dataset), size=min(n_similarity, len(dataset)), replace=False))
         similarity = domain_similarity(source_features[keep], image_features(bundle, dataset, sample.tolist()))
         report["targets"][target] = {
-            "zero_shot_5way_accuracy": mean,
-            "ci95": ci,
+            "zero_shot_5way_accuracy": json_number(mean),
+            "ci95": json_number(ci),
             "episode_file_sha256": episode_file.sha256,
             "domain_similarity": similarity,
             "classes": len(dataset.classes),
@@ -104,7 +105,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{'target':<22}{'5-way zero-shot (95% CI)':>28}{'domain similarity':>20}",
     ]
     for target, row in report["targets"].items():
-        acc = f"{100 * row['zero_shot_5way_accuracy']:.1f} +- {100 * row['ci95']:.1f}%"
+        acc = f"{format_mean_ci(row['zero_shot_5way_accuracy'], row['ci95'])}%"
         lines.append(f"{target:<22}{acc:>28}{row['domain_similarity']:>20.3f}")
     lines.append(f"({report['episodes']} episodes of 5-way 15-query per target; chance is 20%)")
     return "\n".join(lines)
@@ -124,7 +125,7 @@ them as fp32.
 
 ## How it was made
 ```
-python -m cdfsl_core.pretrain
+python -m cdfsl_core.pretrain --out cdfsl_core/weights --force   # the shipped weights; the default --out is outputs/pretrain
 ```
 Config (`pretrain_config.json`): {json.dumps({k: v for k, v in config.items() if k not in ('command', 'history')})}
 
@@ -159,7 +160,7 @@ seen in pretraining. Domain similarity is `1 - MMD^2/2` of image features (see `
    lesions dilute the pattern to 20% under pigment and skin; xray raised the grey-level
    contrast of the pattern. Only the target renderers changed, so the weights did not.
 """
-    card.write_text(text)
+    write_text(card, text)
 
 
 @command
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_text(args.json, json.dumps(report, indent=2) + "\n")
     if args.card:
         write_card(report, args.card)
     return 0

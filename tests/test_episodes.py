@@ -76,7 +76,7 @@ def test_episodes_of_another_dataset_are_refused(dataset, tmp_path):
 
 def test_too_few_images_is_an_error_naming_the_class():
     ds = LabelsOnly([30, 10, 30, 30, 30, 30])
-    with pytest.raises(EpisodeError, match=r"'class 1' \(10\).*short_class_policy"):
+    with pytest.raises(EpisodeError, match=r"'class 1' \(10\).*--short-class-policy"):
         generate_episodes(ds, EpisodeConfig(n_way=5, k_shot=1, n_query=15, n_episodes=2))
 
 
@@ -97,7 +97,7 @@ def test_cycle_policy_repeats_queries_but_never_support():
 
 
 def test_n_way_larger_than_the_classes():
-    with pytest.raises(EpisodeError, match=r"n_way=8 but only 7"):
+    with pytest.raises(EpisodeError, match=r"ways = 8 but only 7"):
         generate_episodes(LabelsOnly([30] * 7), EpisodeConfig(n_way=8, n_episodes=1))
 
 

@@ -18,6 +18,9 @@ import pandas as pd
 
 from analysis.config import AnalysisConfig
 from cdfsl_core import protocol
+from cdfsl_core.atomic import write_table, write_text
+from cdfsl_core.cli import pretrained_value
+from cdfsl_core.paths import check_writable_folder
 from cdfsl_core.data import load_dataset
 from cdfsl_core.data.synthetic import SYNTHETIC_TARGETS
 from cdfsl_core.errors import ConfigError
@@ -88,6 +91,8 @@ class Study:
             settings["root"] = settings.pop("data_root")
         if "model" in settings:
             settings["name"] = settings.pop("model")
+        if "pretrained" in settings:  # 'none' or None: random weights, as on the command line
+            settings["pretrained"] = pretrained_value(settings["pretrained"])
         parts: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "grid": {}, "analysis": {}}
         kinds = {"model": ModelConfig, "data": StudyData, "grid": StudyGrid, "analysis": AnalysisConfig}
         progress = settings.pop("progress", True)
@@ -116,14 +121,23 @@ class Study:
         if path.exists():
             saved, now = json.loads(path.read_text()), self.settings()
             differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-            if differ:
+            if differ and self.has_results():
                 raise ConfigError(f"{self.out} holds a study with other settings (differs in {differ}: "
                                   f"{ {k: saved.get(k) for k in differ} }). Use another folder, or the same settings "
                                   "to reuse its results.")
+            if differ:  # nothing finished there yet (a failed start): the corrected settings take the folder
+                write_text(path, json.dumps(now, indent=2) + "\n")
         else:
+            check_writable_folder(self.out, "the study folder")
             self.out.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.settings(), indent=2) + "\n")
+            write_text(path, json.dumps(self.settings(), indent=2) + "\n")
         self._checked = True
+
+    def has_results(self) -> bool:
+        """Whether anything finished in the folder: a table, or an episode line of a run."""
+        if any(self.out.rglob("*.csv")):
+            return True
+        return any(path.stat().st_size > 0 for path in (self.out / "runs").rglob("episodes.jsonl"))
 
     def cached(self, name: str, make: Callable[[], pd.DataFrame]) -> pd.DataFrame:
         """The table ``out/name`` (CSV), made once and reused."""
@@ -132,10 +146,7 @@ class Study:
         if path.exists():
             return pd.read_csv(path)
         table = make()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        table.to_csv(tmp, index=False)
-        tmp.replace(path)
+        write_table(table, path)
         return table
 
     # ------------------------------------------------------------------ what the steps share

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cdfsl_core.atomic import write_table
 from analysis import figures as fig
 from analysis.domain import DEFAULT_ESTIMATOR
 from cdfsl_core.interventions import build_intervention
@@ -24,7 +25,7 @@ def figures(study: "Study", folder: str | os.PathLike[str] | None = None) -> dic
 
     folder = Path(folder) if folder is not None else study.out / "figures"
     episodes = study.run_all()
-    episodes.to_csv(study.out / "episodes.csv", index=False)
+    write_table(episodes, study.out / "episodes.csv")
     summary = study.accuracy_table(episodes)
     tables = study.diagnostics()
     domains = study.domain_similarity()

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
+from cdfsl_core.atomic import write_table
 from analysis.cka import cka
 from analysis.features import layer_features
 from analysis.run_diagnostics import diagnose_run
@@ -41,7 +42,7 @@ def diagnostics(study: "Study") -> dict[str, pd.DataFrame]:
     folder.mkdir(parents=True, exist_ok=True)
     tables = {name: pd.concat(items, ignore_index=True) for name, items in parts.items()}
     for name, table in tables.items():
-        table.to_csv(folder / f"{name}.csv", index=False)
+        write_table(table, folder / f"{name}.csv")
     return tables
 
 
@@ -109,7 +110,7 @@ def intervention_stats(study: "Study") -> pd.DataFrame:
                                          "episode": row["episode"], "block": int(block), "stage": stage, **stats,
                                          **settings})
     table = pd.DataFrame(rows)
-    table.to_csv(study.out / "intervention_stats.csv", index=False)
+    write_table(table, study.out / "intervention_stats.csv")
     return table
 
 

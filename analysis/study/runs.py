@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import pandas as pd
 
+from cdfsl_core.atomic import write_table
 from cdfsl_core.compare import accuracy_table as compare_accuracy_table
 from cdfsl_core.runner import run
 
@@ -46,5 +47,5 @@ def accuracy_table(study: "Study", episodes: pd.DataFrame) -> pd.DataFrame:
     cells = episodes[["domain", "shots", "method"]].drop_duplicates().itertuples(index=False)
     runs = {(domain, shots, method): [study.run_folder(domain, shots, method)] for domain, shots, method in cells}
     summary = compare_accuracy_table(runs, study.grid.baseline)
-    summary.to_csv(study.out / "accuracy_table.csv", index=False)
+    write_table(summary, study.out / "accuracy_table.csv")
     return summary

@@ -16,13 +16,41 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 Transform = Callable[[Image.Image], Any]
 
 
+# Integer modes wider than 8 bits, and the largest value of each (16-bit PNGs and TIFFs are common
+# for radiographs): PIL's convert("RGB") clips them at 255, which turns almost every pixel white.
+_WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any mode as 8-bit RGB. Integer images wider than 8 bits are **scaled** to 0..255
+    by their type's range (16 bit: x * 255 / 65535), not clipped; 32-bit integer images (``I``, as
+    PIL opens some 16-bit files) by 65535 when their values fit 16 bits, else by their maximum;
+    floating-point images (``F``) by their own minimum and maximum."""
+    if image.mode in ("RGB",):
+        return image
+    if image.mode in _WIDE_MODES or image.mode in ("I", "F"):
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            low, high = float(values.min()), float(values.max())
+            scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        else:
+            top = _WIDE_MODES.get(image.mode) or (65535 if values.max() <= 65535 and values.min() >= 0
+                                                  else float(max(values.max(), 1)))
+            scaled = np.clip(values, 0, None) / top
+        return Image.fromarray(np.round(scaled * 255).astype(np.uint8), mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
 def read_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image fully (so truncation is caught here, not in a worker) as RGB."""
+    """Open an image fully (so truncation is caught here, not in a worker) as 8-bit RGB
+    (:func:`to_rgb`: images of more than 8 bits are scaled, not clipped)."""
     path = Path(path)
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
     except FileNotFoundError as err:
         raise DatasetError(
             f"Image {path} does not exist. Expected it because the dataset lists it; restore the "
@@ -61,6 +89,10 @@ class FewShotDataset:
     def image_key(self, index: int) -> str:
         """A stable identifier of image ``index`` (relative path, or generator coordinates)."""
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def check_images(self, indices: Sequence[int]) -> None:
+        """Fail, naming the file, when an image of ``indices`` cannot be read; cheap (headers only
+        where images are files). A generated dataset has nothing to check."""
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         if not -len(self) <= index < len(self):
@@ -118,12 +150,38 @@ class ImageListDataset(FewShotDataset):
     def load_image(self, index: int) -> Image.Image:
         return read_image(self.paths[index])
 
+    def check_images(self, indices: Sequence[int]) -> None:
+        for index in sorted(set(indices)):
+            check_image_header(self.paths[index])
+
     def image_key(self, index: int) -> str:
         path = self.paths[index]
         try:
             return path.relative_to(self.root).as_posix()
         except ValueError:
             return path.as_posix()
+
+
+def check_image_header(path: str | os.PathLike[str]) -> None:
+    """Fail as :func:`read_image` would when ``path`` is missing, empty or not an image, reading
+    only its header (cheap: a run checks every image of its episode file this way before it
+    writes anything; the full decode, which also finds a truncated body, happens when the image
+    is used, with the same error)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 - the header is parsed by open; size proves it was
+    except FileNotFoundError as err:
+        raise DatasetError(
+            f"Image {path} does not exist. Expected it because the dataset lists it; restore the "
+            "file or remove it from the list (CSV / JSON) it came from."
+        ) from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(
+            f"Image {path} cannot be decoded ({err}). Expected a complete JPEG/PNG file; it is "
+            "unreadable or truncated. Re-download it, or delete it and its entry in the dataset's "
+            "list. `python -m cdfsl_core.data check NAME --root ...` scans a whole dataset."
+        ) from err
 
 
 def check_files_exist(name: str, paths: Sequence[Path], listed_in: Path | str) -> None:

@@ -89,6 +89,16 @@ def _folder_dataset(
     paths: list[Path] = []
     targets: list[int] = []
     classes: list[str] = []
+    seen: dict[str, Path] = {}
+    for class_dir in _class_folders(folder):
+        key = " ".join(readable(class_dir.name).casefold().split())
+        if key in seen:
+            raise DatasetError(
+                f"{name}: class folders {seen[key]} and {class_dir} both read as the class name "
+                f"{readable(class_dir.name)!r} (names are compared ignoring case and spacing), so prompts could not tell "
+                "them apart. Merge the two folders into one, or rename one of them."
+            )
+        seen[key] = class_dir
     for label, class_dir in enumerate(_class_folders(folder)):
         files = image_files(class_dir)
         if not files:
@@ -199,7 +209,15 @@ def load_isic(root: Path, transform: Transform | None = None) -> ImageListDatase
                 f"isic: row {line} of {csv_path} has a non-numeric label ({err}); expected one-hot "
                 "0/1 values in the class columns."
             ) from None
-        targets.append(max(range(len(scores)), key=scores.__getitem__))  # argmax of the one-hot row
+        ones = [i for i, s in enumerate(scores) if s == 1.0]
+        if len(ones) != 1 or any(s not in (0.0, 1.0) for s in scores):
+            shown = ", ".join(f"{c}={row[c]!r}" for c in ISIC_COLUMNS)
+            raise DatasetError(
+                f"isic: row {line} of {csv_path} ({row.get('image', '?')}) is not one-hot ({shown}); expected exactly "
+                "one 1 and 0 elsewhere in the class columns, as in the original ground-truth file. Fix or remove "
+                "the row (it would otherwise be read as some class)."
+            )
+        targets.append(ones[0])
         paths.append(folder / ISIC_IMAGES / f"{row['image']}.jpg")
     check_files_exist("isic", paths, csv_path)
     return ImageListDataset("isic", folder, paths, targets, ISIC_NAMES, transform, source=str(csv_path))

@@ -1,0 +1,61 @@
+"""Output paths checked before any work: a command that would compute for minutes and then fail to
+write its result fails first, with one line naming the path and the fix.
+
+Writability is tested by creating (and removing) a temporary file in the nearest folder that
+exists, so a read-only file system is found also when running as root, for whom permission bits
+do not count. Nothing is created for a folder that does not exist yet.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from cdfsl_core.errors import ConfigError
+
+__all__ = ["check_writable_file", "check_writable_folder"]
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path.cwd()  # pragma: no cover - the root always exists
+
+
+def _writable(folder: Path) -> bool:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def check_writable_folder(path: str | os.PathLike[str], flag: str) -> Path:
+    """``path`` is (or can be created as) a folder this process can write into; ``flag`` names
+    the option in the message (``--out``)."""
+    path = Path(path).expanduser()
+    existing = _nearest_existing(path)
+    if existing == path and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; expected a folder. Pass a folder path (it is created if missing).")
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: {existing} is a file, so no folder can be created below it. Pass another path.")
+    if not _writable(existing):
+        where = "" if existing == path else f" ({existing}, where it would be created,)"
+        raise ConfigError(f"{flag} {path}{where} is not writable. Pass a folder you can write to.")
+    return path
+
+
+def check_writable_file(path: str | os.PathLike[str], flag: str) -> Path:
+    """``path`` can be written as a file (its folder exists or can be created, and is writable;
+    the path is not a folder)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; expected a file path. Pass a file name inside it.")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {path} exists and is not writable. Pass another path, or make it writable.")
+    check_writable_folder(path.parent, flag)
+    return path
