@@ -8,7 +8,7 @@ CLUSTER := $(VENV)/.cluster
 CONSTRAINTS := requirements/constraints.txt
 OUT ?= outputs/demo
 
-.PHONY: demo figures test test-fast clean-venv
+.PHONY: demo figures lint test test-fast clean-venv
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,10 +30,15 @@ demo: $(STAMP)
 figures: $(STAMP)
 	$(PY) -m analysis.demo --out $(OUT) --figures figures
 
-test: $(CLUSTER)
+# the layers contract (pyproject.toml) and the linter come first: a change that breaks either fails fast
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check
+
+test: $(CLUSTER) lint
 	$(PY) -m pytest -q
 
-test-fast: $(CLUSTER)
+test-fast: $(CLUSTER) lint
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
 clean-venv:

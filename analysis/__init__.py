@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "domain_similarity": "analysis.domain",
+    "domain_estimate": "analysis.domain",
     "domain_table": "analysis.domain",
     "list_domain_estimators": "analysis.domain",
     "ActivationCache": "analysis.recorder",

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
+from analysis.keys import act_name
 from analysis.recorder import ActivationCache
 
 __all__ = ["attention_rollout", "attention_table", "cls_attention_maps"]
@@ -24,7 +25,7 @@ def cls_attention_maps(cache: ActivationCache, layers: Sequence[int]) -> torch.T
     """Attention from CLS to every patch, per head: [layer, batch, head, grid, grid]."""
     maps = []
     for layer in layers:
-        pattern = cache[f"blocks.{layer}.attn.pattern"]  # [B, H, T, T]
+        pattern = cache[act_name("attn.pattern", layer)]  # [B, H, T, T]
         side = _grid(pattern.shape[-1])
         maps.append(pattern[:, :, 0, 1:].reshape(*pattern.shape[:2], side, side))
     return torch.stack(maps)
@@ -38,7 +39,7 @@ def attention_rollout(cache: ActivationCache, layers: Sequence[int], residual: f
         raise ValueError(f"residual={residual}; expected a weight in [0, 1].")
     result = None
     for layer in sorted(layers):
-        attention = cache[f"blocks.{layer}.attn.pattern"].float().mean(dim=1)  # [B, T, T]
+        attention = cache[act_name("attn.pattern", layer)].float().mean(dim=1)  # [B, T, T]
         eye = torch.eye(attention.shape[-1], device=attention.device)
         attention = residual * eye + (1 - residual) * attention
         attention = attention / attention.sum(dim=-1, keepdim=True)

@@ -26,6 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from analysis.poolings import list_poolings
 from cdfsl_core.atomic import write_table
 from cdfsl_core.cli import command, non_negative_int, parser, positive_int, pretrained_arg, pretrained_value
 from cdfsl_core.paths import check_writable_file, check_writable_folder
@@ -53,8 +54,8 @@ With --compare-with it measures paired CKA instead: the same target images throu
                         "comparison uses the same n: the smallest target, half the source, each class half)")
     result.add_argument("--estimator", choices=(*DOMAIN_ESTIMATORS, "all"), default="mmd",
                         help="what to print (the CSV holds it too); 'all' for every estimator")
-    result.add_argument("--pool", choices=("cls", "mean", "mean-no-simple"), default="cls",
-                        help="CLS token, mean patch token, or mean patch token without TIR's simple tokens (m = N)")
+    result.add_argument("--pool", choices=tuple(list_poolings()), default="cls",
+                        help="; ".join(f"{name}: {spec.description}" for name, spec in list_poolings().items()))
     result.add_argument("--layers", type=int, nargs="+", default=None, help="vision blocks (None: all)")
     result.add_argument("--bootstrap", type=non_negative_int, default=50, help="bootstrap draws for the intervals")
     result.add_argument("--permutations", type=non_negative_int, default=100, help="draws of the permutation null")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from analysis.sinks import SinkDefinition, list_sinks
 from cdfsl_core import protocol
 from cdfsl_core.errors import ConfigError
 
@@ -37,6 +38,7 @@ class AnalysisConfig:
     head_tail: bool = True  # also the head/tail histogram
     attribution_steps: int = 16  # integrated-gradients steps of the attribution maps
     text_norm: str | None = None  # ATHA's class vectors: 'none', 'unit', or None: as the method's intervention builds them
+    sink_taus: tuple[tuple[str, float], ...] = ()  # thresholds of registered sink definitions without a field here
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:
@@ -56,17 +58,21 @@ class AnalysisConfig:
         if self.bins < 1 or self.attribution_steps < 1:
             raise ConfigError(f"bins={self.bins}, attribution_steps={self.attribution_steps}: expected positive integers.")
 
-    def sinks(self) -> list:
-        """The four sink definitions with these thresholds."""
-        from analysis.diagnostics import SinkDefinition
-
-        return [SinkDefinition("sum-all", 0.0), SinkDefinition("high-norm", self.high_norm_tau),
-                SinkDefinition("attention-mass", self.attention_tau, self.attention_source),
-                SinkDefinition("massive-activation", self.massive_tau)]
+    def sinks(self) -> list[SinkDefinition]:
+        """Every registered sink definition (:mod:`analysis.sinks`) with these thresholds."""
+        extra = dict(self.sink_taus)
+        unknown = sorted(set(extra) - set(list_sinks()))
+        if unknown:
+            raise ConfigError(f"sink_taus names {unknown}, which are not registered sink definitions; expected some "
+                              f"of {list(list_sinks())}.")
+        return [SinkDefinition(name, getattr(self, spec.tau_field) if spec.tau_field else extra.get(name, spec.default_tau),
+                               self.attention_source) for name, spec in list_sinks().items()]
 
     def columns(self) -> dict[str, Any]:
         """The settings as table columns (``analysis_`` + field name)."""
-        return {f"analysis_{key}": value for key, value in asdict(self).items()}
+        columns = {f"analysis_{key}": value for key, value in asdict(self).items()}
+        columns["analysis_sink_taus"] = "; ".join(f"{name}={tau:g}" for name, tau in self.sink_taus)  # a cell, not a list
+        return columns
 
     @classmethod
     def field_names(cls) -> list[str]:

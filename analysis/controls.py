@@ -43,16 +43,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis.recorder import vision_tower
+from analysis.sinks import list_sinks
 from cdfsl_core import protocol
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.lora import LoRAAttention
 from cdfsl_core.token_text import project_tokens
 
-__all__ = ["FINDS", "PLANTS", "Plant", "planted"]
+__all__ = ["PLANTS", "Plant", "planted"]
 
 PLANTS = ("high-norm", "massive-activation", "attention-sink", "every-class-top")
-FINDS = {"high-norm": "high-norm", "massive-activation": "massive-activation", "attention-sink": "attention-mass",
-         "every-class-top": "sum-all"}  # plant -> the sink definition that must find it
+
+
+def _finds() -> dict[str, str]:
+    """plant -> the first registered sink definition that names it as its positive control."""
+    found: dict[str, str] = {}
+    for name, spec in list_sinks().items():
+        if spec.plant is not None:
+            found.setdefault(spec.plant, name)
+    return found
+
+
+def __getattr__(name: str):
+    if name == "FINDS":  # from the sink registry (analysis.sinks), as it is now
+        return _finds()
+    raise AttributeError(name)
+
 DEFAULT_STRENGTH = {"high-norm": 10.0, "massive-activation": 1000.0, "attention-sink": 30.0, "every-class-top": 0.0}
 
 
@@ -70,7 +85,7 @@ class Plant:
 
     @property
     def finds(self) -> str:
-        return FINDS[self.kind]
+        return _finds()[self.kind]
 
     def value(self) -> float:
         return DEFAULT_STRENGTH[self.kind] if self.strength is None else self.strength

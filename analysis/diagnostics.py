@@ -32,43 +32,21 @@ import torch
 import torch.nn.functional as F
 
 from analysis.config import SPACES, TRANSFORMS, AnalysisConfig
+from analysis.keys import act_name
 from analysis.recorder import ActivationCache
+from analysis.sinks import SinkDefinition, SinkInputs, row_median, sink_spec
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.token_text import atha_class_vectors, project_tokens, sum_score
 
-__all__ = ["SINK_DEFINITIONS", "SinkDefinition", "TokenDiagnostics"]
+__all__ = ["SinkDefinition", "TokenDiagnostics"]
+
+_row_median = row_median  # the tests' name
 
 
-@dataclass(frozen=True)
-class SinkDefinition:
-    """A named sink-token definition with its threshold."""
-
-    name: str  # one of SINK_DEFINITIONS
-    tau: float  # threshold (see the module doc for each definition's unit)
-    source: str = "cls"  # attention-mass only: 'cls' (attention from CLS) or 'mean' (over all queries)
-
-    def label(self) -> str:
-        if self.name == "sum-all":
-            return "sum-all (m = N)"
-        if self.name == "attention-mass":
-            return f"attention-mass (> {self.tau:g} x uniform, from {self.source})"
-        unit = "median patch norm" if self.name == "high-norm" else "median |activation|"
-        return f"{self.name} (> {self.tau:g} x {unit})"
-
-
-SINK_DEFINITIONS = {sink.name: sink for sink in AnalysisConfig().sinks()}  # the default thresholds
-
-
-def _row_median(values: torch.Tensor) -> torch.Tensor:
-    """The lower median of each row of ``values`` [rows, n], as ``torch.median`` gives it.
-
-    On the CPU, numpy's partition is about 10x faster than ``torch.median``, which sorts; the
-    median is on the hot path of every recorded batch.
-    """
-    if values.device.type != "cpu":
-        return values.median(dim=-1).values
-    k = (values.shape[-1] - 1) // 2
-    return torch.from_numpy(np.partition(values.detach().numpy(), k, axis=-1)[:, k])
+def __getattr__(name: str) -> Any:
+    if name == "SINK_DEFINITIONS":  # the registered definitions with their default thresholds, now
+        return {sink.name: sink for sink in AnalysisConfig().sinks()}
+    raise AttributeError(name)
 
 
 @dataclass
@@ -83,7 +61,7 @@ class TokenDiagnostics:
     rho_tail: float = AnalysisConfig.rho_tail  # ATHA's tail fraction
     space: str = AnalysisConfig.space  # token norms in 'residual' or 'projected' space
     transform: str = AnalysisConfig.transform  # 'none' or 'log' of the norm
-    sinks: Sequence[SinkDefinition] = field(default_factory=lambda: list(SINK_DEFINITIONS.values()))
+    sinks: Sequence[SinkDefinition] = field(default_factory=lambda: AnalysisConfig().sinks())
     bins: int = AnalysisConfig.bins  # head/tail histogram bins over [-1, 1]
     head_tail: bool = True  # also the head/tail similarity histogram (False: norms and sinks only, cheaper)
     text_norm: str = "none"  # ATHA's class vectors from the read-out as it is ('none') or normalised ('unit'), as ATHAConfig
@@ -103,8 +81,7 @@ class TokenDiagnostics:
         if self.transform not in TRANSFORMS:
             raise ConfigError(f"transform={self.transform!r}; expected one of {TRANSFORMS}.")
         for sink in self.sinks:
-            if sink.name not in SINK_DEFINITIONS:
-                raise ConfigError(f"unknown sink definition {sink.name!r}; expected one of {list(SINK_DEFINITIONS)}.")
+            sink_spec(sink.name)  # a registered definition, or an error listing them
             if sink.name == "attention-mass" and sink.source not in ("cls", "mean"):
                 raise ConfigError(f"attention-mass source={sink.source!r}; expected 'cls' or 'mean'.")
         self.n_classes = self.text.shape[0]
@@ -126,14 +103,14 @@ class TokenDiagnostics:
         Everything is reduced on the device the cache is on, in fp32 whatever the autocast
         context (rankings and counts must not depend on the precision of the forward), and the
         small per-layer statistics move to the host in one transfer per batch."""
-        device = cache[f"blocks.{self.layers[0]}.resid_post"].device
+        device = cache[act_name("resid_post", self.layers[0])].device
         size = self.n_classes + 1
         parts: list[torch.Tensor] = []
         with torch.autocast(device.type, enabled=False):
             for layer in self.layers:
                 # Per-token quantities are computed on the whole contiguous stream and the CLS row is
                 # dropped from the small results: slicing first would copy every layer's tokens.
-                x = cache[f"blocks.{layer}.resid_post"].float()  # [B, 1 + L, D]
+                x = cache[act_name("resid_post", layer)].float()  # [B, 1 + L, D]
                 counts, residual_norms, projected_norms = self._scores(x)  # [B, L] each
                 norms = projected_norms if self.space == "projected" else residual_norms
                 values = (norms.log() if self.transform == "log" else norms).flatten().double()
@@ -174,24 +151,9 @@ class TokenDiagnostics:
     def _sink_mask(self, sink: SinkDefinition, layer: int, cache: ActivationCache, x: torch.Tensor,
                    counts: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """Which patch tokens are sinks, [B, L] bool: ``x`` the stream [B, 1 + L, D], ``counts`` (Sum
-        scores) and ``norms`` per patch [B, L]."""
-        if sink.name == "sum-all":
-            return counts == self.n_classes
-        if sink.name == "high-norm":
-            return norms > sink.tau * _row_median(norms).unsqueeze(-1)
-        if sink.name == "massive-activation":
-            # the median |activation| estimated on every 8th channel of every patch token: an
-            # estimate is enough for a threshold of tau x median; a token is a sink when its
-            # largest |activation| passes the threshold
-            median = _row_median(x[:, 1:, ::8].abs().flatten(1))  # [B]
-            largest = torch.maximum(x.amax(dim=-1), x.amin(dim=-1).neg())[:, 1:]  # max |activation|, no |x| copy
-            return largest > sink.tau * median.unsqueeze(-1)
-        key = f"blocks.{layer}.attn.pattern"
-        if key not in cache:
-            raise ConfigError("the attention-mass definition needs 'attn.pattern' in the recording.")
-        pattern = cache[key].float().mean(dim=1)  # [B, T, T], mean over heads
-        received = pattern[:, 0, 1:] if sink.source == "cls" else pattern[:, :, 1:].mean(dim=1)
-        return received > sink.tau / pattern.shape[-1]
+        scores) and ``norms`` per patch [B, L]; the definition's registered mask decides."""
+        inputs = SinkInputs(x=x, counts=counts, norms=norms, n_classes=self.n_classes, cache=cache, layer=layer)
+        return sink_spec(sink.name).mask(inputs, sink)
 
     def _scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sum scores, residual norms and projected norms of the patch tokens of ``x`` [B, 1 + L, D], each [B, L]."""
@@ -209,7 +171,7 @@ class TokenDiagnostics:
         that the planted token itself is found."""
         result = {}
         for layer in self.layers:
-            x = cache[f"blocks.{layer}.resid_post"]
+            x = cache[act_name("resid_post", layer)]
             with torch.autocast(x.device.type, enabled=False):
                 x = x.float()
                 counts, residual_norms, _ = self._scores(x)

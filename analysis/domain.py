@@ -18,7 +18,7 @@ random-pairing-cka biased linear CKA of randomly paired images, mean over pairin
                    labelled negative control, printed beside its predicted value
 ================== ================================================================ ==========
 
-:func:`domain_similarity` is one number for two feature matrices. :func:`domain_table` adds,
+:func:`domain_estimate` is one number for two feature matrices. :func:`domain_table` adds,
 per layer and beside every target, the references computed the same way on the same number of
 images n (every target subsampled to the smallest, fixed seed): two random halves of the source
 (the noise floor), two class-disjoint halves of the source (the right baseline: every target has
@@ -42,7 +42,7 @@ import torch
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.stats import median_gaussian_kernel
 
-__all__ = ["COMPARISONS", "DEFAULT_ESTIMATOR", "DomainEstimator", "DomainPlan", "compare_domains", "domain_similarity", "domain_table",
+__all__ = ["COMPARISONS", "DEFAULT_ESTIMATOR", "DomainEstimator", "DomainPlan", "compare_domains", "domain_estimate", "domain_table",
            "list_domain_estimators", "plan_comparisons", "random_pairing_prediction", "register_domain_estimator"]
 
 COMPARISONS = ("target", "within-source", "class-disjoint", "permutation-null")  # not a bare "null": pandas reads it as missing
@@ -85,7 +85,7 @@ _ESTIMATORS: dict[str, DomainEstimator] = {}
 
 
 def register_domain_estimator(estimator: DomainEstimator) -> None:
-    """Make ``estimator.name`` available to :func:`domain_similarity`, the tables and the command."""
+    """Make ``estimator.name`` available to :func:`domain_estimate`, the tables and the command."""
     _ESTIMATORS[estimator.name] = estimator
 
 
@@ -229,7 +229,7 @@ def _generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([abs(int(k)) for k in key]).generate_state(1)[0]))
 
 
-def domain_similarity(source: Any, target: Any, estimator: str = DEFAULT_ESTIMATOR, seed: int = 0,
+def domain_estimate(source: Any, target: Any, estimator: str = DEFAULT_ESTIMATOR, seed: int = 0,
                       **options: Any) -> float:
     """One estimator's value for two feature matrices, source [n_s, d] and target [n_t, d].
     ``options`` go to the estimator: ``standardize=False`` for feature-cka (the plain covariance
@@ -399,17 +399,17 @@ def compare_domains(model: Any, source_dataset: Any, target_datasets: Mapping[st
     ``pool='mean-no-simple'`` computes each domain's Sum scores against its own class names (needs
     ``bundle`` for the text tower) and adds the mean number of tokens it left out per image
     (``excluded_tokens``)."""
-    from analysis.features import POOLS, class_readout, sample_indices, sample_layer_features
+    from analysis.features import class_readout, sample_indices, sample_layer_features
+    from analysis.poolings import pooling
 
-    if pool not in POOLS:
-        raise ConfigError(f"pool={pool!r}; expected one of {POOLS}.")
+    spec = pooling(pool)
     for name in estimators:
         _estimator(name)
-    if pool == "mean-no-simple" and bundle is None:
-        raise ConfigError("pool='mean-no-simple' needs the bundle (for the class text features): compare_domains(..., bundle=...).")
+    if spec.needs_text and bundle is None:
+        raise ConfigError(f"pool={pool!r} needs the bundle (for the class text features): compare_domains(..., bundle=...).")
 
     def features(dataset: Any) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
-        text = class_readout(bundle, dataset.classes) if pool == "mean-no-simple" else None
+        text = class_readout(bundle, dataset.classes) if spec.needs_text else None
         excluded: dict[int, float] = {}
         result = sample_layer_features(model, dataset, images, transform, seed, pool, progress, text, layers, excluded)
         return result, excluded

@@ -1,14 +1,8 @@
 """Per-layer image representations from the recorder, pooled over tokens.
 
-Pooling (``POOLS``):
-
-- ``cls``: the CLS token of each block's output;
-- ``mean``: the mean of the patch tokens;
-- ``mean-no-simple``: the mean of the patch tokens without TIR's simple tokens, those in the
-  top set of every class (Sum score m = N, the ``sum-all`` bucket), computed per block against
-  class text features ``text`` (the read-out the interventions use); an image whose every patch
-  token is simple keeps the plain mean. The TIR paper reports that leaving these tokens out
-  changes source-target similarity.
+Pooling: any registered in :mod:`analysis.poolings` (``cls``, ``mean``, ``mean-no-simple``: the
+mean of the patch tokens without TIR's simple tokens; the TIR paper reports that leaving these
+tokens out changes source-target similarity).
 
 Shapes: ``images`` [n, 3, H, W]; each layer's result [n, width], fp32, on the CPU.
 """
@@ -21,35 +15,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from analysis.keys import act_name
+from analysis.poolings import list_poolings, pooling
 from analysis.recorder import record, vision_tower
 from cdfsl_core import protocol
 from cdfsl_core.errors import ConfigError
-from cdfsl_core.token_text import project_tokens, sum_score
 
-__all__ = ["POOLS", "class_readout", "layer_features", "pool_tokens", "sample_layer_features"]
+__all__ = ["class_readout", "layer_features", "pool_tokens", "sample_layer_features"]
 
-POOLS = ("cls", "mean", "mean-no-simple")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "POOLS":  # the registered poolings, as they are now
+        return tuple(list_poolings())
+    raise AttributeError(name)
 
 
 def pool_tokens(x: torch.Tensor, pool: str, visual: Any = None, unit_text: torch.Tensor | None = None,
                 rho: float = protocol.TIR_RHO) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pool a block's output ``x`` [B, 1 + L, D] to [B, D] (see the module doc); for
-    ``mean-no-simple`` also the number of simple tokens left out of each image [B] (else None)."""
-    if pool == "cls":
-        return x[:, 0], None
-    patches = x[:, 1:]
-    if pool == "mean":
-        return patches.mean(dim=1), None
-    if pool != "mean-no-simple":
-        raise ConfigError(f"pool={pool!r}; expected one of {POOLS}.")
-    with torch.autocast(x.device.type, enabled=False):
-        projected = F.normalize(project_tokens(visual, patches.float()), dim=-1)
-        counts = sum_score(projected @ unit_text.to(projected.device).T, rho)  # [B, L]
-    simple = counts == unit_text.shape[0]
-    keep = (~simple).to(patches.dtype)  # [B, L]: 0 for simple tokens
-    kept = keep.sum(dim=1, keepdim=True)
-    pooled = (patches * keep.unsqueeze(-1)).sum(dim=1) / kept.clamp_min(1)
-    return torch.where(kept > 0, pooled, patches.mean(dim=1)), simple.sum(dim=1)
+    """Pool a block's output ``x`` [B, 1 + L, D] to [B, D] with the registered pooling ``pool``
+    (:mod:`analysis.poolings`); for ``mean-no-simple`` also the number of simple tokens left out
+    of each image [B] (else None)."""
+    return pooling(pool).pool(x, visual, unit_text, rho)
 
 
 @torch.no_grad()
@@ -64,10 +51,8 @@ def layer_features(model: torch.nn.Module, images: torch.Tensor | None = None, d
     ``excluded`` (when given) with the mean number of simple tokens left out per image, per layer."""
     from tqdm import tqdm
 
-    if pool not in POOLS:
-        raise ConfigError(f"pool={pool!r}; expected one of {POOLS}.")
-    if pool == "mean-no-simple" and text is None:
-        raise ConfigError("pool='mean-no-simple' needs the class text features (text=class_readout(...)).")
+    if pooling(pool).needs_text and text is None:
+        raise ConfigError(f"pool={pool!r} needs the class text features (text=class_readout(...)).")
     visual = vision_tower(model)
     n_blocks = len(visual.transformer.resblocks)
     layers = list(range(n_blocks)) if layers is None else list(layers)
@@ -99,7 +84,7 @@ def layer_features(model: torch.nn.Module, images: torch.Tensor | None = None, d
             with record(visual, layers=layers, what=("resid_post",)) as cache:
                 forward(load(ids).to(device))
             for layer in layers:
-                pooled, simple = pool_tokens(cache[f"blocks.{layer}.resid_post"], pool, visual, unit_text)
+                pooled, simple = pool_tokens(cache[act_name("resid_post", layer)], pool, visual, unit_text)
                 out[layer].append(pooled.float().cpu())
                 if simple is not None:
                     left_out[layer] += float(simple.sum())

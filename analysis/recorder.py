@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from analysis.keys import WHAT, act_name
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.lora import LoRAAttention
 
 __all__ = ["ActivationCache", "WHAT", "record", "vision_tower"]
 
-WHAT = ("resid_pre", "resid_post", "attn.pattern")
 
 
 def vision_tower(model: nn.Module) -> nn.Module:
@@ -79,7 +79,7 @@ class ActivationCache(Mapping):
         self._store: dict[str, torch.Tensor] = {}
 
     def keys_expected(self) -> list[str]:
-        return [f"blocks.{i}.{w}" for i in self.layers for w in self.what]
+        return [act_name(w, i) for i in self.layers for w in self.what]
 
     def __getitem__(self, key: str) -> torch.Tensor:
         try:
@@ -95,7 +95,7 @@ class ActivationCache(Mapping):
 
     def stack(self, what: str) -> torch.Tensor:
         """``what`` of every recorded layer stacked: [layer, ...]."""
-        return torch.stack([self[f"blocks.{i}.{what}"] for i in self.layers])
+        return torch.stack([self[act_name(what, i)] for i in self.layers])
 
     def to(self, device: torch.device | str) -> "ActivationCache":
         """A copy with every tensor on ``device`` (e.g. to the CPU, to keep one batch's recordings)."""
@@ -144,14 +144,14 @@ def record(
             block = blocks[i]
             if "resid_pre" in what:
                 handles.append(block.ln_1.register_forward_pre_hook(
-                    lambda m, args, i=i: cache._put(f"blocks.{i}.resid_pre", args[0])))
+                    lambda m, args, i=i: cache._put(act_name("resid_pre", i), args[0])))
             if "attn.pattern" in what:
                 handles.append(block.ln_1.register_forward_hook(  # block.attn looked up at call time (LoRA)
                     lambda m, args, out, i=i, block=block: cache._put(
-                        f"blocks.{i}.attn.pattern", attention_pattern(block.attn, out))))
+                        act_name("attn.pattern", i), attention_pattern(block.attn, out))))
             if "resid_post" in what:
                 handles.append(block.register_forward_hook(
-                    lambda m, args, out, i=i: cache._put(f"blocks.{i}.resid_post", out)))
+                    lambda m, args, out, i=i: cache._put(act_name("resid_post", i), out)))
         yield cache
     finally:
         for handle in handles:

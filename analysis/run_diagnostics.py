@@ -18,14 +18,38 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from dataclasses import asdict
-
 from cdfsl_core.atomic import write_json, write_table
-from cdfsl_core.paths import check_writable_folder
 from cdfsl_core.cli import command, fraction, non_negative_int, parser, positive_float, positive_int
+from cdfsl_core.paths import check_writable_folder
+
+
+def add_sink_arguments(group: Any, defaults: Any) -> None:
+    """One threshold flag per registered sink definition (:mod:`analysis.sinks`), generated from its
+    entry: a plug-in's definition gets ``--<name>-tau``."""
+    from analysis.sinks import list_sinks
+
+    for name, spec in list_sinks().items():
+        if spec.option is None:
+            continue
+        dest = spec.tau_field or f"sink_tau__{name}"
+        default = getattr(defaults, spec.tau_field) if spec.tau_field else dict(defaults.sink_taus).get(name, spec.default_tau)
+        group.add_argument(spec.option, dest=dest, type=positive_float, default=default,
+                           help=f"{name} sink: {spec.description}")
+
+
+def analysis_config(args: argparse.Namespace) -> Any:
+    """The :class:`~analysis.config.AnalysisConfig` of parsed arguments (plug-in sink thresholds in
+    ``sink_taus``)."""
+    from analysis.config import AnalysisConfig
+
+    values = {name: getattr(args, name) for name in AnalysisConfig.field_names() if hasattr(args, name)}
+    extra = tuple((key.removeprefix("sink_tau__"), value) for key, value in vars(args).items()
+                  if key.startswith("sink_tau__"))
+    return AnalysisConfig(**values, sink_taus=extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,14 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--rho", type=fraction, default=defaults.rho, help="the Sum score's top-k fraction")
     settings.add_argument("--rho-head", type=fraction, default=defaults.rho_head, help="head fraction (head/tail)")
     settings.add_argument("--rho-tail", type=fraction, default=defaults.rho_tail, help="tail fraction (head/tail)")
-    settings.add_argument("--high-norm-tau", type=positive_float, default=defaults.high_norm_tau,
-                          help="high-norm sink: above tau x the image's median patch norm")
-    settings.add_argument("--attention-tau", type=positive_float, default=defaults.attention_tau,
-                          help="attention-mass sink: above tau x the uniform share of attention")
+    add_sink_arguments(settings, defaults)
     settings.add_argument("--attention-source", choices=("cls", "mean"), default=defaults.attention_source,
                           help="attention received from CLS or averaged over all queries")
-    settings.add_argument("--massive-tau", type=positive_float, default=defaults.massive_tau,
-                          help="massive-activation sink: a channel above tau x the median |activation|")
     settings.add_argument("--bins", type=positive_int, default=defaults.bins, help="head/tail histogram bins")
     settings.add_argument("--no-head-tail", dest="head_tail", action="store_false",
                           help="skip the head/tail histogram")
@@ -73,7 +92,8 @@ from analysis.diagnostics import TokenDiagnostics  # noqa: E402
 from analysis.recorder import record  # noqa: E402
 from cdfsl_core.errors import ConfigError  # noqa: E402
 from cdfsl_core.methods import FewShotCLIP  # noqa: E402
-from cdfsl_core.runner import _read_finished, evaluate, load_run, load_state, prepare_episode, state_path, train_episode  # noqa: E402
+from cdfsl_core.run_folder import RunFolder  # noqa: E402
+from cdfsl_core.runner import evaluate, load_run, load_state, prepare_episode, state_path, train_episode  # noqa: E402
 
 __all__ = ["diagnose_model", "diagnose_run"]
 
@@ -144,13 +164,13 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
     'fine-tuned ADAPTATION/INTERVENTION'). ``bundle``: an already loaded model of the run (a study
     passes its own; methods built on it are independent)."""
     folder = Path(folder)
-    target = Path(out) if out is not None else folder / "diagnostics"
-    settings = {"run": str(folder.resolve()), "episodes": [int(i) for i in episodes], "pretrained": pretrained,
-                "model_label": model_label, **asdict(analysis)}
+    target = Path(out) if out is not None else RunFolder(folder).diagnostics
+    settings = json.loads(json.dumps({"run": str(folder.resolve()), "episodes": [int(i) for i in episodes],
+                                      "pretrained": pretrained, "model_label": model_label, **asdict(analysis)}))
     _check_settings(target, settings)
     check_writable_folder(target, "--out" if out is not None else "the run's diagnostics folder (pass --out elsewhere)")
     config, bundle, dataset, episode_file = load_run(folder, bundle)
-    recorded = _read_finished(folder / "episodes.jsonl")[0]  # tolerant of a torn last line
+    recorded = RunFolder(folder).finished()  # tolerant of a torn last line
     method_label = f"{config.method.adaptation}/{config.method.intervention}"
     collected: dict[str, list[pd.DataFrame]] = {}
     method = None
@@ -206,7 +226,7 @@ def _check_settings(target: Path, settings: dict[str, Any]) -> None:
 @command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    analysis = AnalysisConfig(**{name: getattr(args, name) for name in AnalysisConfig.field_names()})
+    analysis = analysis_config(args)
     tables = diagnose_run(args.run, args.episodes, args.out, analysis)
     sinks = tables["sinks"].groupby(["model", "definition"])["mean_count"].mean().unstack()
     print("mean sink tokens per image (over layers):")

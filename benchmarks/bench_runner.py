@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from cdfsl_core import protocol
+from cdfsl_core.config import run_config
 from cdfsl_core.data import load_dataset
 from cdfsl_core.episodes import generate_episodes
 from cdfsl_core.models import load_clip, resolve_device
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     pretrained = None if args.pretrained == "none" else args.pretrained
     options = {"images_per_class": 40} if args.dataset.startswith("synthetic") else {}
     dataset = load_dataset(args.dataset, **options)
-    config = protocol.run_config(args.dataset, args.shots, "coop+lora", "tir", episodes=args.episodes,
+    config = run_config(args.dataset, args.shots, "coop+lora", "tir", episodes=args.episodes,
                                  steps=args.steps, model=args.model, pretrained=pretrained, device=str(device),
                                  data_options=options)
     episodes = generate_episodes(dataset, config.episodes)

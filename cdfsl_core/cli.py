@@ -108,7 +108,7 @@ def add_episode_arguments(group: Any) -> None:
     """The flags that draw episodes (``--ways --shots --queries --episodes --seed
     --short-class-policy``), with the protocol's defaults, for every command that draws them."""
     from cdfsl_core import protocol
-    from cdfsl_core.episodes import SHORT_CLASS_POLICIES
+    from cdfsl_core.names import SHORT_CLASS_POLICIES
 
     def ways(text: str) -> int:
         return _number(text, int, lambda v: v >= 2, "at least 2 classes per episode")

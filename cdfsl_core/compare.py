@@ -8,31 +8,23 @@ episode files, or one episode recorded twice with different results).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cdfsl_core.cli import command, parser
 from cdfsl_core.errors import RunFolderError
-from cdfsl_core.models import short_identity
+from cdfsl_core.run_folder import RunFolder, short_identity
 from cdfsl_core.stats import format_mean_ci, mean_ci95
 
 
 def _load_run(folder: Path) -> tuple[str, dict[int, float]]:
     """The episode file's sha256 and the accuracy of every finished episode of a run folder."""
-    manifest = folder / "manifest.json"
-    results = folder / "episodes.jsonl"
-    if not manifest.exists() or not results.exists():
+    run = RunFolder(folder)
+    if not run.is_run():
         raise RunFolderError(f"{folder} is not a run folder (needs manifest.json and episodes.jsonl). Pass the --out "
                              "folder of python -m cdfsl_core.finetune.")
-    sha = json.loads(manifest.read_text())["episode_file_sha256"]
-    rows = []
-    for number, line in enumerate(results.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line of a killed run: the runner drops it on resume
+    sha = run.manifest()["episode_file_sha256"]
+    rows = run.lines()[0]  # a torn last line of a killed run is skipped: the runner drops it on resume
     shas = {row.get("episode_file_sha256", sha) for row in rows}
     if shas - {sha}:
         raise RunFolderError(
@@ -50,27 +42,10 @@ def _load_run(folder: Path) -> tuple[str, dict[int, float]]:
     return sha, accuracies
 
 
-def _weights(folder: Path) -> str | None:
-    """The model a run folder's episodes were computed with (``manifest.json``'s ``weights``; None
-    for runs written before it was recorded); lines of two models are an error."""
-    saved = json.loads((folder / "manifest.json").read_text()).get("weights")
-    lines = set()
-    for line in (folder / "episodes.jsonl").read_text().splitlines():
-        try:
-            lines.add(json.loads(line).get("weights"))
-        except json.JSONDecodeError:
-            continue
-    recorded = (lines | {saved}) - {None}
-    if len(recorded) > 1:
-        raise RunFolderError(f"{folder} mixes episodes of different models ({', '.join(sorted(short_identity(r) for r in recorded))}); "
-                             "it pairs with nothing. Rerun it into a new --out folder.")
-    return next(iter(recorded), None)
-
-
 def _same_model(run_a: Path, run_b: Path) -> None:
     """Paired runs start from the same model: both weights recorded and equal (older run folders
     that recorded none are let through)."""
-    weights_a, weights_b = _weights(run_a), _weights(run_b)
+    weights_a, weights_b = RunFolder(run_a).recorded_weights(), RunFolder(run_b).recorded_weights()
     if weights_a is not None and weights_b is not None and weights_a != weights_b:
         raise RunFolderError(
             f"{run_a} and {run_b} were computed with different models (weights {short_identity(weights_a)} vs "

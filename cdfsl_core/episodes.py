@@ -30,36 +30,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cdfsl_core import protocol
 from cdfsl_core.atomic import write_text
+from cdfsl_core.config import EpisodeConfig, episode_config
 from cdfsl_core.errors import EpisodeError
 
 FORMAT = "cdfsl-episodes/1"
-SHORT_CLASS_POLICIES = ("error", "skip", "cycle")
-
-
-@dataclass(frozen=True)
-class EpisodeConfig:
-    """How episodes are drawn."""
-
-    n_way: int = protocol.WAYS  # classes per episode
-    k_shot: int = protocol.SHOTS[0]  # support images per class
-    n_query: int = protocol.QUERIES  # query images per class
-    n_episodes: int = protocol.EPISODES[protocol.SHOTS[0]]  # the papers: 800 (1-shot), 400 (5-shot); BSCD-FSL 600
-    seed: int = 0  # episode i uses SeedSequence([seed, i])
-    short_class_policy: str = "error"  # class with < k_shot + n_query images: error | skip | cycle
-
-    def validate(self) -> None:
-        for key in ("n_way", "k_shot", "n_query", "n_episodes"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise EpisodeError(f"{key}={value!r}: expected a positive integer.")
-        if self.n_way < 2:
-            raise EpisodeError(f"n_way={self.n_way}: expected at least 2 classes per episode.")
-        if self.short_class_policy not in SHORT_CLASS_POLICIES:
-            raise EpisodeError(
-                f"short_class_policy={self.short_class_policy!r}: expected one of {SHORT_CLASS_POLICIES}."
-            )
 
 
 @dataclass(frozen=True)
@@ -272,7 +247,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     dataset = load_dataset(args.dataset, args.data_root)
-    config = protocol.episode_config(args.shots, args.episodes, args.seed, args.ways, args.queries,
+    config = episode_config(args.shots, args.episodes, args.seed, args.ways, args.queries,
                                      args.short_class_policy)
     episodes = generate_episodes(dataset, config)
     path = save_episodes(episodes, args.out)

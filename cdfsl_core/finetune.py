@@ -18,8 +18,17 @@ import sys
 from pathlib import Path
 
 from cdfsl_core import protocol
-from cdfsl_core.cli import (add_episode_arguments, command, logit_scale, non_negative_int, parser, positive_int,
-                            pretrained_arg, pretrained_value)
+from cdfsl_core.cli import (
+    add_episode_arguments,
+    command,
+    logit_scale,
+    non_negative_int,
+    parser,
+    positive_int,
+    pretrained_arg,
+    pretrained_value,
+)
+from cdfsl_core.config import episode_config, episode_file_name, run_config
 from cdfsl_core.episodes import EpisodeConfig
 from cdfsl_core.models import PRECISIONS  # models.py imports torch and open_clip only where used
 from cdfsl_core.names import ADAPTATIONS, INTERVENTIONS
@@ -28,7 +37,7 @@ from cdfsl_core.stats import format_mean_ci
 
 def default_episode_file(dataset: str, episodes: EpisodeConfig) -> Path:
     """Shared between runs, so every method of a comparison sees the same episodes."""
-    return Path("episodes") / protocol.episode_file_name(dataset, episodes)
+    return Path("episodes") / episode_file_name(dataset, episodes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,9 +86,9 @@ if __name__ == "__main__":
 def config_from_args(args: argparse.Namespace):
     """The :class:`~cdfsl_core.runner.RunConfig` of the command line (:func:`cdfsl_core.protocol.run_config`),
     with absolute paths."""
-    episodes = protocol.episode_config(args.shots, args.episodes, args.seed, args.ways, args.queries,
+    episodes = episode_config(args.shots, args.episodes, args.seed, args.ways, args.queries,
                                        args.short_class_policy)
-    config = protocol.run_config(
+    config = run_config(
         args.dataset, args.shots, args.adaptation, args.intervention, episodes=episodes.n_episodes, steps=args.steps,
         seed=args.seed, model=args.model, pretrained=pretrained_value(args.pretrained),
         device=args.device, precision=args.precision, data_root=args.data_root,

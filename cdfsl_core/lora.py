@@ -19,54 +19,18 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdfsl_core import protocol
+from cdfsl_core.config import LoRAConfig
 from cdfsl_core.errors import ConfigError
 
 __all__ = ["LoRAAdapters", "LoRAAttention", "LoRAConfig"]
 
 _SLICES = {"q": 0, "k": 1, "v": 2}
-VALID_TARGETS = ("q", "k", "v", "o", "qkv")
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """Where and how LoRA adapts the model. Defaults: the ATHA/TIR authors' code."""
-
-    rank: int = protocol.LORA_RANK  # r
-    alpha: float = protocol.LORA_ALPHA  # scaling numerator
-    scaling: str = "sqrt"  # 'sqrt': alpha / sqrt(r) (= 2, the authors'); 'linear': alpha / r (CLIP-LoRA)
-    dropout: float = protocol.LORA_DROPOUT  # dropout on the adapter input
-    targets: tuple[str, ...] = ("q", "k", "v")  # projections; ('qkv',) = one adapter on the fused matrix
-    towers: tuple[str, ...] = ("visual", "text")  # which towers
-    blocks: tuple[int, ...] | None = None  # block indices (None: all)
-
-    @property
-    def scale(self) -> float:
-        if self.scaling == "sqrt":
-            return self.alpha / math.sqrt(self.rank)
-        if self.scaling == "linear":
-            return self.alpha / self.rank
-        raise ConfigError(f"LoRA scaling={self.scaling!r}; expected 'sqrt' or 'linear'.")
-
-    def validate(self) -> None:
-        bad = [t for t in self.targets if t not in VALID_TARGETS]
-        if bad or not self.targets:
-            raise ConfigError(f"LoRA targets {self.targets}: expected a non-empty subset of {VALID_TARGETS}.")
-        if "qkv" in self.targets and set(self.targets) & {"q", "k", "v"}:
-            raise ConfigError("LoRA targets: 'qkv' (fused) excludes 'q', 'k' and 'v'.")
-        bad_towers = [t for t in self.towers if t not in ("visual", "text")]
-        if bad_towers or not self.towers:
-            raise ConfigError(f"LoRA towers {self.towers}: expected 'visual' and/or 'text'.")
-        if self.rank < 1:
-            raise ConfigError(f"LoRA rank={self.rank}: expected >= 1.")
-        self.scale  # noqa: B018 - validates the scaling rule
 
 
 class LoRAAttention(nn.Module):

@@ -24,19 +24,18 @@ prepare the next episode without reloading anything.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdfsl_core import protocol
+from cdfsl_core.config import MethodConfig
 from cdfsl_core.errors import ConfigError
-from cdfsl_core.interventions import Intervention, build_intervention, intervention_spec, list_interventions
-from cdfsl_core.lora import LoRAAdapters, LoRAConfig
+from cdfsl_core.interventions import Intervention, build_intervention, list_interventions
+from cdfsl_core.lora import LoRAAdapters
 from cdfsl_core.models import ClipBundle
-from cdfsl_core.names import ADAPTATIONS, INTERVENTIONS
+from cdfsl_core.names import ADAPTATIONS, INTERVENTIONS, adaptation
 from cdfsl_core.text import PromptLearner, encode_text_embeddings
 
 __all__ = ["ADAPTATIONS", "INTERVENTIONS", "FewShotCLIP", "MethodConfig", "create_method", "list_methods"]
@@ -46,35 +45,6 @@ __all__ = ["ADAPTATIONS", "INTERVENTIONS", "FewShotCLIP", "MethodConfig", "creat
 def list_methods() -> list[str]:
     """Every ``adaptation/intervention`` pair, e.g. ``coop+lora/tir`` (registered interventions included)."""
     return [f"{a}/{i}" for a in ADAPTATIONS for i in list_interventions()]
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    """What the method is; defaults follow the ATHA/TIR authors' code."""
-
-    adaptation: str = "coop+lora"  # one of ADAPTATIONS
-    intervention: str = "none"  # one of INTERVENTIONS
-    template: str = protocol.PROMPT  # class prompt
-    n_ctx: int = protocol.CONTEXT_VECTORS  # CoOp context vectors, initialised from the template's leading words
-    logit_scale: float | str = protocol.LOGIT_SCALE  # fixed s in s * cos (protocol.logit_scale(shots)), or 'learned' (CLIP's)
-    text_readout_block: int | None = None  # text block whose read-out interventions compare with; None: n - 2 (10 of 12)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    intervention_config: Any = None  # the intervention's settings (ATHAConfig, TIRConfig, ...); None: its defaults
-
-    def validate(self) -> None:
-        if self.adaptation not in ADAPTATIONS:
-            raise ConfigError(f"Unknown adaptation {self.adaptation!r}; expected one of {', '.join(ADAPTATIONS)}.")
-        spec = intervention_spec(self.intervention)
-        if self.intervention_config is not None and not isinstance(self.intervention_config, spec.config_type):
-            raise ConfigError(f"intervention {self.intervention!r} takes a {spec.config_type.__name__}, got "
-                              f"{type(self.intervention_config).__name__}.")
-        if isinstance(self.logit_scale, str) and self.logit_scale != "learned":
-            raise ConfigError(f"logit_scale={self.logit_scale!r}; expected a number or 'learned'.")
-
-    def settings(self) -> Any:
-        """The intervention's settings, its defaults when none were given."""
-        return self.intervention_config if self.intervention_config is not None else \
-            intervention_spec(self.intervention).config_type()
 
 
 class FewShotCLIP(nn.Module):
@@ -88,8 +58,8 @@ class FewShotCLIP(nn.Module):
         self.tokenizer = bundle.tokenizer
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.uses_lora = "lora" in config.adaptation
-        self.uses_coop = "coop" in config.adaptation
+        self.uses_lora = adaptation(config.adaptation).lora
+        self.uses_coop = adaptation(config.adaptation).coop
         # this method's own adapters over the shared frozen weights, installed only in its forwards
         self.lora = LoRAAdapters(self.model, config.lora) if self.uses_lora else None
         n_text = len(self.model.transformer.resblocks)

@@ -51,7 +51,6 @@ __all__ = [
     "resolve_device",
     "resolve_precision",
     "save_checkpoint",
-    "short_identity",
 ]
 
 _CONFIG_DIR = resources.files("cdfsl_core") / "model_configs"
@@ -123,7 +122,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
+from cdfsl_core.names import PRECISIONS  # noqa: E402  (re-exported)
 
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
@@ -427,11 +426,6 @@ def weights_identity(name: str, pretrained: str | os.PathLike[str] | None, seed:
     if source is None:  # pragma: no cover - every tag resolves to a local file when downloads are off
         return f"tag:{name}:{os.fspath(pretrained)}"
     return f"sha256:{file_sha256(source)}"
-
-
-def short_identity(identity: str) -> str:
-    """A weights identity for a message: ``sha256:`` and 16 hex digits, or the whole random tag."""
-    return identity[:23] + "..." if identity.startswith("sha256:") else identity
 
 
 def check_checkpoint(path: str | os.PathLike[str]) -> None:

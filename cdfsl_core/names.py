@@ -5,5 +5,33 @@ The method layer (:mod:`cdfsl_core.methods`) validates against the same tuples.
 
 from __future__ import annotations
 
-ADAPTATIONS = ("zeroshot", "lora", "coop", "coop+lora")  # what trains: nothing, LoRA, CoOp context, both
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """What trains in a method (the other choice being its token intervention)."""
+
+    name: str
+    lora: bool  # LoRA adapters on q, k, v of both towers
+    coop: bool  # a learnable CoOp prompt context
+    description: str = ""
+
+
+ADAPTATION_REGISTRY: dict[str, Adaptation] = {spec.name: spec for spec in (
+    Adaptation("zeroshot", False, False, "nothing trains: CLIP's zero-shot classifier"),
+    Adaptation("lora", True, False, "LoRA on q, k and v of every block of both towers"),
+    Adaptation("coop", False, True, "4 prompt context vectors, from the embeddings of 'a photo of a'"),
+    Adaptation("coop+lora", True, True, "both (the papers' setting)"),
+)}
+ADAPTATIONS = tuple(ADAPTATION_REGISTRY)  # what trains: nothing, LoRA, CoOp context, both
+
+
+def adaptation(name: str) -> Adaptation:
+    """The registered adaptation ``name`` (a ValueError listing them otherwise)."""
+    if name not in ADAPTATION_REGISTRY:
+        raise ValueError(f"Unknown adaptation {name!r}; expected one of {', '.join(ADAPTATION_REGISTRY)}.")
+    return ADAPTATION_REGISTRY[name]
 INTERVENTIONS = ("none", "atha", "tir")  # token interventions on the visual residual stream
+PRECISIONS = ("auto", "fp32", "bf16")  # forwards in fp32, or under bf16 autocast; auto: bf16 on CUDA, fp32 on CPU
+SHORT_CLASS_POLICIES = ("error", "skip", "cycle")  # a class with fewer than shots + queries images

@@ -1,4 +1,4 @@
-"""The papers' protocol, in one place, and the run configurations built from it.
+"""The papers' protocol, in one place: constants, and nothing that imports.
 
 ATHA and TIR (and BSCD-FSL before them) evaluate on 5-way episodes with 15 queries per class,
 1 and 5 shots, 800 one-shot and 400 five-shot episodes per target; each episode fine-tunes
@@ -7,25 +7,18 @@ full-batch steps (AdamW 2e-4 for LoRA; SGD 2e-3, momentum 0.9, weight decay 5e-4
 SGD 1e-3 for intervention parameters), with logits s * cos, s = 2 for 1-shot and 4 otherwise, on
 images resized to 1.15 x the input size and centre-cropped (METHODS.md, Protocol).
 
-Every command, the study, the notebooks and the benchmarks build their configurations here
-(:func:`run_config`, :func:`episode_config`); the config dataclasses take their defaults from
-these constants, so no protocol number is written twice (a test checks the source for it).
-This module imports nothing heavy: commands read it before PyTorch is loaded.
+The config dataclasses (:mod:`cdfsl_core.config`) take their defaults from these constants, and
+its factories (:func:`cdfsl_core.config.run_config`, :func:`cdfsl_core.config.episode_config`)
+build every command's, study's, notebook's and benchmark's runs from them, so no protocol number
+is written twice (a test checks the source for it). This module imports nothing.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from cdfsl_core.episodes import EpisodeConfig
-    from cdfsl_core.runner import RunConfig
-
 __all__ = [
     "ATHA_ALPHA_INIT", "ATHA_RHO_HEAD", "ATHA_RHO_TAIL", "CONTEXT_VECTORS", "DEMO_EPISODES", "DEMO_STEPS", "EPISODES", "LOGIT_SCALE", "LOGIT_SCALE_ONE_SHOT", "LORA_ALPHA",
     "LORA_DROPOUT", "LORA_RANK", "LR_CONTEXT", "LR_INTERVENTION", "LR_LORA", "MOMENTUM", "PROMPT", "QUERIES",
-    "RESIZE_RATIO", "SHOTS", "STEPS", "TIR_LAMBDA", "TIR_RHO", "WAYS", "WEIGHT_DECAY_CONTEXT", "episode_config", "episode_file_name",
-    "logit_scale", "run_config",
+    "RESIZE_RATIO", "SHOTS", "STEPS", "TIR_LAMBDA", "TIR_RHO", "WAYS", "WEIGHT_DECAY_CONTEXT", "logit_scale",
 ]
 
 # episodes
@@ -65,42 +58,3 @@ DEMO_STEPS = 60  # the protocol's STEPS take the demo over its budget
 def logit_scale(shots: int) -> float:
     """The authors' fixed logit scale: 2 for 1-shot, 4 otherwise."""
     return LOGIT_SCALE_ONE_SHOT if shots == 1 else LOGIT_SCALE
-
-
-def episode_config(shots: int, episodes: int | None = None, seed: int = 0, ways: int = WAYS, queries: int = QUERIES,
-                   short_class_policy: str = "error") -> "EpisodeConfig":
-    """The protocol's episodes for a shot setting; ``episodes`` None: its count (800 or 400)."""
-    from cdfsl_core.episodes import EpisodeConfig
-
-    count = episodes if episodes is not None else EPISODES.get(shots, EPISODES[max(EPISODES)])
-    return EpisodeConfig(ways, shots, queries, count, seed, short_class_policy)
-
-
-def episode_file_name(dataset: str, episodes: "EpisodeConfig") -> str:
-    """The name every run of a dataset and episode setting shares, so their differences are paired."""
-    e = episodes
-    return f"{dataset}_{e.n_way}w{e.k_shot}s{e.n_query}q_{e.n_episodes}ep_seed{e.seed}.json"
-
-
-def run_config(dataset: str, shots: int, adaptation: str = "coop+lora", intervention: str = "none", *,
-               episodes: int | None = None, steps: int = STEPS, seed: int = 0, model: str = "cdfsl-synth-vit",
-               pretrained: str | None = "synthetic", device: str = "auto", precision: str = "auto",
-               data_root: str | None = None, data_options: dict[str, Any] | None = None,
-               episode_file: str | None = None, scale: float | str | None = None, lora_rank: int = LORA_RANK,
-               intervention_config: Any = None, augment: bool = False, ways: int = WAYS, queries: int = QUERIES,
-               short_class_policy: str = "error") -> "RunConfig":
-    """A run of the papers' protocol: ``shots``-shot episodes of ``dataset``, ``adaptation`` x
-    ``intervention``; ``scale`` None: the protocol's logit scale for the shots. The default model is
-    the embedded CLIP; ``episode_file`` None: the run folder's own."""
-    from cdfsl_core.lora import LoRAConfig
-    from cdfsl_core.methods import MethodConfig
-    from cdfsl_core.runner import DataConfig, ModelConfig, RunConfig, TrainConfig
-
-    return RunConfig(
-        model=ModelConfig(model, pretrained, device, precision),
-        data=DataConfig(dataset, data_root, dict(data_options or {}), episode_file),
-        episodes=episode_config(shots, episodes, seed, ways, queries, short_class_policy),
-        method=MethodConfig(adaptation, intervention, logit_scale=logit_scale(shots) if scale is None else scale,
-                            lora=LoRAConfig(rank=lora_rank), intervention_config=intervention_config),
-        train=TrainConfig(steps=steps, augment=augment),
-    )

@@ -32,15 +32,26 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from cdfsl_core.atomic import write_table
 from cdfsl_core import protocol
-from cdfsl_core.cli import (command, logit_scale, non_negative_float, non_negative_int, parser, positive_float,
-                            positive_int, pretrained_arg, pretrained_value)
-from cdfsl_core.paths import check_writable_folder
+from cdfsl_core.atomic import write_table
+from cdfsl_core.cli import (
+    command,
+    logit_scale,
+    non_negative_float,
+    non_negative_int,
+    parser,
+    positive_float,
+    positive_int,
+    pretrained_arg,
+    pretrained_value,
+)
+from cdfsl_core.config import episode_config, episode_file_name, run_config
 from cdfsl_core.errors import ConfigError
-from cdfsl_core.stats import format_mean_ci
 from cdfsl_core.models import PRECISIONS
 from cdfsl_core.names import ADAPTATIONS
+from cdfsl_core.paths import check_writable_folder
+from cdfsl_core.run_folder import RunFolder
+from cdfsl_core.stats import format_mean_ci
 
 __all__ = ["SweepGrid", "load_grid", "plan_sweep", "sweep"]
 
@@ -77,8 +88,8 @@ class SweepGrid:
     def validate(self) -> None:
         """Every value checked, each named as a grid key (the TOML file's and the flags' names)."""
         from cdfsl_core.data import list_datasets
-        from cdfsl_core.episodes import SHORT_CLASS_POLICIES
         from cdfsl_core.interventions import list_interventions
+        from cdfsl_core.names import SHORT_CLASS_POLICIES
 
         def is_int(value: Any) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
@@ -186,12 +197,12 @@ def plan_sweep(grid: SweepGrid, device: str = "cpu") -> list[Cell]:
     for dataset in grid.datasets:
         for shots in grid.shots:
             for seed in grid.seeds:
-                episodes = protocol.episode_config(shots, grid.episodes, seed, grid.ways, grid.queries,
+                episodes = episode_config(shots, grid.episodes, seed, grid.ways, grid.queries,
                                                    grid.short_class_policy)
-                episode_file = out / "episodes" / protocol.episode_file_name(dataset, episodes)
+                episode_file = out / "episodes" / episode_file_name(dataset, episodes)
                 for method in grid.methods:
                     adaptation, _, intervention = method.partition("/")
-                    config = protocol.run_config(
+                    config = run_config(
                         dataset, shots, adaptation, intervention, episodes=episodes.n_episodes, steps=grid.steps,
                         seed=seed, model=grid.model, pretrained=grid.pretrained, device=device,
                         precision=grid.precision, data_root=grid.data_root, episode_file=str(episode_file),
@@ -313,11 +324,10 @@ def sweep(grid: SweepGrid, address: str | None = None, progress: bool = True) ->
 
 def _planned_device(folder: Path) -> Any:
     """The device a prepared run's manifest records (a CPU-only driver summarises GPU runs)."""
-    import json
 
     import torch
 
-    return torch.device(json.loads((folder / "manifest.json").read_text())["device"])
+    return torch.device(RunFolder(folder).manifest()["device"])
 
 
 # --------------------------------------------------------------------------- the command

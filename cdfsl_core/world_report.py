@@ -42,7 +42,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cdfsl_core import protocol  # noqa: E402
+from cdfsl_core.config import episode_config
 from cdfsl_core.data import load_dataset  # noqa: E402
 from cdfsl_core.data.synthetic import SYNTHETIC_TARGETS  # noqa: E402
 from cdfsl_core.episodes import generate_episodes  # noqa: E402
@@ -51,10 +51,10 @@ from cdfsl_core.stats import format_mean_ci, json_number, median_gaussian_kernel
 from cdfsl_core.zeroshot import accuracy, image_features, mean_ci95, text_features, zero_shot_episodes  # noqa: E402
 
 
-def domain_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
+def feature_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
     """``1 - MMD^2 / 2`` between feature sets x [n, d] and y [m, d] (Gaussian kernel, median bandwidth;
     the biased V-statistic, in [0, 2]). The unbiased MMD with references and nulls is
-    :func:`analysis.domain.domain_similarity`."""
+    :func:`analysis.domain.domain_estimate`."""
     kernel, _ = median_gaussian_kernel(torch.cat([x, y]))
     n = len(x)
     mmd2 = kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean()
@@ -82,11 +82,11 @@ def measure(
     keep = np.sort(rng.choice(len(source_test), size=min(n_similarity, len(source_test)), replace=False))
     for target in SYNTHETIC_TARGETS:
         dataset = load_dataset(target, images_per_class=60, seed=seed)
-        episode_file = generate_episodes(dataset, protocol.episode_config(1, episodes, seed))
+        episode_file = generate_episodes(dataset, episode_config(1, episodes, seed))
         per_episode = zero_shot_episodes(bundle, dataset, episode_file)
         mean, ci = mean_ci95(per_episode)
         sample = np.sort(rng.choice(len(dataset), size=min(n_similarity, len(dataset)), replace=False))
-        similarity = domain_similarity(source_features[keep], image_features(bundle, dataset, sample.tolist()))
+        similarity = feature_similarity(source_features[keep], image_features(bundle, dataset, sample.tolist()))
         report["targets"][target] = {
             "zero_shot_5way_accuracy": json_number(mean),
             "ci95": json_number(ci),

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from analysis.attention import attention_rollout, attention_table, cls_attention_maps
+from analysis.keys import act_name
 from analysis.recorder import ActivationCache
 
 
 def _cache(patterns):
-    return ActivationCache.from_tensors({f"blocks.{i}.attn.pattern": p for i, p in enumerate(patterns)})
+    return ActivationCache.from_tensors({act_name("attn.pattern", i): p for i, p in enumerate(patterns)})
 
 
 def test_cls_maps_put_the_cls_row_on_the_patch_grid():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from analysis.domain import (
-    domain_similarity,
+    domain_estimate,
     domain_table,
     list_domain_estimators,
     plan_comparisons,
@@ -48,25 +48,25 @@ def test_feature_cka_is_the_cosine_of_the_two_covariances():
     p = torch.eye(6, dtype=torch.float64)[[3, 0, 5, 1, 4, 2]]
     expected = float((c * (p @ c @ p.T)).sum() / (c * c).sum())
     source, target = _gaussian(20000, c, seed=2), _gaussian(20000, p @ c @ p.T, seed=3)
-    assert domain_similarity(source, target, "feature-cka") == pytest.approx(expected, abs=0.01)
+    assert domain_estimate(source, target, "feature-cka") == pytest.approx(expected, abs=0.01)
     # and for a rotation R without standardisation: <C, R C R^T> / (|C| |R C R^T|)
     r, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
     rotated = _gaussian(20000, r @ c @ r.T, seed=5)
     expected = float((c * (r @ c @ r.T)).sum() / (c.norm() * (r @ c @ r.T).norm()))
-    assert domain_similarity(source, rotated, "feature-cka", standardize=False) == pytest.approx(expected, abs=0.01)
+    assert domain_estimate(source, rotated, "feature-cka", standardize=False) == pytest.approx(expected, abs=0.01)
 
 
 def test_feature_cka_invariances_and_its_blindness_to_a_mean_shift():
     source = _gaussian(300, _correlation(), seed=6)
     target = _gaussian(250, torch.diag(torch.tensor([1.0, 2, 3, 1, 2, 3], dtype=torch.float64)), seed=7)
-    base = domain_similarity(source, target, "feature-cka")
-    assert domain_similarity(3.7 * source, 3.7 * target, "feature-cka") == pytest.approx(base, rel=1e-9)
+    base = domain_estimate(source, target, "feature-cka")
+    assert domain_estimate(3.7 * source, 3.7 * target, "feature-cka") == pytest.approx(base, rel=1e-9)
     scales = torch.tensor([0.1, 5.0, 1.0, 30.0, 2.0, 0.7], dtype=torch.float64)
-    assert domain_similarity(source * scales, target * scales, "feature-cka") == pytest.approx(base, rel=1e-9)
+    assert domain_estimate(source * scales, target * scales, "feature-cka") == pytest.approx(base, rel=1e-9)
     r, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(8), dtype=torch.float64))
-    plain = domain_similarity(source, target, "feature-cka", standardize=False)
-    assert domain_similarity(source @ r, target @ r, "feature-cka", standardize=False) == pytest.approx(plain, rel=1e-9)
-    assert domain_similarity(source, source + 10.0, "feature-cka") == pytest.approx(1.0, abs=1e-12)
+    plain = domain_estimate(source, target, "feature-cka", standardize=False)
+    assert domain_estimate(source @ r, target @ r, "feature-cka", standardize=False) == pytest.approx(plain, rel=1e-9)
+    assert domain_estimate(source, source + 10.0, "feature-cka") == pytest.approx(1.0, abs=1e-12)
 
 
 def test_mean_shift_of_a_known_shift():
@@ -74,10 +74,10 @@ def test_mean_shift_of_a_known_shift():
     shift = torch.tensor([3.0, 0, -1, 0, 0, 2], dtype=torch.float64)
     # the same images moved by v: |v|^2 / (2 tr C)
     expected = float(shift.pow(2).sum() / (2 * source.var(dim=0).sum()))
-    assert domain_similarity(source, source + shift, "mean-shift") == pytest.approx(expected, rel=1e-9)
+    assert domain_estimate(source, source + shift, "mean-shift") == pytest.approx(expected, rel=1e-9)
     # independent samples of N(0, I) and N(2 e_1, I) in 4 dimensions: 4 / (2 x 4) = 0.5
     eye = torch.eye(4, dtype=torch.float64)
-    value = domain_similarity(_gaussian(20000, eye, seed=10), _gaussian(20000, eye, torch.tensor([2.0, 0, 0, 0]), seed=11),
+    value = domain_estimate(_gaussian(20000, eye, seed=10), _gaussian(20000, eye, torch.tensor([2.0, 0, 0, 0]), seed=11),
                               "mean-shift")
     assert value == pytest.approx(0.5, abs=0.01)
 
@@ -87,7 +87,7 @@ def test_frechet_of_two_known_gaussians():
     first = _gaussian(40000, torch.diag(torch.tensor([1.0, 4.0, 1.0], dtype=torch.float64)), seed=12)
     second = _gaussian(40000, torch.diag(torch.tensor([4.0, 4.0, 0.0 + 1e-12], dtype=torch.float64)),
                        torch.tensor([0.0, 1.0, 0.0]), seed=13)
-    assert domain_similarity(first, second, "frechet") == pytest.approx(3.0, abs=0.05)
+    assert domain_estimate(first, second, "frechet") == pytest.approx(3.0, abs=0.05)
 
 
 def test_unbiased_mmd_is_the_u_statistic_written_out_with_loops():
@@ -98,7 +98,7 @@ def test_unbiased_mmd_is_the_u_statistic_written_out_with_loops():
     ss = sum(k[i][j] for i, j in ordered_pairs(range(6), 2)) / (6 * 5)
     tt = sum(k[6 + i][6 + j] for i, j in ordered_pairs(range(5), 2)) / (5 * 4)
     st = sum(k[i][6 + j] for i in range(6) for j in range(5)) / 30
-    assert domain_similarity(source, target, "mmd") == pytest.approx(ss + tt - 2 * st, rel=1e-12)
+    assert domain_estimate(source, target, "mmd") == pytest.approx(ss + tt - 2 * st, rel=1e-12)
 
 
 def test_random_pairing_cka_averages_to_its_predicted_value_whatever_relates_the_domains():
@@ -109,7 +109,7 @@ def test_random_pairing_cka_averages_to_its_predicted_value_whatever_relates_the
         40, torch.eye(6, dtype=torch.float64), seed=17)
     shifted = _gaussian(40, torch.diag(torch.tensor([0.25, 0.25, 1, 1, 4, 9], dtype=torch.float64)), seed=18) + 4.0
     for target in (same, shifted):
-        average = domain_similarity(source, target, "random-pairing-cka", pairings=400)
+        average = domain_estimate(source, target, "random-pairing-cka", pairings=400)
         assert average == pytest.approx(random_pairing_prediction(source, target), rel=0.05)
 
 
@@ -269,15 +269,15 @@ def test_bad_input_is_a_clear_error():
     eye = torch.eye(3, dtype=torch.float64)
     source, target = _gaussian(50, eye, seed=30), _gaussian(40, eye, seed=31)
     with pytest.raises(ConfigError, match="target has 3 images; .* at least 4"):
-        domain_similarity(source, target[:3])
+        domain_estimate(source, target[:3])
     bad = source.clone()
     bad[4, 1] = float("nan")
     with pytest.raises(ConfigError, match="source features hold 1 NaN or infinite"):
-        domain_similarity(bad, target)
+        domain_estimate(bad, target)
     with pytest.raises(ConfigError, match="width 3, target 5"):
-        domain_similarity(source, torch.randn(40, 5))
+        domain_estimate(source, torch.randn(40, 5))
     with pytest.raises(ConfigError, match="unknown domain estimator 'kl'.*'mmd'"):
-        domain_similarity(source, target, "kl")
+        domain_estimate(source, target, "kl")
     with pytest.raises(ConfigError, match="too few here .*class group B: 2"):
         plan_comparisons([0] * 48 + [1] * 2, {"t": 40})
     with pytest.raises(ConfigError, match="class-disjoint reference needs at least 2"):

@@ -145,10 +145,10 @@ def test_a_run_in_bf16_on_the_cpu_records_its_precision(tmp_path):
 
 
 def test_a_resume_in_another_precision_is_refused_unless_allowed(tmp_path, monkeypatch):
-    import cdfsl_core.runner as runner
+    import cdfsl_core.episode_loop as episode_loop
 
     folder = tmp_path / "run"
-    real_train = runner.train_episode
+    real_train = episode_loop.train_episode
     calls = {"n": 0}
 
     def dies_on_the_second_episode(*args, **kwargs):
@@ -157,10 +157,10 @@ def test_a_resume_in_another_precision_is_refused_unless_allowed(tmp_path, monke
             raise KeyboardInterrupt
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "train_episode", dies_on_the_second_episode)
+    monkeypatch.setattr(episode_loop, "train_episode", dies_on_the_second_episode)
     with pytest.raises(KeyboardInterrupt):
         run(TINY, folder, progress=False)
-    monkeypatch.setattr(runner, "train_episode", real_train)
+    monkeypatch.setattr(episode_loop, "train_episode", real_train)
     # the first episode as if computed on a GPU in bf16 (device 'auto' on another machine)
     manifest = json.loads((folder / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps({**manifest, "device": "cuda", "precision": "bf16"}))

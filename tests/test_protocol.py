@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cdfsl_core import protocol
+from cdfsl_core.config import episode_file_name, run_config
 from cdfsl_core.episodes import EpisodeConfig
 from cdfsl_core.lora import LoRAConfig
 from cdfsl_core.methods import MethodConfig
@@ -96,8 +97,8 @@ def test_configurations_take_their_defaults_from_the_protocol():
 
 @pytest.mark.parametrize("shots, scale, episodes", [(1, 2.0, 800), (5, 4.0, 400)])
 def test_run_config_is_the_papers_protocol(shots, scale, episodes):
-    config = protocol.run_config("eurosat", shots, "coop+lora", "tir")
+    config = run_config("eurosat", shots, "coop+lora", "tir")
     assert config.method.logit_scale == scale and config.episodes.n_episodes == episodes
     assert (config.episodes.n_way, config.episodes.k_shot, config.episodes.n_query) == (5, shots, 15)
     assert config.train.steps == 100 and config.method.lora.rank == 16
-    assert protocol.episode_file_name("eurosat", config.episodes) == f"eurosat_5w{shots}s15q_{episodes}ep_seed0.json"
+    assert episode_file_name("eurosat", config.episodes) == f"eurosat_5w{shots}s15q_{episodes}ep_seed0.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from analysis.keys import act_name
 from analysis.recorder import record
 from cdfsl_core.interventions import TIRConfig
 from cdfsl_core.lora import LoRAConfig
@@ -33,7 +34,7 @@ def test_tokens_equal_open_clips_forward_intermediates(bundle, images):
         bundle.model.encode_image(images)
         native = bundle.model.visual.forward_intermediates(images, output_fmt="NLC", output_extra_tokens=True)
     for i in range(2):
-        ours = cache[f"blocks.{i}.resid_post"]
+        ours = cache[act_name("resid_post", i)]
         assert torch.allclose(ours[:, 1:], native["image_intermediates"][i], atol=1e-6)
         assert torch.allclose(ours[:, :1], native["image_intermediates_prefix"][i], atol=1e-6)
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import EUROSAT_FOLDERS, write_image
 
+import cdfsl_core.episode_loop as episode_loop
 import cdfsl_core.runner as runner
 from cdfsl_core.compare import main as compare_main
 from cdfsl_core.episodes import main as episodes_main
@@ -44,7 +45,7 @@ def _interrupt_after(monkeypatch, episodes: int) -> None:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "train_episode", train)
+    monkeypatch.setattr(episode_loop, "train_episode", train)
 
 
 def _lines(folder: Path) -> list[dict]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers import TINY
 
+import cdfsl_core.episode_loop as episode_loop
 import cdfsl_core.runner as runner
 from cdfsl_core.compare import main as compare_main
 from cdfsl_core.compare import paired_difference
@@ -54,11 +55,11 @@ def test_an_interrupted_run_resumes_to_the_same_results(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "train_episode", dies_on_the_third_episode)
+    monkeypatch.setattr(episode_loop, "train_episode", dies_on_the_third_episode)
     with pytest.raises(KeyboardInterrupt):
         run(TINY, tmp_path / "resumed", progress=False)
     assert len(_rows(tmp_path / "resumed")) == 2 and not (tmp_path / "resumed" / "summary.json").exists()
-    monkeypatch.setattr(runner, "train_episode", real_train)
+    monkeypatch.setattr(episode_loop, "train_episode", real_train)
     resumed = run(TINY, tmp_path / "resumed", progress=False)
     assert resumed == reference
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
@@ -92,7 +93,7 @@ def test_a_killed_process_resumes_to_the_same_results(tmp_path):
 
 def test_a_non_finite_loss_stops_the_episode_and_is_recorded(tmp_path, monkeypatch, capsys):
     nan_loss = lambda logits, labels: (logits * float("nan")).sum()  # noqa: E731
-    monkeypatch.setattr(runner, "F", SimpleNamespace(cross_entropy=nan_loss))
+    monkeypatch.setattr(episode_loop, "F", SimpleNamespace(cross_entropy=nan_loss))
     summary = run(replace(TINY, episodes=replace(TINY.episodes, n_episodes=2)), tmp_path / "nan", progress=False)
     rows = _rows(tmp_path / "nan")
     assert [r["status"] for r in rows] == ["non-finite-loss"] * 2

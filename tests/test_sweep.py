@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdfsl_core import protocol
+from cdfsl_core.config import episode_config, episode_file_name, run_config
 from cdfsl_core.errors import ConfigError, RunFolderError
 from cdfsl_core.runner import run
 from cdfsl_core.sweep import SweepGrid, load_grid, main, plan_sweep, sweep
@@ -47,9 +47,9 @@ def _cell(out: Path, method: str) -> Path:
 def _sequential(out: Path, method: str, threads: int = 1) -> list[dict]:
     """The same run through the single-process runner, on the sweep's episode file."""
     adaptation, _, intervention = method.partition("/")
-    episodes = protocol.episode_config(1, 4, 0)
-    config = protocol.run_config("synthetic-crops", 1, adaptation, intervention, episodes=4, steps=3, device="cpu",
-                                 episode_file=str(out / "episodes" / protocol.episode_file_name("synthetic-crops", episodes)))
+    episodes = episode_config(1, 4, 0)
+    config = run_config("synthetic-crops", 1, adaptation, intervention, episodes=4, steps=3, device="cpu",
+                                 episode_file=str(out / "episodes" / episode_file_name("synthetic-crops", episodes)))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -138,7 +138,7 @@ def test_bad_grids_fail_before_any_task(tmp_path, local_ray):
         sweep(replace(GRID, methods=("coop/sink",), out=str(tmp_path)), progress=False)
     with pytest.raises(ConfigError, match="no node of the cluster has more than 0 GPU"):
         sweep(replace(GRID, gpus_per_task=0.5, out=str(tmp_path)), progress=False)
-    run(protocol.run_config("synthetic-crops", 1, "coop+lora", "none", episodes=2, steps=1, device="cpu"),
+    run(run_config("synthetic-crops", 1, "coop+lora", "none", episodes=2, steps=1, device="cpu"),
         _cell(tmp_path, "coop+lora/none"), progress=False)  # another run in one of the grid's folders
     with pytest.raises(RunFolderError, match="another config"):
         sweep(replace(GRID, out=str(tmp_path)), progress=False)

@@ -10,7 +10,7 @@ from cdfsl_core.data import list_datasets, load_dataset
 from cdfsl_core.data.synthetic import COLOUR_NAMES, DOMAINS, PATTERNS, SOURCE_COMBOS, TARGET_COMBOS, render
 from cdfsl_core.errors import DatasetError
 from cdfsl_core.models import EMBEDDED_MODEL, load_clip
-from cdfsl_core.world_report import domain_similarity
+from cdfsl_core.world_report import feature_similarity
 from cdfsl_core.zeroshot import accuracy, image_features, text_features
 
 
@@ -91,9 +91,9 @@ def test_shipped_weights_load_by_name_and_beat_chance_widely(embedded):
 def test_domain_similarity_is_one_for_the_same_features_and_lower_for_shifted():
     x = torch.nn.functional.normalize(torch.randn(200, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
     y = torch.nn.functional.normalize(torch.randn(200, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
-    assert domain_similarity(x, x) == pytest.approx(1.0)
+    assert feature_similarity(x, x) == pytest.approx(1.0)
     shifted = torch.nn.functional.normalize(y + 1.5, dim=-1)
-    assert domain_similarity(x, y) > domain_similarity(x, shifted)
+    assert feature_similarity(x, y) > feature_similarity(x, shifted)
 
 
 def test_retraining_a_few_steps_runs_and_writes_loadable_weights(tmp_path):

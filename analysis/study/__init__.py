@@ -5,13 +5,15 @@ wherever it is shown. A :class:`Study` is its settings in parts (the model, the 
 grid, the analysis) and a folder; each part of the work is a module of functions over it, each
 callable on its own and reusing what the folder already holds:
 
-==============  ===================================================================================
-``folder``      the settings, ``study.json``, cached tables, the model and the run configurations
-``runs``        the run grid through the episodic runner; the accuracy table with paired differences
-``inside``      token diagnostics, positive controls, interventions' own statistics, paired CKA
-``domains``     domain similarity with references, feature similarity, a 2-D view, examples
-``gallery``     every figure
-==============  ===================================================================================
+Layers, each importing only those below it::
+
+    facade      Study: the context with every step as a method
+    gallery     every figure (uses the steps below)
+    domains     domain similarity with references, feature similarity, a 2-D view, examples
+    inside      token diagnostics, positive controls, interventions' own statistics, paired CKA
+    runs        the run grid through the episodic runner; the accuracy table with paired differences
+    context     study.json, the one caching rule of every table, the model, datasets, run configs
+    settings    the settings in parts
 
 Folder layout::
 
@@ -33,7 +35,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from analysis.study.folder import BASELINE, METHODS, Study, StudyData, StudyGrid
+from analysis.study.facade import Study
+from analysis.study.settings import BASELINE, METHODS, StudyData, StudyGrid
 
 __all__ = ["BASELINE", "METHODS", "QUICK_ENV", "Study", "StudyData", "StudyGrid", "notebook_study"]
 

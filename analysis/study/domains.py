@@ -3,23 +3,21 @@ its references), the feature-space similarity of the final embedding, a 2-D view
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from analysis.domain import compare_domains, list_domain_estimators
+from analysis.study.context import StudyContext
 from cdfsl_core.errors import ConfigError
-from cdfsl_core.world_report import domain_similarity as feature_similarity
+from cdfsl_core.world_report import feature_similarity
 from cdfsl_core.zeroshot import image_features
-
-if TYPE_CHECKING:
-    from analysis.study.folder import Study
 
 __all__ = ["domain_similarity", "feature_view", "samples", "similarity"]
 
 
-def domain_similarity(study: "Study", pool: str = "cls") -> pd.DataFrame:
+def domain_similarity(study: StudyContext, pool: str = "cls") -> pd.DataFrame:
     """Every domain estimator (:mod:`analysis.domain`) per layer of the pretrained model: each target
     against the source, beside two random and two class-disjoint halves of the source and a
     permutation null, with bootstrap intervals; ``pool`` 'cls', 'mean' or 'mean-no-simple'."""
@@ -32,7 +30,7 @@ def domain_similarity(study: "Study", pool: str = "cls") -> pd.DataFrame:
     return study.cached(f"domain_similarity{'' if pool == 'cls' else '_' + pool}.csv", make)
 
 
-def similarity(study: "Study") -> dict[str, float]:
+def similarity(study: StudyContext) -> dict[str, float]:
     """1 - MMD^2/2 between the source's and each target's final image features (the world report's)."""
     def make() -> pd.DataFrame:
         source = study.load(study.data.source)
@@ -47,7 +45,7 @@ def similarity(study: "Study") -> dict[str, float]:
     return dict(zip(table["target"], table["similarity"]))
 
 
-def feature_view(study: "Study", method: str = "pca", per_domain: int = 150) -> pd.DataFrame:
+def feature_view(study: StudyContext, method: str = "pca", per_domain: int = 150) -> pd.DataFrame:
     """2-D view of the final image features of the source and every target (scikit-learn PCA, or
     t-SNE with ``method='tsne'``, fitted on all domains together): a row per image with ``domain``,
     ``class``, ``x``, ``y``."""
@@ -76,7 +74,7 @@ def feature_view(study: "Study", method: str = "pca", per_domain: int = 150) -> 
     return study.cached(f"feature_view_{method}.csv", make)
 
 
-def samples(study: "Study", per_domain: int = 8) -> dict[str, list]:
+def samples(study: StudyContext, per_domain: int = 8) -> dict[str, list]:
     """Example images with their class names, per domain: (uint8 [H, W, 3], name) pairs."""
     out = {}
     for name in (study.data.source, *study.data.targets):

@@ -4,46 +4,42 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from cdfsl_core.atomic import write_table
 from analysis import figures as fig
 from analysis.domain import DEFAULT_ESTIMATOR
+from analysis.study import domains, inside, runs
+from analysis.study.context import StudyContext
 from cdfsl_core.interventions import build_intervention
-
-if TYPE_CHECKING:
-    from analysis.study.folder import Study
 
 __all__ = ["figures"]
 
 
-def figures(study: "Study", folder: str | os.PathLike[str] | None = None) -> dict[str, list[Path]]:
+def figures(study: StudyContext, folder: str | os.PathLike[str] | None = None) -> dict[str, list[Path]]:
     """Run what is missing, then write every figure (PNG and PDF) into ``folder`` (default
     ``out/figures``); returns the paths by figure name. Every intervention that reports
     statistics of itself gets a figure of them, ``<name>_strengths``."""
     import matplotlib.pyplot as plt
 
     folder = Path(folder) if folder is not None else study.out / "figures"
-    episodes = study.run_all()
-    write_table(episodes, study.out / "episodes.csv")
-    summary = study.accuracy_table(episodes)
-    tables = study.diagnostics()
-    domains = study.domain_similarity()
+    episodes = runs.episodes(study)
+    summary = runs.accuracy_table(study, episodes)
+    tables = inside.diagnostics(study)
+    similarity = domains.domain_similarity(study)
     made = {
-        "world_samples": lambda: fig.world_samples(study.samples()),
-        "feature_view": lambda: fig.feature_view(study.feature_view()),
-        "accuracy_by_domain": lambda: fig.accuracy_by_domain(episodes[episodes["status"] == "ok"], study.similarity()),
+        "world_samples": lambda: fig.world_samples(domains.samples(study)),
+        "feature_view": lambda: fig.feature_view(domains.feature_view(study)),
+        "accuracy_by_domain": lambda: fig.accuracy_by_domain(episodes[episodes["status"] == "ok"], domains.similarity(study)),
         "paired_differences": lambda: fig.paired_differences(summary, study.grid.baseline),
         "token_norms_by_bucket": lambda: fig.token_norms_by_bucket(tables["norms"]),
         "sink_counts": lambda: fig.sink_counts(tables["sinks"]),
-        "positive_controls": lambda: fig.positive_controls(study.controls()),
+        "positive_controls": lambda: fig.positive_controls(inside.controls(study)),
         "head_tail_similarity": lambda: fig.head_tail_similarity(tables["head_tail"]),
         "attention_maps": lambda: fig.attention_maps(tables["attention"], tables["rollout"], tables["attribution"]),
-        "domain_similarity": lambda: fig.domain_similarity_by_layer(domains, DEFAULT_ESTIMATOR),
-        "domain_estimators": lambda: fig.domain_similarity_by_layer(domains),
-        "cka_finetuned": lambda: fig.cka_finetuned(study.cka_finetuned()),
+        "domain_similarity": lambda: fig.domain_similarity_by_layer(similarity, DEFAULT_ESTIMATOR),
+        "domain_estimators": lambda: fig.domain_similarity_by_layer(similarity),
+        "cka_finetuned": lambda: fig.cka_finetuned(inside.cka_finetuned(study)),
     }
-    stats = study.intervention_stats() if any(i != "none" for _, _, i in study.grid.methods) else None
+    stats = inside.intervention_stats(study) if any(i != "none" for _, _, i in study.grid.methods) else None
     n_blocks = len(study.bundle.model.visual.transformer.resblocks)
     for name in dict.fromkeys(i for _, _, i in study.grid.methods if i != "none"):
         reported = build_intervention(name, n_blocks).reported_statistics

@@ -3,59 +3,50 @@ each intervention reports of itself, and paired CKA between pretrained and fine-
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING
-
 import pandas as pd
 import torch
 
-from cdfsl_core.atomic import write_table
 from analysis.cka import cka
 from analysis.features import layer_features
 from analysis.run_diagnostics import diagnose_run
+from analysis.study import runs
+from analysis.study.context import StudyContext
+from cdfsl_core.run_folder import RunFolder
 from cdfsl_core.runner import RunConfig, load_run, load_state, prepare_episode, state_path
-
-if TYPE_CHECKING:
-    from analysis.study.folder import Study
 
 __all__ = ["TABLES", "cka_finetuned", "controls", "diagnostics", "intervention_stats"]
 
 TABLES = ("norms", "sinks", "head_tail", "attention", "rollout", "attribution")
 
 
-def diagnostics(study: "Study") -> dict[str, pd.DataFrame]:
+def diagnostics(study: StudyContext) -> dict[str, pd.DataFrame]:
     """Every token diagnostic of episode 0 at ``diagnose_shots``: the pretrained model once per
     target, and each fine-tuned method rebuilt from its saved state; into ``diagnostics/``."""
-    study.check_folder()
-    folder = study.out / "diagnostics"
-    if all((folder / f"{name}.csv").exists() for name in TABLES):
-        return {name: pd.read_csv(folder / f"{name}.csv") for name in TABLES}
-    shots = study.grid.diagnose_shots
-    study.run_all(study.fine_tuned, (shots,))
-    parts: dict[str, list[pd.DataFrame]] = {}
-    for target in study.data.targets:
-        for i, label in enumerate(study.fine_tuned):
-            tables = diagnose_run(study.run_folder(target, shots, label), [0], analysis=study.analysis,
-                                  pretrained=i == 0, model_label=label, bundle=study.bundle)
-            for name, table in tables.items():
-                parts.setdefault(name, []).append(table)
-    folder.mkdir(parents=True, exist_ok=True)
-    tables = {name: pd.concat(items, ignore_index=True) for name, items in parts.items()}
-    for name, table in tables.items():
-        write_table(table, folder / f"{name}.csv")
-    return tables
+    def make() -> dict[str, pd.DataFrame]:
+        shots = study.grid.diagnose_shots
+        runs.run_grid(study, study.fine_tuned, (shots,))
+        parts: dict[str, list[pd.DataFrame]] = {}
+        for target in study.data.targets:
+            for i, label in enumerate(study.fine_tuned):
+                tables = diagnose_run(study.run_folder(target, shots, label), [0], analysis=study.analysis,
+                                      pretrained=i == 0, model_label=label, bundle=study.bundle)
+                for name, table in tables.items():
+                    parts.setdefault(name, []).append(table)
+        return {name: pd.concat(items, ignore_index=True) for name, items in parts.items()}
+    return study.cached_tables("diagnostics", TABLES, make)
 
 
-def controls(study: "Study", layer: int | None = None, images: int = 16) -> pd.DataFrame:
+def controls(study: StudyContext, layer: int | None = None, images: int = 16) -> pd.DataFrame:
     """Positive controls beside the real model: sink tokens per image at ``layer`` (default: the
     middle block) of the pretrained model on ``images`` images of the first target, without a plant
     and with each artefact of :mod:`analysis.controls` planted into patch token 0; per (plant,
     definition) ``mean_count``, ``planted_token_found`` (share of images whose planted token the
     definition flags) and ``found_by`` (the definition meant to find the plant)."""
     def make() -> pd.DataFrame:
-        from analysis.controls import FINDS, PLANTS, Plant, planted
+        from analysis.controls import PLANTS, Plant, planted
         from analysis.diagnostics import TokenDiagnostics
         from analysis.recorder import record
+        from analysis.sinks import sink_spec
         from cdfsl_core.methods import create_method
 
         dataset = study.load(study.data.targets[0])
@@ -79,19 +70,25 @@ def controls(study: "Study", layer: int | None = None, images: int = 16) -> pd.D
                 rows.append({"plant": kind, "planted_per_image": len(plants), "definition": row["definition"],
                              "label": row["label"], "layer": block, "images": row["images"],
                              "mean_count": row["mean_count"], "planted_token_found": found,
-                             "found_by": FINDS.get(kind) == row["definition"], "dataset": study.data.targets[0],
+                             "found_by": sink_spec(row["definition"]).plant == kind, "dataset": study.data.targets[0],
                              "model": "pretrained", **study.analysis.columns()})
         return pd.DataFrame(rows)
     return study.cached("diagnostics/controls.csv", make)
 
 
-def intervention_stats(study: "Study") -> pd.DataFrame:
+def intervention_stats(study: StudyContext) -> pd.DataFrame:
     """What every intervention reported of itself, from the runs' episode lines: one row per
     (method, domain, shots, episode, block, stage), stage ``init`` (before training) or
     ``trained``, with the per-block statistics of its ``measuring()`` (ATHA: alpha, beta, token and
     class-vector norms, the relative edits), measured on the episode's queries."""
-    labels = [label for label, _, intervention in study.grid.methods if intervention != "none"]
-    study.run_all(labels)
+    def make() -> pd.DataFrame:
+        labels = [label for label, _, intervention in study.grid.methods if intervention != "none"]
+        runs.run_grid(study, labels)
+        return pd.DataFrame(_intervention_rows(study, labels))
+    return study.cached("intervention_stats.csv", make)
+
+
+def _intervention_rows(study: StudyContext, labels: list[str]) -> list[dict]:
     rows = []
     for label, _, intervention in study.grid.methods:
         if label not in labels:
@@ -99,26 +96,24 @@ def intervention_stats(study: "Study") -> pd.DataFrame:
         for target in study.data.targets:
             for k in study.grid.shots:
                 folder = study.run_folder(target, k, label)
-                config = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+                run_folder = RunFolder(folder)
+                config = RunConfig.from_dict(run_folder.config_dict())
                 settings = {f"setting_{key}": value for key, value in vars(config.method.settings()).items()
                             if isinstance(value, (int, float, str, bool)) or value is None}
-                for line in (folder / "episodes.jsonl").read_text().splitlines():
-                    row = json.loads(line)
+                for row in run_folder.lines()[0]:
                     for stage, blocks in row.get("intervention_stats", {}).items():
                         for block, stats in blocks.items():
                             rows.append({"method": label, "intervention": intervention, "domain": target, "shots": k,
                                          "episode": row["episode"], "block": int(block), "stage": stage, **stats,
                                          **settings})
-    table = pd.DataFrame(rows)
-    write_table(table, study.out / "intervention_stats.csv")
-    return table
+    return rows
 
 
-def cka_finetuned(study: "Study") -> pd.DataFrame:
+def cka_finetuned(study: StudyContext) -> pd.DataFrame:
     """Linear CKA per layer between the pretrained and each fine-tuned model of episode 0 on the
     episode's query images (paired, biased estimator: Kornblith et al.'s for models)."""
     def make() -> pd.DataFrame:
-        study.run_all(study.fine_tuned, (study.grid.diagnose_shots,))
+        runs.run_grid(study, study.fine_tuned, (study.grid.diagnose_shots,))
         rows = []
         for target in study.data.targets:
             for label in study.fine_tuned:

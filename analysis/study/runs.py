@@ -3,22 +3,19 @@ the accuracy table with paired differences against the baseline."""
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import pandas as pd
 
-from cdfsl_core.atomic import write_table
+from analysis.study.context import StudyContext
 from cdfsl_core.compare import accuracy_table as compare_accuracy_table
+from cdfsl_core.run_folder import RunFolder
 from cdfsl_core.runner import run
 
-if TYPE_CHECKING:
-    from analysis.study.folder import Study
-
-__all__ = ["accuracy_table", "run_grid"]
+__all__ = ["accuracy_table", "episodes", "run_grid"]
 
 
-def run_grid(study: "Study", labels: Sequence[str] | None = None, shots: Sequence[int] | None = None) -> pd.DataFrame:
+def run_grid(study: StudyContext, labels: Sequence[str] | None = None, shots: Sequence[int] | None = None) -> pd.DataFrame:
     """Every cell, resumed where finished (or only the methods ``labels`` and shot settings
     ``shots``), all on the study's one model; one row per episode. Methods are independent, so
     the order of the cells does not matter."""
@@ -32,20 +29,22 @@ def run_grid(study: "Study", labels: Sequence[str] | None = None, shots: Sequenc
                 folder = study.run_folder(target, k, label)
                 run(study.run_config(target, k, adaptation, intervention), folder, bundle=study.bundle,
                     progress=study.progress, save_states=adaptation != "zeroshot")
-                for line in (folder / "episodes.jsonl").read_text().splitlines():
-                    row = json.loads(line)
+                for row in RunFolder(folder).lines()[0]:
                     rows.append({"domain": target, "shots": k, "method": label, "episode": row["episode"],
                                  "accuracy": row["accuracy"], "accuracy_init": row.get("accuracy_init"),
                                  "status": row["status"], "seconds": row.get("seconds")})
     return pd.DataFrame(rows)
 
 
-def accuracy_table(study: "Study", episodes: pd.DataFrame) -> pd.DataFrame:
+def episodes(study: StudyContext) -> pd.DataFrame:
+    """Every cell's episodes (running what is missing), one row per episode: ``episodes.csv``."""
+    return study.cached("episodes.csv", lambda: run_grid(study))
+
+
+def accuracy_table(study: StudyContext, episodes: pd.DataFrame) -> pd.DataFrame:
     """Mean accuracy and 95% CI per cell (the project's one CI convention), and the paired
     difference against the baseline with its CI (:func:`cdfsl_core.compare.accuracy_table`, as
     the sweep reports it); written to ``accuracy_table.csv``."""
     cells = episodes[["domain", "shots", "method"]].drop_duplicates().itertuples(index=False)
     runs = {(domain, shots, method): [study.run_folder(domain, shots, method)] for domain, shots, method in cells}
-    summary = compare_accuracy_table(runs, study.grid.baseline)
-    write_table(summary, study.out / "accuracy_table.csv")
-    return summary
+    return study.cached("accuracy_table.csv", lambda: compare_accuracy_table(runs, study.grid.baseline))

@@ -9,14 +9,13 @@ and beta. The class vectors solve P^T u = t_c for the text read-out t_c as the t
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdfsl_core import protocol
+from cdfsl_core.config import ATHAConfig
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.interventions.base import Intervention, check_blocks, register_intervention
 from cdfsl_core.token_text import TEXT_NORMS, atha_class_vectors, head_tail_sets
@@ -24,20 +23,6 @@ from cdfsl_core.token_text import TEXT_NORMS, atha_class_vectors, head_tail_sets
 __all__ = ["ATHA", "ATHAConfig", "EDIT_STATISTICS", "TAIL_CLASS_CHOICES"]
 
 TAIL_CLASS_CHOICES = ("least", "most", "mean")
-
-
-@dataclass(frozen=True)
-class ATHAConfig:
-    """ATHA settings; defaults from the paper and the authors' code (deviations are options)."""
-
-    blocks: tuple[int, ...] | None = None  # before these vision blocks; None: all
-    rho_head: float = protocol.ATHA_RHO_HEAD  # head set: floor(rho_head L) tokens with the largest max-class similarity
-    rho_tail: float = protocol.ATHA_RHO_TAIL  # tail set: floor(rho_tail L) tokens with the smallest
-    alpha_init: float = protocol.ATHA_ALPHA_INIT  # initial alpha at alpha_init_block, 0 elsewhere
-    alpha_init_block: int | None = None  # None: n // 2 (6 of 12)
-    tail_class: str = "least"  # push tail tokens away from the 'least' (code), 'most' similar class, or the 'mean'
-    include_cls: bool = False  # True: rank CLS with the patches (the authors' code; we exclude it)
-    text_norm: str = "none"  # class vectors from the read-out as it is ('none', the authors') or L2-normalised ('unit')
 
 
 EDIT_STATISTICS = ("token_norm", "head_vector_norm", "tail_vector_norm", "head_edit", "tail_edit")

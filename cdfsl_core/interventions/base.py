@@ -21,7 +21,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from cdfsl_core.config import NoConfig, register_intervention_config, unregister_intervention_config
 from cdfsl_core.errors import ConfigError
+from cdfsl_core.plugins import load_plugins
 
 __all__ = ["Intervention", "InterventionSpec", "NoIntervention", "build_intervention", "intervention_spec",
            "list_interventions", "register_intervention", "unregister_intervention"]
@@ -101,11 +103,6 @@ class NoIntervention(Intervention):
 
 
 @dataclass(frozen=True)
-class NoConfig:
-    """No settings."""
-
-
-@dataclass(frozen=True)
 class InterventionSpec:
     """A registered intervention."""
 
@@ -123,6 +120,7 @@ def register_intervention(name: str, build: Callable[[int, Any], Intervention], 
     """Make ``name`` an intervention of every method, command config and study. ``build(n_blocks,
     config)`` returns a fresh instance; ``config_type()`` must give the defaults."""
     _REGISTRY[name] = InterventionSpec(name, build, config_type, description)
+    register_intervention_config(name, config_type)
 
 
 def unregister_intervention(name: str) -> None:
@@ -130,14 +128,18 @@ def unregister_intervention(name: str) -> None:
     if name in ("none", "atha", "tir"):
         raise ConfigError(f"{name!r} is built in and cannot be unregistered.")
     _REGISTRY.pop(name, None)
+    unregister_intervention_config(name)
 
 
 def list_interventions() -> dict[str, str]:
-    """Registered interventions by name, with one line each."""
+    """Registered interventions by name, with one line each (installed plug-ins included)."""
+    load_plugins("cdfsl.interventions")
     return {name: spec.description for name, spec in _REGISTRY.items()}
 
 
 def intervention_spec(name: str) -> InterventionSpec:
+    if name not in _REGISTRY:
+        load_plugins("cdfsl.interventions")
     if name not in _REGISTRY:
         raise ConfigError(f"Unknown intervention {name!r}; expected one of {', '.join(_REGISTRY)} "
                           "(register_intervention adds one).")

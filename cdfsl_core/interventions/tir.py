@@ -7,24 +7,13 @@ w(m) = 2, 1.5, 1, 0.5, 0 for m = 1..5 (5-way), w(0) = 1. See METHODS.md, TIR.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from cdfsl_core import protocol
+from cdfsl_core.config import TIRConfig
 from cdfsl_core.interventions.base import Intervention, check_blocks, register_intervention
 from cdfsl_core.token_text import project_tokens, sum_score, tir_weights, token_class_similarity
 
 __all__ = ["TIR", "TIRConfig"]
-
-
-@dataclass(frozen=True)
-class TIRConfig:
-    """TIR settings; defaults from the paper and the authors' code."""
-
-    blocks: tuple[int, ...] | None = None  # before these vision blocks; None: round(8n/12), round(10n/12): 8, 10 of 12
-    rho: float = protocol.TIR_RHO  # top-k fraction per class, k = floor(rho L)
-    lam: float = protocol.TIR_LAMBDA  # lambda of the weight rule (see token_text.tir_weights)
 
 
 class TIR(Intervention):

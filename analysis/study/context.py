@@ -1,8 +1,8 @@
-"""The study folder: what a study is (its settings, in parts), where its results live, and what its
-steps share (the model, the datasets, the run configurations, cached tables).
+"""A study's context: its settings, its folder (``study.json``, the one caching rule for every
+table), and what every step shares (the model, the datasets, the run configurations).
 
-A study folder holds one study: ``study.json`` pins its settings and another setting is refused
-with the difference named. Every step writes its tables into the folder and reuses them.
+The steps (``runs``, ``inside``, ``domains``, ``gallery``) take a :class:`StudyContext` and import
+only downward; :class:`analysis.study.facade.Study` puts them together on top.
 """
 
 from __future__ import annotations
@@ -17,54 +17,24 @@ from typing import Any, Callable
 import pandas as pd
 
 from analysis.config import AnalysisConfig
-from cdfsl_core import protocol
+from analysis.study.settings import StudyData, StudyGrid
 from cdfsl_core.atomic import write_table, write_text
 from cdfsl_core.cli import pretrained_value
-from cdfsl_core.paths import check_writable_folder
+from cdfsl_core.config import ModelConfig, RunConfig, episode_config, episode_file_name, run_config
 from cdfsl_core.data import load_dataset
-from cdfsl_core.data.synthetic import SYNTHETIC_TARGETS
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.models import EMBEDDED_MODEL, ClipBundle, load_clip
-from cdfsl_core.runner import ModelConfig, RunConfig, protocol_transform
+from cdfsl_core.paths import check_writable_folder
+from cdfsl_core.preprocess import protocol_transform
+from cdfsl_core.run_folder import RunFolder
 
-__all__ = ["BASELINE", "METHODS", "Study", "StudyData", "StudyGrid"]
-
-# (label, adaptation, intervention): zero-shot CLIP, the baseline, and the papers' two methods
-METHODS = (
-    ("zero-shot", "zeroshot", "none"),
-    ("coop+lora", "coop+lora", "none"),
-    ("coop+lora+atha", "coop+lora", "atha"),
-    ("coop+lora+tir", "coop+lora", "tir"),
-)
-BASELINE = "coop+lora"
-
-
-@dataclass(frozen=True)
-class StudyData:
-    """Which domains."""
-
-    root: str | None = None  # the real datasets' root (None: $CDFSL_DATA_ROOT; the embedded world needs none)
-    source: str = "synthetic"  # the source domain (domain similarity, feature views)
-    targets: tuple[str, ...] = SYNTHETIC_TARGETS  # target domains, in order of shift
-    domain_images: int = 200  # images drawn per domain for the domain similarity
-
-
-@dataclass(frozen=True)
-class StudyGrid:
-    """Which runs: the papers' protocol (:mod:`cdfsl_core.protocol`) with the demo's size by default."""
-
-    shots: tuple[int, ...] = protocol.SHOTS
-    episodes: int = protocol.DEMO_EPISODES  # per target, shot setting and method (the papers: 800 / 400)
-    steps: int = protocol.DEMO_STEPS  # training steps per episode (the papers: 100)
-    seed: int = 0
-    methods: tuple[tuple[str, str, str], ...] = METHODS  # (label, adaptation, intervention)
-    baseline: str = BASELINE  # paired differences are against this label
-    diagnose_shots: int = protocol.SHOTS[-1]  # the shot setting whose episode 0 the diagnostics look inside
+__all__ = ["StudyContext"]
 
 
 @dataclass
-class Study:
-    """What to run and measure, and where its results live; :meth:`create` takes flat keywords."""
+class StudyContext:
+    """What to run and measure, where its results live, and what the steps share; :meth:`create`
+    takes flat keywords."""
 
     out: Path  # the study folder
     model: ModelConfig = field(default_factory=lambda: ModelConfig(*EMBEDDED_MODEL, device="cpu"))
@@ -83,7 +53,7 @@ class Study:
         self._bundle: ClipBundle | None = None
 
     @classmethod
-    def create(cls, out: str | os.PathLike[str], **settings: Any) -> "Study":
+    def create(cls, out: str | os.PathLike[str], **settings: Any) -> "StudyContext":
         """A study from flat keywords: ``model``, ``pretrained``, ``device``, ``precision``, ``data_root``
         (or ``root``), ``source``, ``targets``, ``domain_images``, ``shots``, ``episodes``, ``steps``,
         ``seed``, ``methods``, ``baseline``, ``diagnose_shots``, any :class:`AnalysisConfig` field, ``progress``."""
@@ -137,10 +107,11 @@ class Study:
         """Whether anything finished in the folder: a table, or an episode line of a run."""
         if any(self.out.rglob("*.csv")):
             return True
-        return any(path.stat().st_size > 0 for path in (self.out / "runs").rglob("episodes.jsonl"))
+        return any(RunFolder(path.parent).lines()[0] for path in (self.out / "runs").rglob("config.json"))
 
     def cached(self, name: str, make: Callable[[], pd.DataFrame]) -> pd.DataFrame:
-        """The table ``out/name`` (CSV), made once and reused."""
+        """The table ``out/name`` (CSV), made once and reused: the one caching rule of every table
+        of a study (a table is written whole, atomically, after everything it needs finished)."""
         self.check_folder()
         path = self.out / name
         if path.exists():
@@ -148,6 +119,18 @@ class Study:
         table = make()
         write_table(table, path)
         return table
+
+    def cached_tables(self, folder: str, names: tuple[str, ...], make: Callable[[], dict[str, pd.DataFrame]]
+                      ) -> dict[str, pd.DataFrame]:
+        """The tables ``out/folder/<name>.csv`` made together, by the same rule as :meth:`cached`."""
+        self.check_folder()
+        paths = {name: self.out / folder / f"{name}.csv" for name in names}
+        if all(path.exists() for path in paths.values()):
+            return {name: pd.read_csv(path) for name, path in paths.items()}
+        tables = make()
+        for name, table in tables.items():
+            write_table(table, self.out / folder / f"{name}.csv")
+        return tables
 
     # ------------------------------------------------------------------ what the steps share
     @property
@@ -177,58 +160,13 @@ class Study:
     def run_config(self, target: str, shots: int, adaptation: str, intervention: str) -> RunConfig:
         """The papers' protocol for one cell (:func:`cdfsl_core.protocol.run_config`), on the study's
         shared episode file of the target and shot setting."""
-        episodes = protocol.episode_config(shots, self.grid.episodes, self.grid.seed)
-        return protocol.run_config(
+        episodes = episode_config(shots, self.grid.episodes, self.grid.seed)
+        return run_config(
             target, shots, adaptation, intervention, episodes=self.grid.episodes, steps=self.grid.steps,
             seed=self.grid.seed, model=self.model.name, pretrained=self.model.pretrained, device=self.model.device,
             precision=self.model.precision, data_root=self.data.root, data_options=self.dataset_options(target),
-            episode_file=str(self.out / "episodes" / protocol.episode_file_name(target, episodes)))
+            episode_file=str(self.out / "episodes" / episode_file_name(target, episodes)))
 
     @property
     def fine_tuned(self) -> list[str]:
         return [label for label, adaptation, _ in self.grid.methods if adaptation != "zeroshot"]
-
-    # ------------------------------------------------------------------ the parts, each in its own module
-    def run_all(self, labels=None, shots=None) -> pd.DataFrame:
-        from analysis.study.runs import run_grid
-        return run_grid(self, labels, shots)
-
-    def accuracy_table(self, episodes: pd.DataFrame) -> pd.DataFrame:
-        from analysis.study.runs import accuracy_table
-        return accuracy_table(self, episodes)
-
-    def diagnostics(self) -> dict[str, pd.DataFrame]:
-        from analysis.study.inside import diagnostics
-        return diagnostics(self)
-
-    def controls(self, layer: int | None = None) -> pd.DataFrame:
-        from analysis.study.inside import controls
-        return controls(self, layer)
-
-    def intervention_stats(self) -> pd.DataFrame:
-        from analysis.study.inside import intervention_stats
-        return intervention_stats(self)
-
-    def cka_finetuned(self) -> pd.DataFrame:
-        from analysis.study.inside import cka_finetuned
-        return cka_finetuned(self)
-
-    def domain_similarity(self, pool: str = "cls") -> pd.DataFrame:
-        from analysis.study.domains import domain_similarity
-        return domain_similarity(self, pool)
-
-    def similarity(self) -> dict[str, float]:
-        from analysis.study.domains import similarity
-        return similarity(self)
-
-    def feature_view(self, method: str = "pca", per_domain: int = 150) -> pd.DataFrame:
-        from analysis.study.domains import feature_view
-        return feature_view(self, method, per_domain)
-
-    def samples(self, per_domain: int = 8) -> dict[str, list]:
-        from analysis.study.domains import samples
-        return samples(self, per_domain)
-
-    def figures(self, folder: str | os.PathLike[str] | None = None) -> dict[str, list[Path]]:
-        from analysis.study.gallery import figures
-        return figures(self, folder)

@@ -1,0 +1,258 @@
+"""A run folder, and the only code that knows its files.
+
+```
+RUN/
+  config.json         everything needed to rerun it (RunConfig)
+  manifest.json       versions, git revision, device and precision, episode-file hash, weights
+  episodes.jsonl      one line per finished episode, appended under a lock, flushed and synced
+  summary.json        mean accuracy and 95% CI
+  states/             each episode's trained parameters (with save_states)
+  diagnostics/        run_diagnostics' tables and their settings.json
+  .claims/            one OS lock per episode being computed (released when its process dies)
+```
+:class:`RunFolder` reads and writes them (atomically, :mod:`cdfsl_core.atomic`), reads
+``episodes.jsonl`` in one place (tolerant of a half-written last line: a writer killed midway),
+and holds the resume checks: a folder with finished episodes resumes only with the same config,
+episode file, model, device type and precision. It imports no torch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from cdfsl_core.atomic import write_json
+from cdfsl_core.errors import DeviceError, RunFolderError
+
+__all__ = ["RunFolder", "config_differences", "short_identity"]
+
+
+def short_identity(identity: str) -> str:
+    """A weights identity for a message: ``sha256:`` and 16 hex digits, or the whole random tag."""
+    return identity[:23] + "..." if identity.startswith("sha256:") else identity
+
+
+def config_differences(saved: Any, new: Any, prefix: str = "") -> list[str]:
+    """Every field that differs between two config dicts, with both values:
+    ``data.root: '/a' (the run) vs '/b' (now)``."""
+    if isinstance(saved, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(saved) | set(new)):
+            found += config_differences(saved.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if saved == new else [f"{prefix.rstrip('.')}: {saved!r} (the run) vs {new!r} (now)"]
+
+
+class RunFolder:
+    """One run folder's files (see the module doc)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # ------------------------------------------------------------------ the files
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def manifest_file(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def results(self) -> Path:
+        return self.path / "episodes.jsonl"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def diagnostics(self) -> Path:
+        return self.path / "diagnostics"
+
+    def state_path(self, index: int) -> Path:
+        """Where the trained parameters of episode ``index`` are kept."""
+        return self.path / "states" / f"episode_{index:04d}.safetensors"
+
+    def is_prepared(self) -> bool:
+        return self.config_file.is_file()
+
+    def is_run(self) -> bool:
+        """Whether it has what a finished or partial run has (a manifest and episode lines)."""
+        return self.manifest_file.is_file() and self.results.is_file()
+
+    # ------------------------------------------------------------------ reading
+    def config_dict(self) -> dict[str, Any]:
+        if not self.config_file.is_file():
+            raise RunFolderError(f"{self.path} is not a run folder: config.json is missing. Pass the --out folder of "
+                                 "python -m cdfsl_core.finetune.")
+        return json.loads(self.config_file.read_text())
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest, or ``{}`` when none was written yet."""
+        return json.loads(self.manifest_file.read_text()) if self.manifest_file.is_file() else {}
+
+    def lines(self) -> tuple[list[dict[str, Any]], bool]:
+        """Every episode line in file order, and whether a torn line (a write killed midway) was
+        skipped. The one reader of ``episodes.jsonl``."""
+        if not self.results.is_file():
+            return [], False
+        rows, torn = [], False
+        for line in self.results.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                torn = True
+        return rows, torn
+
+    def finished(self) -> dict[int, dict[str, Any]]:
+        """Finished episodes by index (the last line of an episode wins)."""
+        return {row["episode"]: row for row in self.lines()[0]}
+
+    def recorded_episode_file(self, finished: dict[int, dict[str, Any]] | None = None) -> str | None:
+        """The sha256 of the episode file the finished lines came from (None when nothing finished);
+        lines (or a manifest) that disagree are an error."""
+        finished = self.finished() if finished is None else finished
+        if not finished:
+            return None
+        recorded = self.manifest().get("episode_file_sha256")
+        shas = {row.get("episode_file_sha256", recorded) for row in finished.values()}
+        if len(shas) > 1 or (recorded is not None and shas != {recorded}):
+            raise RunFolderError(
+                f"{self.path} mixes episodes of different episode files (sha256 "
+                f"{', '.join(sorted(str(s)[:12] for s in shas | {recorded}))}). Its mean pairs with nothing; rerun it "
+                "into a new --out folder.")
+        return next(iter(shas))
+
+    def recorded_weights(self, finished: dict[int, dict[str, Any]] | None = None) -> str | None:
+        """The model the folder's episodes were computed with (its manifest and lines; None when
+        neither records one); two models in one folder are an error."""
+        finished = self.finished() if finished is None else finished
+        saved = self.manifest().get("weights")
+        recorded = {row["weights"] for row in finished.values() if row.get("weights")} | ({saved} if saved else set())
+        if len(recorded) > 1:
+            raise RunFolderError(f"{self.path} mixes episodes of different models "
+                                 f"({', '.join(sorted(short_identity(r) for r in recorded))}); its mean belongs to no "
+                                 "model. Rerun it into a new --out folder.")
+        return next(iter(recorded), None)
+
+    # ------------------------------------------------------------------ resume checks
+    def check_config(self, config: dict[str, Any], finished: dict[int, dict[str, Any]]) -> None:
+        """A folder with finished episodes resumes only with the same config; one with none
+        accepts any (a corrected command after a failed start)."""
+        if not finished or not self.config_file.is_file():
+            return
+        differences = config_differences(json.loads(self.config_file.read_text()), config)
+        if differences:
+            raise RunFolderError(
+                f"{self.path} holds {len(finished)} finished episode(s) of a run with another config: "
+                f"{'; '.join(differences)}. Use a new --out folder, or rerun with the run's settings to resume it.")
+
+    def check_episode_file(self, sha256: str, path: Any, finished: dict[int, dict[str, Any]]) -> None:
+        """A folder with finished episodes resumes only on the episode file they came from."""
+        recorded = self.recorded_episode_file(finished)
+        if recorded is not None and recorded != sha256:
+            raise RunFolderError(
+                f"{self.path} holds {len(finished)} finished episode(s) drawn from an episode file with sha256 "
+                f"{recorded[:16]}..., but {path or 'the episode file'} now has sha256 {sha256[:16]}... (regenerated, "
+                "or the data changed). Resuming would mix episodes of two files. Restore the original episode file "
+                "and data, or start a new run with a new --out folder.")
+
+    def check_weights(self, weights: str, finished: dict[int, dict[str, Any]]) -> None:
+        """A folder with finished episodes resumes only with the model they were computed with
+        (the weights' content, not their path)."""
+        if not finished:
+            return
+        recorded = self.recorded_weights(finished)
+        if recorded is not None and recorded != weights:
+            raise RunFolderError(
+                f"{self.path} holds {len(finished)} finished episode(s) computed with weights "
+                f"{short_identity(recorded)}, but the model now is {short_identity(weights)} (the weights file was "
+                "replaced, or another model was given). Resuming would average two models. Restore the original "
+                "weights, or start a new run with a new --out folder.")
+
+    def check_precision(self, device: str, precision: str, finished: dict[int, dict[str, Any]],
+                        allow_mixed: bool) -> None:
+        """A resumed run computes on the device type and in the precision its first episodes did,
+        unless mixing is allowed (every episode line records its own device and precision)."""
+        saved = self.manifest()
+        if not finished or not saved or allow_mixed:
+            return
+        now = {"device": device, "precision": precision}
+        differ = {key: (saved.get(key), now[key]) for key in now if saved.get(key) != now[key]}
+        if differ:
+            described = "; ".join(f"{key}: the run has {old!r}, this process {new!r}" for key, (old, new) in differ.items())
+            raise DeviceError(
+                f"{self.path} holds episodes computed with another device or precision ({described}). A mean over "
+                "both would mix precisions. Resume on the same kind of device and precision (--device, "
+                "--precision), use a new --out folder, or pass --allow-mixed-precision to resume anyway "
+                "(each episode line records its device and precision).")
+
+    # ------------------------------------------------------------------ writing
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json(self.config_file, config, only_if_changed=True)
+
+    def write_manifest(self, manifest: dict[str, Any], finished: dict[int, dict[str, Any]],
+                       allow_mixed: bool = False) -> None:
+        """A new manifest while nothing finished; afterwards only the mark that precisions were mixed."""
+        if not finished or not self.manifest_file.is_file():
+            write_json(self.manifest_file, manifest, only_if_changed=True)
+        elif allow_mixed:
+            saved = self.manifest()
+            if (saved.get("device"), saved.get("precision")) != (manifest["device"], manifest["precision"]):
+                write_json(self.manifest_file, {**saved, "mixed_precision": True}, only_if_changed=True)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.summary_file, summary, only_if_changed=True)
+
+    @contextmanager
+    def claim(self, index: int, wait: bool) -> Iterator[bool]:
+        """Hold episode ``index`` for this process (an exclusive OS lock on a file in ``.claims/``,
+        which the OS releases when the process dies); yields False when another process holds it
+        and ``wait`` is False."""
+        folder = self.path / ".claims"
+        folder.mkdir(exist_ok=True)
+        with open(folder / f"episode_{index:05d}.lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"{os.getpid()}\n")  # who computes it (a test kills that process)
+                handle.flush()
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def append(self, index: int, row: dict[str, Any]) -> bool:
+        """Append one episode line unless the episode is already there; under a lock, synced. A
+        torn last line (a writer killed midway) is ended first, so the new line stands on its own."""
+        with open(self.results.with_name(self.results.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if index in self.finished():
+                    return False
+                with self.results.open("a+b") as handle:
+                    handle.seek(0, os.SEEK_END)
+                    if handle.tell():
+                        handle.seek(-1, os.SEEK_END)
+                        if handle.read(1) != b"\n":
+                            handle.write(b"\n")
+                    handle.write((json.dumps(row) + "\n").encode())
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                return True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
