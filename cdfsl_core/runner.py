@@ -53,7 +53,7 @@ from cdfsl_core.stats import json_number, mean_ci95
 __all__ = [
     "DataConfig", "ModelConfig", "NonFiniteLoss", "RunConfig", "RunPlan", "TrainConfig", "evaluate", "load_plan",
     "load_run", "load_state", "prepare_episode", "prepare_run", "protocol_transform", "run", "run_episodes",
-    "save_state", "state_path", "summarise", "summarize", "train_episode",
+    "save_state", "state_path", "summarize", "summary_of_lines", "train_episode",
 ]
 
 
@@ -128,7 +128,9 @@ def _check_lora_rank(config: RunConfig) -> None:
                           f"--lora-rank (the papers' is {protocol.LORA_RANK}).")
 
 
-def summarise(rows: list[dict[str, Any]], episodes: EpisodeFile) -> dict[str, Any]:
+def summary_of_lines(rows: list[dict[str, Any]], episodes: EpisodeFile) -> dict[str, Any]:
+    """Mean accuracy and 95% CI of the finished episode lines ``rows`` (failed ones listed, not
+    averaged); :func:`summarize` writes it into the run folder."""
     ok = [r["accuracy"] for r in rows if r["status"] == "ok"]
     mean, ci = mean_ci95(ok)
     return {
@@ -288,7 +290,7 @@ def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | Non
 def summarize(plan: RunPlan) -> dict[str, Any]:
     """The run's summary from its episode lines; ``summary.json`` is written only when it changed."""
     finished = plan.finished()
-    summary = summarise([finished[i] for i in sorted(finished)], plan.episodes)
+    summary = summary_of_lines([finished[i] for i in sorted(finished)], plan.episodes)
     plan.folder.write_summary(summary)
     return summary
 

@@ -19,7 +19,7 @@ import pytest
 
 from cdfsl_core.atomic import atomic_path, write_json, write_table
 from cdfsl_core.compare import accuracy_table, paired_difference
-from cdfsl_core.runner import summarise
+from cdfsl_core.runner import summary_of_lines
 from cdfsl_core.stats import format_mean_ci, mean_ci95
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,11 +155,11 @@ class _Episodes:
 def test_a_run_summary_uses_the_convention() -> None:
     rows = [{"episode": i, "accuracy": a, "status": "ok"} for i, a in enumerate(VALUES)]
     rows.append({"episode": 3, "accuracy": None, "status": "non-finite-loss"})
-    summary = summarise(rows, _Episodes())
+    summary = summary_of_lines(rows, _Episodes())
     assert summary["mean_accuracy"] == pytest.approx(MEAN)
     assert summary["ci95"] == pytest.approx(HALF_WIDTH, abs=1e-7)
     assert summary["failed_episodes"] == [3]
-    one = summarise(rows[:1], _Episodes())
+    one = summary_of_lines(rows[:1], _Episodes())
     assert one["mean_accuracy"] == 0.6 and one["ci95"] is None  # null in summary.json, not 0
     json.dumps(one, allow_nan=False)
 

@@ -157,7 +157,8 @@ def test_an_installed_plugin_reaches_the_commands_and_the_sweep_workers(installe
                     "--save-states", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["method"]["intervention"] == "halve" and config["method"]["intervention_config"] == {"block": 1}
+    assert config["method"]["intervention"] == "halve"  # its settings: the defaults (None in the config)
+    assert len((tmp_path / "run" / "episodes.jsonl").read_text().splitlines()) == 2
     done = _command("analysis.run_diagnostics", str(tmp_path / "run"), "--attribution-steps", "2",
                     "--top-norm-plugin-tau", "1.2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
