@@ -369,19 +369,34 @@ def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         if isinstance(state, dict) else {}
 
 
+_FITS: set[tuple[str, str, int, int]] = set()  # (architecture, file, size, mtime) found to fit, per process
+
+
 def check_checkpoint_fits(name: str, path: str | os.PathLike[str]) -> None:
     """A :class:`CheckpointError` when the checkpoint at ``path`` cannot be architecture ``name``'s
     (its tensors' names and shapes against the model built on the meta device: no memory, no
     values). Positional embeddings may differ in length (open_clip resizes them on load)."""
+    import logging
+
     import torch
 
-    path = Path(path)
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (name, str(path), stat.st_size, stat.st_mtime_ns)
+    if key in _FITS:
+        return
     found = {key.removeprefix("module."): shape for key, shape in _checkpoint_shapes(path).items()}
     if not found:
         return  # not a plain state dict (open_clip's own loader decides)
-    with torch.device("meta"):
-        expected = {key: tuple(value.shape) for key, value in
-                    _open_clip().create_model(name, pretrained=None, device="meta").state_dict().items()}
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # open_clip warns that a model built without weights is random: it is meant to be
+    try:
+        with torch.device("meta"):
+            expected = {key: tuple(value.shape) for key, value in
+                        _open_clip().create_model(name, pretrained=None, device="meta").state_dict().items()}
+    finally:
+        root.setLevel(level)
     wrong = [f"{key} {found[key]} (the architecture has {shape})" for key, shape in expected.items()
              if key in found and found[key] != shape and not key.endswith("positional_embedding")]
     missing = [key for key in expected if key not in found and key not in ("logit_bias", "attn_mask")]
@@ -392,6 +407,7 @@ def check_checkpoint_fits(name: str, path: str | os.PathLike[str]) -> None:
             f"Weights in {path} do not fit architecture {name!r}: {detail}. Pass the architecture the checkpoint was "
             "trained with (--model; its model card or config says which)."
         )
+    _FITS.add(key)
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}
