@@ -215,7 +215,8 @@ def test_help_and_models_list_do_not_import_torch(command):
 
 @pytest.mark.slow
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, eurosat):
-    args = [*TINY_ARGS, "--data-root", str(eurosat), "--episodes", "50", "--steps", "40", "--out", str(tmp_path / "r")]
+    args = [*TINY_ARGS, "--data-root", str(eurosat), "--episodes", "400", "--steps", "40", "--out", str(tmp_path / "r"),
+            "--episode-file", str(tmp_path / "episodes.json")]  # 400: the run must outlast a slow poll
     process = subprocess.Popen([sys.executable, "-m", "cdfsl_core.finetune", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     results = tmp_path / "r" / "episodes.jsonl"
