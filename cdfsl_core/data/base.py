@@ -43,12 +43,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image fully (so truncation is caught here, not in a worker) as 8-bit RGB
-    (:func:`to_rgb`: images of more than 8 bits are scaled, not clipped)."""
+def _open(path: str | os.PathLike[str], decode: bool) -> Image.Image | None:
+    """Open ``path``: the full decode as 8-bit RGB (``decode``), or its header only; a missing,
+    empty, foreign or truncated file is the one error that names it and the fix."""
     path = Path(path)
     try:
         with Image.open(path) as image:
+            if not decode:
+                return None  # the header is parsed by open
             image.load()
             return to_rgb(image)
     except FileNotFoundError as err:
@@ -62,6 +64,12 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
             "unreadable or truncated. Re-download it, or delete it and its entry in the dataset's "
             "list. `python -m cdfsl_core.data check NAME --root ...` scans a whole dataset."
         ) from err
+
+
+def read_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open an image fully (so truncation is caught here, not in a worker) as 8-bit RGB
+    (:func:`to_rgb`: images of more than 8 bits are scaled, not clipped)."""
+    return _open(path, decode=True)
 
 
 class FewShotDataset:
@@ -167,21 +175,7 @@ def check_image_header(path: str | os.PathLike[str]) -> None:
     only its header (cheap: a run checks every image of its episode file this way before it
     writes anything; the full decode, which also finds a truncated body, happens when the image
     is used, with the same error)."""
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            image.size  # noqa: B018 - the header is parsed by open; size proves it was
-    except FileNotFoundError as err:
-        raise DatasetError(
-            f"Image {path} does not exist. Expected it because the dataset lists it; restore the "
-            "file or remove it from the list (CSV / JSON) it came from."
-        ) from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageReadError(
-            f"Image {path} cannot be decoded ({err}). Expected a complete JPEG/PNG file; it is "
-            "unreadable or truncated. Re-download it, or delete it and its entry in the dataset's "
-            "list. `python -m cdfsl_core.data check NAME --root ...` scans a whole dataset."
-        ) from err
+    _open(path, decode=False)
 
 
 def check_files_exist(name: str, paths: Sequence[Path], listed_in: Path | str) -> None:
