@@ -218,7 +218,9 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, eurosat):
     args = [*TINY_ARGS, "--data-root", str(eurosat), "--episodes", "400", "--steps", "40", "--out", str(tmp_path / "r"),
             "--episode-file", str(tmp_path / "episodes.json")]  # 400: the run must outlast a slow poll
     process = subprocess.Popen([sys.executable, "-m", "cdfsl_core.finetune", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               # a parent that ignores SIGINT (an earlier test's Ray) would hand that on
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     results = tmp_path / "r" / "episodes.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (results.exists() and results.read_text().count("\n") >= 1):
