@@ -37,6 +37,7 @@ class AnalysisConfig:
     bins: int = 40  # head/tail histogram bins over [-1, 1]
     head_tail: bool = True  # also the head/tail histogram
     attribution_steps: int = 16  # integrated-gradients steps of the attribution maps
+    token_map_images: int = 4  # query images whose token maps a run's diagnostics keep (0: none)
     text_norm: str | None = None  # ATHA's class vectors: 'none', 'unit', or None: as the method's intervention builds them
     sink_taus: tuple[tuple[str, float], ...] = ()  # thresholds of registered sink definitions without a field here
 
@@ -55,6 +56,8 @@ class AnalysisConfig:
         for name in ("high_norm_tau", "attention_tau", "massive_tau"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: expected a positive threshold.")
+        if self.token_map_images < 0:
+            raise ConfigError(f"token_map_images={self.token_map_images}: expected 0 or more images.")
         if self.bins < 1 or self.attribution_steps < 1:
             raise ConfigError(f"bins={self.bins}, attribution_steps={self.attribution_steps}: expected positive integers.")
 

@@ -33,12 +33,12 @@ import torch.nn.functional as F
 
 from analysis.config import SPACES, TRANSFORMS, AnalysisConfig
 from analysis.keys import act_name
-from analysis.recorder import ActivationCache
+from analysis.recorder import ActivationCache, record
 from analysis.sinks import SinkDefinition, SinkInputs, row_median, sink_spec
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.token_text import atha_class_vectors, project_tokens, sum_score
 
-__all__ = ["SinkDefinition", "TokenDiagnostics"]
+__all__ = ["SinkDefinition", "TokenDiagnostics", "measure_tokens"]
 
 _row_median = row_median  # the tests' name
 
@@ -208,3 +208,21 @@ class TokenDiagnostics:
         if self.head_tail:
             tables["head_tail"] = pd.DataFrame(hist_rows)
         return tables
+
+
+@torch.no_grad()
+def measure_tokens(method: Any, images: torch.Tensor, analysis: AnalysisConfig = AnalysisConfig(),
+                   layers: Sequence[int] | None = None, batch_size: int = 64) -> TokenDiagnostics:
+    """The token diagnostics of ``method`` (a FewShotCLIP, in eval mode) on ``images``, as
+    :func:`analysis.run_diagnostics.diagnose_model` measures them: every model's tokens compared
+    with the text read-out the interventions use, in fp32, in batches of ``batch_size``."""
+    visual = method.model.visual
+    layers = list(range(len(visual.transformer.resblocks))) if layers is None else list(layers)
+    _, readout = method.text_features(readout=True)
+    diagnostics = TokenDiagnostics.from_config(visual, readout, layers, analysis,
+                                               getattr(method.config.settings(), "text_norm", "none"))
+    for start in range(0, len(images), batch_size):
+        with record(method, layers=layers) as cache:
+            method.encode_image(images[start:start + batch_size], readout)
+        diagnostics.update(cache)
+    return diagnostics

@@ -30,7 +30,9 @@ __all__ = [
     "positive_controls",
     "save_figure",
     "sink_counts",
+    "token_maps",
     "token_norms_by_bucket",
+    "trajectories",
     "world_samples",
 ]
 
@@ -522,4 +524,171 @@ def feature_view(table: pd.DataFrame) -> plt.Figure:
     ax.set_yticks([])
     ax.legend(fontsize=7, markerscale=2)
     figure.tight_layout()
+    return figure
+
+
+TOKEN_MAP_TITLES = {
+    "sum_score": "Sum score m", "tir_weight": "TIR weight w(m)", "norm": "token norm",
+    "max_similarity": "max class cosine", "head_tail": "ATHA head (+1) / tail (-1)",
+    "pulled_class": "class pulled toward", "pushed_class": "class pushed from",
+    "attention_from_cls": "attention from CLS", "attention_mean": "attention, mean query",
+    "edit": "intervention edit / |x|",
+}
+
+
+def token_maps(table: pd.DataFrame, pixels: np.ndarray | Mapping[object, np.ndarray], block: int,
+               quantities: Sequence[str] = ("sum_score", "norm", "head_tail", "attention_from_cls"),
+               images: Sequence[object] | None = None, models: Sequence[str] | None = None,
+               mark: str | None = "sink:high-norm", alpha: float = 0.65) -> plt.Figure:
+    """Each image beside its token maps: one row per (image, model), the image in the first column,
+    then each quantity laid on the image's patch grid over the pixels (aligned: patch (row, col)
+    covers the same pixels as its map cell). A quantity's colour scale is shared by all its panels
+    (one colour bar per column), so pretrained and fine-tuned maps compare; tokens flagged by
+    ``mark`` (a ``sink:<definition>`` quantity of the table) are framed.
+
+    Args:
+        table: a token-map table (:func:`analysis.token_maps.token_maps`): ``image``, ``row``,
+            ``col``, ``block``, ``model``, ``quantity``, ``value``.
+        pixels: RGB images in [0, 1] [n, H, W, 3] indexed by the table's image ids (a sequence when
+            the ids are 0..n-1, or a mapping id -> image), e.g. :func:`analysis.token_maps.display_images`.
+        block: the vision block to draw.
+        quantities: the columns after the image.
+        images, models: which images and models (default: up to 3 images, every model).
+    """
+    _require(table, {"image", "row", "col", "block", "model", "quantity", "value"}, "token_maps")
+    part = table[table["block"] == block]
+    if part.empty:
+        raise ValueError(f"block {block} is not in the token-map table (blocks {sorted(table['block'].unique())}).")
+    missing = [q for q in quantities if q not in set(part["quantity"])]
+    if missing:
+        raise ValueError(f"quantities {missing} are not in the token-map table; it has {sorted(set(part['quantity']))}.")
+    images = list(dict.fromkeys(part["image"]))[:3] if images is None else list(images)
+    models = list(dict.fromkeys(part["model"])) if models is None else list(models)
+    side = int(part["row"].max()) + 1
+    rows = [(image, model) for image in images for model in models]
+    cols = 1 + len(quantities)
+    figure, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols + 0.6, 1.9 * len(rows) + 0.9), squeeze=False,
+                             layout="constrained")
+    limits = {}
+    for quantity in quantities:
+        values = part[(part["quantity"] == quantity) & part["image"].isin(images) & part["model"].isin(models)]["value"]
+        low, high = float(values.min()), float(values.max())
+        limits[quantity] = (low, high if high > low else low + 1e-9)
+    for r, (image, model) in enumerate(rows):
+        picture = pixels[image]
+        height, width = picture.shape[:2]
+        extent = (0, width, height, 0)
+        axes[r, 0].imshow(picture, extent=extent)
+        axes[r, 0].set_ylabel(f"image {image}\n{model}", fontsize=7)
+        cells = part[(part["image"] == image) & (part["model"] == model)]
+        flagged = cells[cells["quantity"] == mark] if mark else cells.iloc[:0]
+        for c, quantity in enumerate(quantities, start=1):
+            ax = axes[r, c]
+            ax.imshow(picture.mean(axis=-1), cmap="gray", extent=extent, vmin=0, vmax=1)
+            grid = np.full((side, side), np.nan)
+            values = cells[cells["quantity"] == quantity]
+            grid[values["row"].to_numpy(int), values["col"].to_numpy(int)] = values["value"].to_numpy()
+            low, high = limits[quantity]
+            if quantity in ("pulled_class", "pushed_class"):
+                cmap = plt.get_cmap("tab10", int(high) + 1)
+                low, high = -0.5, int(high) + 0.5
+            elif quantity == "head_tail":
+                cmap, low, high = plt.get_cmap("coolwarm", 3), -1.5, 1.5
+            else:
+                cmap = "magma"
+            shown = ax.imshow(grid, cmap=cmap, vmin=low, vmax=high, alpha=alpha, extent=extent,
+                              interpolation="nearest")
+            for _, cell in flagged[flagged["value"] > 0].iterrows():
+                ax.add_patch(plt.Rectangle((cell["col"] * width / side, cell["row"] * height / side), width / side,
+                                           height / side, fill=False, edgecolor="cyan", linewidth=1.2))
+            if r == 0:
+                ax.set_title(TOKEN_MAP_TITLES.get(quantity, quantity), fontsize=7)
+            if r == len(rows) - 1:
+                bar = figure.colorbar(shown, ax=axes[:, c].tolist(), orientation="horizontal", fraction=0.04, pad=0.02)
+                bar.ax.tick_params(labelsize=6)
+                if quantity == "head_tail":
+                    bar.set_ticks([-1, 0, 1], labels=["tail", "-", "head"])
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_title("image", fontsize=7)
+    framed = f"; framed: tokens flagged {mark.removeprefix('sink:')}" if mark else ""
+    figure.suptitle(f"Token maps at vision block {block} ({side} x {side} patches){framed}", fontsize=9)
+    return figure
+
+
+INTERVENTION_STATISTICS = ("alpha", "beta", "head_edit", "tail_edit", "token_norm", "head_vector_norm",
+                           "tail_vector_norm")
+TRAJECTORY_TITLES = {
+    "accuracy": "query accuracy", "sinks:sum-all": "m = N tokens per image (sum-all)",
+    "sinks:high-norm": "high-norm tokens per image", "sinks:attention-mass": "attention-mass tokens per image",
+    "sinks:massive-activation": "massive-activation tokens per image", "head_cut": "ATHA head cut (cosine)",
+    "tail_cut": "ATHA tail cut (cosine)", "alpha": "alpha (mean over blocks)", "beta": "beta (mean over blocks)",
+    "head_edit": "head edit / |x| (mean over blocks)", "tail_edit": "tail edit / |x| (mean over blocks)",
+}
+
+
+def trajectories(table: pd.DataFrame, statistics: Sequence[str] | None = None, block: int | None = None) -> plt.Figure:
+    """Each statistic of a fine-tuning trajectory against the training step: one panel per
+    statistic, one line per method, mean over episodes with a 95% CI band (the project's CI).
+    Token statistics are drawn at one vision ``block`` (default: the last measured); what the
+    intervention reports of itself (ATHA's strengths and edits) as its mean over blocks.
+
+    Args:
+        table: :func:`analysis.trajectory.trajectory_table` rows (``episode``, ``step``, ``statistic``,
+            ``block``, ``value``) with a ``method`` column (several runs), else one line.
+        statistics: the panels (default: accuracy, the sink counts, the m = N norm, the head/tail
+            cuts, and the intervention's strengths when present).
+    """
+    _require(table, {"episode", "step", "statistic", "block", "value"}, "trajectories")
+    table = table.assign(method=table["method"] if "method" in table else "run")
+    blocks = sorted(int(b) for b in table["block"].dropna().unique())
+    present = set(table["statistic"])
+    if block is None and blocks:
+        block = blocks[-1]
+    if statistics is None:
+        n_top = max((int(s.split("=")[1]) for s in present if s.startswith("norm:m=")), default=None)
+        statistics = [s for s in ("accuracy", "sinks:sum-all", "sinks:high-norm", "sinks:attention-mass",
+                                  f"norm:m={n_top}", "head_cut", "alpha", "beta") if s in present]
+    missing = [s for s in statistics if s not in present]
+    if missing:
+        raise ValueError(f"statistics {missing} are not in the trajectory table; it has {sorted(present)}.")
+    palette = _palette(table["method"])
+    cols = min(4, len(statistics))
+    rows = -(-len(statistics) // cols)
+    figure, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 0.4, 2.8 * rows + 0.8), squeeze=False,
+                                layout="constrained")
+    for ax, statistic in zip(axes.flat, statistics):
+        part = table[table["statistic"] == statistic]
+        if statistic in INTERVENTION_STATISTICS:
+            part = part.groupby(["method", "episode", "step"], as_index=False)["value"].mean()
+        elif part["block"].notna().any():
+            part = part[part["block"] == block]
+        for method, colour in palette.items():
+            line = part[part["method"] == method].groupby("step")["value"].agg(["mean", _ci95, "count"]).reset_index()
+            if line.empty:
+                continue
+            ax.plot(line["step"], line["mean"], "o-", color=colour, markersize=3, label=method)
+            band = line["_ci95"].fillna(0)
+            ax.fill_between(line["step"], line["mean"] - band, line["mean"] + band, color=colour, alpha=0.2,
+                            linewidth=0)
+        if part["value"].isna().all():
+            ax.text(0.5, 0.5, "no tokens in this bucket\nat any step", transform=ax.transAxes, ha="center",
+                    va="center", fontsize=8, color="grey")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False)
+        title = TRAJECTORY_TITLES.get(statistic, statistic)
+        if statistic.startswith("norm:m="):
+            title = f"mean norm of m = {statistic.split('=')[1]} tokens"
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(statistics):]:
+        ax.set_visible(False)
+    episodes = table.groupby("method")["episode"].nunique()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, [f"{label} ({episodes[label]} episodes)" for label in labels], loc="outside lower center",
+                  ncol=min(4, len(labels)), fontsize=7)
+    figure.suptitle(f"Fine-tuning trajectories on each episode's queries: mean and 95% CI over episodes; token "
+                    f"statistics at vision block {block}", fontsize=9)
     return figure

@@ -10,8 +10,9 @@ is reported in the tables (``reproduced``).
 
 Writes, into ``RUN_FOLDER/diagnostics/`` (or ``--out``), one CSV per table: ``norms``, ``sinks``,
 ``head_tail``, ``attention`` (CLS attention maps, mean over query images, per head and layer),
-``rollout`` and ``attribution`` (per-patch integrated gradients of the true class, mean over
-query images), each labelled with model, dataset, episode and the definitions used.
+``rollout``, ``attribution`` (per-patch integrated gradients of the true class, mean over
+query images) and ``token_maps`` (every per-token quantity of the first ``--token-map-images``
+query images on the patch grid, :mod:`analysis.token_maps`), each labelled with model, dataset, episode and the definitions used.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="skip the head/tail histogram")
     settings.add_argument("--attribution-steps", type=positive_int, default=defaults.attribution_steps,
                           help="integrated-gradients steps")
+    settings.add_argument("--token-map-images", type=non_negative_int, default=defaults.token_map_images,
+                          help="query images whose token maps are kept (token_maps.csv; 0: none)")
     settings.add_argument("--text-norm", choices=("none", "unit"), default=defaults.text_norm,
                           help="ATHA's class vectors from the read-out as it is or normalised (None: as the method's)")
     return result
@@ -90,6 +93,7 @@ from analysis.attribution import PatchAttribution  # noqa: E402
 from analysis.config import AnalysisConfig  # noqa: E402
 from analysis.diagnostics import TokenDiagnostics  # noqa: E402
 from analysis.recorder import record  # noqa: E402
+from analysis.token_maps import token_maps  # noqa: E402
 from cdfsl_core.errors import ConfigError  # noqa: E402
 from cdfsl_core.methods import FewShotCLIP  # noqa: E402
 from cdfsl_core.run_folder import RunFolder  # noqa: E402
@@ -149,6 +153,11 @@ def diagnose_model(method: FewShotCLIP, images: torch.Tensor, targets: torch.Ten
     tables["attribution"] = pd.DataFrame(_grid_rows(
         attribution, **labels, definition=f"integrated gradients ({steps} steps) of the true-class logit "
         "w.r.t. patch embeddings, summed over channels, mean over query images"))
+    if analysis.token_map_images:
+        shown = images[:analysis.token_map_images]
+        others = {key: value for key, value in labels.items() if key != "model"}
+        tables["token_maps"] = token_maps(method, shown, analysis=analysis, model=labels.get("model", "model"),
+                                          **others)
     for table in tables.values():
         for column, value in analysis.columns().items():
             table[column] = value

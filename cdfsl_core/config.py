@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from cdfsl_core import protocol
 from cdfsl_core.errors import ConfigError, EpisodeError
@@ -207,6 +207,10 @@ class TrainConfig:
     resize_ratio: float = protocol.RESIZE_RATIO  # resize the short side to ratio x image size, then centre-crop
     augment: bool = False  # the authors' 5 views per support image
     eval_batch_size: int = 256
+    # steps (0 = before training, ``steps`` = after the last) at which the queries are measured while the
+    # episode trains: accuracy, the intervention's own statistics and every registered probe's
+    # (:mod:`cdfsl_core.probes`); empty: off. Written into config.json only when set.
+    trajectory_steps: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        result = asdict(self)
+        if not result["train"]["trajectory_steps"]:  # off: the config reads as before trajectories existed
+            del result["train"]["trajectory_steps"]
+        return result
 
     def json_dict(self) -> dict[str, Any]:
         """:meth:`to_dict` as it reads back from ``config.json`` (tuples as lists)."""
@@ -247,6 +254,11 @@ class RunConfig:
                 raise ConfigError(f"{name}={getattr(self.train, name)}: expected a positive number.")
         if self.train.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size={self.train.eval_batch_size}: expected a positive integer.")
+        steps = self.train.trajectory_steps
+        bad = [s for s in steps if not isinstance(s, int) or not 0 <= s <= self.train.steps]
+        if bad or list(steps) != sorted(set(steps)):
+            raise ConfigError(f"trajectory_steps={list(steps)}: expected increasing, distinct steps in 0..{self.train.steps} "
+                              "(0 is before training, the last is after the last step).")
 
     def with_absolute_paths(self) -> "RunConfig":
         """The same run with its paths (data root, episode file, local weights) absolute, so the
@@ -302,7 +314,7 @@ def run_config(dataset: str, shots: int, adaptation: str = "coop+lora", interven
                data_root: str | None = None, data_options: dict[str, Any] | None = None,
                episode_file: str | None = None, scale: float | str | None = None, lora_rank: int = protocol.LORA_RANK,
                intervention_config: Any = None, augment: bool = False, ways: int = protocol.WAYS, queries: int = protocol.QUERIES,
-               short_class_policy: str = "error") -> RunConfig:
+               short_class_policy: str = "error", trajectory_steps: Sequence[int] = ()) -> RunConfig:
     """A run of the papers' protocol: ``shots``-shot episodes of ``dataset``, ``adaptation`` x
     ``intervention``; ``scale`` None: the protocol's logit scale for the shots. The default model is
     the embedded CLIP; ``episode_file`` None: the run folder's own."""
@@ -312,5 +324,5 @@ def run_config(dataset: str, shots: int, adaptation: str = "coop+lora", interven
         episodes=episode_config(shots, episodes, seed, ways, queries, short_class_policy),
         method=MethodConfig(adaptation, intervention, logit_scale=protocol.logit_scale(shots) if scale is None else scale,
                             lora=LoRAConfig(rank=lora_rank), intervention_config=intervention_config),
-        train=TrainConfig(steps=steps, augment=augment),
+        train=TrainConfig(steps=steps, augment=augment, trajectory_steps=tuple(int(s) for s in trajectory_steps)),
     )

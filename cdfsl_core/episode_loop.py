@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -45,11 +45,22 @@ def check_labels(method: FewShotCLIP, labels: torch.Tensor) -> None:
 
 
 def train_episode(
-    method: FewShotCLIP, images: torch.Tensor, labels: torch.Tensor, train: TrainConfig, precision: str = "auto"
+    method: FewShotCLIP, images: torch.Tensor, labels: torch.Tensor, train: TrainConfig, precision: str = "auto",
+    at_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Full-batch training on the support set, ``images`` [n, 3, H, W] and ``labels`` [n] (forwards
     under ``precision``'s autocast, see :func:`~cdfsl_core.models.resolve_precision`); returns the
-    first and last loss."""
+    first and last loss. ``at_step(s)`` is called after s optimiser steps for each s in
+    ``train.trajectory_steps`` (0: before the first, ``train.steps``: after the last), with the
+    method in eval mode; training resumes in train mode, and nothing random is drawn by a call."""
+    wanted = set(train.trajectory_steps) if at_step is not None else set()
+
+    def measure(step: int) -> None:
+        if step in wanted:
+            method.eval()
+            at_step(step)
+            method.train()
+
     check_labels(method, labels)
     groups = method.parameter_groups()
     optimisers: list[torch.optim.Optimizer] = []
@@ -61,12 +72,16 @@ def train_episode(
     if groups["intervention"]:
         optimisers.append(torch.optim.SGD(groups["intervention"], lr=train.lr_intervention))
     if not optimisers or train.steps == 0:
+        if 0 in wanted:
+            method.eval()
+            at_step(0)
         return {"steps": 0, "loss_first": None, "loss_last": None}
     device = images.device
     method.train()
     first = last = None
     try:
         for step in range(train.steps):
+            measure(step)
             with autocast_for(device, precision):
                 logits = method(images)
             loss = F.cross_entropy(logits.float(), labels)
@@ -80,6 +95,7 @@ def train_episode(
             loss.backward()
             for optimiser in optimisers:
                 optimiser.step()
+        measure(train.steps)
     finally:
         method.eval()
     return {"steps": train.steps, "loss_first": first, "loss_last": last}
@@ -105,6 +121,29 @@ def evaluate(method: FewShotCLIP, images: torch.Tensor, labels: torch.Tensor, ba
 def _rounded(stats: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
     """Per-block statistics for a JSON line: block keys as strings, 6 significant digits."""
     return {str(block): {k: float(f"{v:.6g}") for k, v in values.items()} for block, values in stats.items()}
+
+
+def _trajectory_probe(config: RunConfig, method: FewShotCLIP, query: torch.Tensor, query_labels: torch.Tensor,
+                      precision: str, into: list[dict[str, Any]]) -> Callable[[int], None]:
+    """What the episode measures on its queries at each trajectory step, appended to ``into``: the
+    accuracy, the intervention's statistics per block (ATHA: strengths and edit sizes) and every
+    registered probe's dict (:mod:`cdfsl_core.probes`)."""
+    from cdfsl_core.probes import list_probes
+
+    probes = {name: factory(method, query, query_labels, config) for name, factory in list_probes().items()}
+
+    def at_step(step: int) -> None:
+        with method.intervention.measuring() as stats:
+            accuracy = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
+        point: dict[str, Any] = {"step": step, "accuracy": accuracy}
+        if stats:
+            point["intervention"] = _rounded(stats)
+        with torch.no_grad():
+            for name, probe in probes.items():
+                point[name] = probe(step)
+        into.append(point)
+
+    return at_step
 
 
 def episode_seed(seed: int, index: int) -> int:
@@ -164,12 +203,15 @@ def run_episode(config: RunConfig, bundle: ClipBundle, dataset: Any, episodes: E
     method, support, support_labels, query, query_labels = prepare_episode(
         config, bundle, dataset, episodes, index, method, transform)
     row: dict[str, Any] = {"episode": index, "classes": episodes.class_names(episodes.episodes[index])}
+    trajectory: list[dict[str, Any]] = []  # kept up to a non-finite loss too
     try:
         # the queries at the initial state: the method's accuracy before training, and what the
         # intervention measures about its own action (ATHA: its edit size per block)
         with method.intervention.measuring() as before:
             row["accuracy_init"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
-        row.update(train_episode(method, support, support_labels, config.train, precision))
+        at_step = _trajectory_probe(config, method, query, query_labels, precision, trajectory) \
+            if config.train.trajectory_steps else None
+        row.update(train_episode(method, support, support_labels, config.train, precision, at_step))
         with method.intervention.measuring() as after:
             row["accuracy"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
         if before or after:
@@ -178,6 +220,8 @@ def run_episode(config: RunConfig, bundle: ClipBundle, dataset: Any, episodes: E
     except NonFiniteLoss as err:
         row.update(status="non-finite-loss", accuracy=None, message=str(err))
         tqdm.write(f"episode {index}: stopped, {err}; recorded as failed, not averaged")
+    if trajectory:
+        row["trajectory"] = trajectory
     if save_state_to is not None and row["status"] == "ok" and method.trainable_state():
         save_state(method, save_state_to)
     logged = method.intervention.episode_log()  # what the intervention says of itself (ATHA: alpha, beta)

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--logit-scale", type=logit_scale, default="auto",
                         help="s in s * cos: a positive number, 'learned' (CLIP's), or 'auto' (2 for 1-shot, 4 otherwise)")
     method.add_argument("--augment", action="store_true", help="the authors' 5 views per support image")
+    method.add_argument("--trajectory-steps", type=non_negative_int, nargs="+", default=(),
+                        help="measure the queries at these training steps (0: before training; e.g. 0 10 25 50 100): "
+                             "accuracy, the intervention's statistics and the token diagnostics, kept in each episode "
+                             "line (python -m analysis.trajectory RUN draws them)")
     runs = result.add_argument_group("run folder")
     runs.add_argument("--out", required=True, help="run folder (created; rerun the same command to resume)")
     runs.add_argument("--save-states", action="store_true",
@@ -94,7 +98,8 @@ def config_from_args(args: argparse.Namespace):
         device=args.device, precision=args.precision, data_root=args.data_root,
         episode_file=args.episode_file or str(default_episode_file(args.dataset, episodes)),
         scale=None if args.logit_scale == "auto" else args.logit_scale, lora_rank=args.lora_rank,
-        augment=args.augment, ways=args.ways, queries=args.queries, short_class_policy=args.short_class_policy)
+        augment=args.augment, ways=args.ways, queries=args.queries, short_class_policy=args.short_class_policy,
+        trajectory_steps=args.trajectory_steps)
     return config.with_absolute_paths()
 
 

@@ -14,7 +14,7 @@ def test_diagnose_run_reproduces_the_episode_and_writes_every_table(tmp_path, ca
     folder = tmp_path / "run"
     run(TINY, folder, progress=False)
     tables = diagnose_run(folder, episodes=[1], analysis=AnalysisConfig(attribution_steps=4))
-    assert set(tables) == {"norms", "sinks", "head_tail", "attention", "rollout", "attribution"}
+    assert set(tables) == {"norms", "sinks", "head_tail", "attention", "rollout", "attribution", "token_maps"}
     for name, table in tables.items():
         assert set(table["model"]) == {"pretrained", "fine-tuned coop+lora/tir"}, name
         assert set(table["episode"]) == {1} and set(table["dataset"]) == {"synthetic-crops"}

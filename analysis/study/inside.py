@@ -16,7 +16,7 @@ from cdfsl_core.runner import RunConfig, load_run, load_state, prepare_episode, 
 
 __all__ = ["TABLES", "cka_finetuned", "controls", "diagnostics", "intervention_stats"]
 
-TABLES = ("norms", "sinks", "head_tail", "attention", "rollout", "attribution")
+TABLES = ("norms", "sinks", "head_tail", "attention", "rollout", "attribution", "token_maps")
 
 
 def diagnostics(study: StudyContext) -> dict[str, pd.DataFrame]:
