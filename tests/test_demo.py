@@ -21,7 +21,7 @@ def test_demo_writes_the_table_the_runs_and_the_figures(tmp_path, capsys):
     assert (table.loc[table["method"] == "coop+lora", "diff_vs_baseline"] == 0).all()
     for name in ("world_samples", "accuracy_by_domain", "paired_differences", "token_norms_by_bucket", "sink_counts",
                  "head_tail_similarity", "attention_maps", "domain_similarity", "domain_estimators", "cka_finetuned",
-                 "atha_strengths", "positive_controls"):  # atha_strengths: what ATHA reports of itself
+                 "atha_strengths", "positive_controls", "token_maps", "trajectories"):  # atha_strengths: what ATHA reports
         assert (out / "figures" / f"{name}.png").stat().st_size > 0, name
         assert (out / "figures" / f"{name}.pdf").exists(), name
     sinks = pd.read_csv(out / "diagnostics" / "sinks.csv")

@@ -161,11 +161,13 @@ class StudyContext:
         """The papers' protocol for one cell (:func:`cdfsl_core.protocol.run_config`), on the study's
         shared episode file of the target and shot setting."""
         episodes = episode_config(shots, self.grid.episodes, self.grid.seed)
+        measured = shots == self.grid.diagnose_shots and adaptation != "zeroshot"
         return run_config(
             target, shots, adaptation, intervention, episodes=self.grid.episodes, steps=self.grid.steps,
             seed=self.grid.seed, model=self.model.name, pretrained=self.model.pretrained, device=self.model.device,
             precision=self.model.precision, data_root=self.data.root, data_options=self.dataset_options(target),
-            episode_file=str(self.out / "episodes" / episode_file_name(target, episodes)))
+            episode_file=str(self.out / "episodes" / episode_file_name(target, episodes)),
+            trajectory_steps=self.grid.trajectory_steps() if measured else ())
 
     @property
     def fine_tuned(self) -> list[str]:

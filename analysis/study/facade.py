@@ -50,5 +50,15 @@ class Study(StudyContext):
     def samples(self, per_domain: int = 8) -> dict[str, list]:
         return domains.samples(self, per_domain)
 
+    def trajectories(self) -> pd.DataFrame:
+        return inside.trajectories(self)
+
+    def token_map_figure(self, target: str | None = None, block: int | None = None,
+                         quantities=gallery.TOKEN_MAP_QUANTITIES, images=None):
+        return gallery.token_map_figure(self, target, block, quantities, images)
+
+    def trajectory_figure(self, target: str | None = None, statistics=None, block: int | None = None):
+        return gallery.trajectory_figure(self, target, statistics, block)
+
     def figures(self, folder: str | os.PathLike[str] | None = None) -> dict[str, list[Path]]:
         return gallery.figures(self, folder)

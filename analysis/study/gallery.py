@@ -11,7 +11,35 @@ from analysis.study import domains, inside, runs
 from analysis.study.context import StudyContext
 from cdfsl_core.interventions import build_intervention
 
-__all__ = ["figures"]
+__all__ = ["figures", "token_map_figure", "trajectory_figure"]
+
+TOKEN_MAP_QUANTITIES = ("sum_score", "norm", "sink:high-norm", "head_tail", "attention_from_cls", "edit")
+
+
+def token_map_block(study: StudyContext) -> int:
+    """The block token maps show by default: TIR's first (round(8n / 12)), where its weights act."""
+    n_blocks = len(study.bundle.model.visual.transformer.resblocks)
+    return min(n_blocks - 1, round(n_blocks * 8 / 12))
+
+
+def token_map_figure(study: StudyContext, target: str | None = None, block: int | None = None,
+                     quantities=TOKEN_MAP_QUANTITIES, images=None):
+    """Token maps of episode 0's first query images of ``target`` (default: the first), every model
+    of the diagnostics side by side (pretrained first), at ``block`` (default: TIR's first block)."""
+    target = target or study.data.targets[0]
+    table = inside.diagnostics(study)["token_maps"]
+    table = table[table["dataset"] == target]
+    images = list(dict.fromkeys(table["image"]))[:2] if images is None else images
+    return fig.token_maps(table, inside.token_map_pixels(study, target), token_map_block(study) if block is None else block,
+                          quantities, images=images)
+
+
+def trajectory_figure(study: StudyContext, target: str | None = None, statistics=None, block: int | None = None):
+    """Every fine-tuned method's trajectory on ``target``'s episodes (default: all targets pooled)."""
+    table = inside.trajectories(study)
+    if target is not None:
+        table = table[table["domain"] == target]
+    return fig.trajectories(table, statistics, block)
 
 
 def figures(study: StudyContext, folder: str | os.PathLike[str] | None = None) -> dict[str, list[Path]]:
@@ -38,7 +66,10 @@ def figures(study: StudyContext, folder: str | os.PathLike[str] | None = None) -
         "domain_similarity": lambda: fig.domain_similarity_by_layer(similarity, DEFAULT_ESTIMATOR),
         "domain_estimators": lambda: fig.domain_similarity_by_layer(similarity),
         "cka_finetuned": lambda: fig.cka_finetuned(inside.cka_finetuned(study)),
+        "token_maps": lambda: token_map_figure(study),
     }
+    if study.grid.trajectory_points:
+        made["trajectories"] = lambda: trajectory_figure(study)
     stats = inside.intervention_stats(study) if any(i != "none" for _, _, i in study.grid.methods) else None
     n_blocks = len(study.bundle.model.visual.transformer.resblocks)
     for name in dict.fromkeys(i for _, _, i in study.grid.methods if i != "none"):

@@ -11,10 +11,13 @@ from analysis.features import layer_features
 from analysis.run_diagnostics import diagnose_run
 from analysis.study import runs
 from analysis.study.context import StudyContext
+from analysis.token_maps import display_images
+from analysis.trajectory import trajectory_table
+from cdfsl_core.preprocess import load_images, protocol_transform
 from cdfsl_core.run_folder import RunFolder
 from cdfsl_core.runner import RunConfig, load_run, load_state, prepare_episode, state_path
 
-__all__ = ["TABLES", "cka_finetuned", "controls", "diagnostics", "intervention_stats"]
+__all__ = ["TABLES", "cka_finetuned", "controls", "diagnostics", "intervention_stats", "token_map_pixels", "trajectories"]
 
 TABLES = ("norms", "sinks", "head_tail", "attention", "rollout", "attribution", "token_maps")
 
@@ -129,3 +132,28 @@ def cka_finetuned(study: StudyContext) -> pd.DataFrame:
                                  "kernel": "linear", "estimator": "biased", "pool": "cls"})
         return pd.DataFrame(rows)
     return study.cached("cka_finetuned.csv", make)
+
+
+def trajectories(study: StudyContext) -> pd.DataFrame:
+    """The fine-tuning trajectories of every fine-tuned method at ``diagnose_shots`` (every episode,
+    every target): :func:`analysis.trajectory.trajectory_table` rows with ``method``, ``domain`` and
+    ``shots``; ``trajectories.csv``."""
+    def make() -> pd.DataFrame:
+        shots = study.grid.diagnose_shots
+        runs.run_grid(study, study.fine_tuned, (shots,))
+        parts = [trajectory_table(study.run_folder(target, shots, label), method=label, domain=target, shots=shots)
+                 for label in study.fine_tuned for target in study.data.targets]
+        return pd.concat(parts, ignore_index=True)
+    return study.cached("trajectories.csv", make)
+
+
+def token_map_pixels(study: StudyContext, target: str) -> "list":
+    """The query images of episode 0 of ``target`` at ``diagnose_shots`` as RGB in [0, 1], in the order
+    of the token-map table's ``image`` ids."""
+    label = study.fine_tuned[0] if study.fine_tuned else study.grid.methods[0][0]
+    folder = study.run_folder(target, study.grid.diagnose_shots, label)
+    runs.run_grid(study, [label], (study.grid.diagnose_shots,))
+    config, bundle, dataset, episodes = load_run(folder, study.bundle)
+    shown = episodes.episodes[0].query_ids[:max(1, study.analysis.token_map_images)]
+    images = load_images(dataset, shown, protocol_transform(bundle, config.train.resize_ratio))  # as the episode saw them
+    return list(display_images(images, bundle))

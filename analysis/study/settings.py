@@ -43,3 +43,13 @@ class StudyGrid:
     methods: tuple[tuple[str, str, str], ...] = METHODS  # (label, adaptation, intervention)
     baseline: str = BASELINE  # paired differences are against this label
     diagnose_shots: int = protocol.SHOTS[-1]  # the shot setting whose episode 0 the diagnostics look inside
+    trajectory_points: int = 5  # training steps measured on the diagnose_shots runs, evenly spaced from 0 (0: none)
+
+    def trajectory_steps(self) -> tuple[int, ...]:
+        """The steps the fine-tuned runs at ``diagnose_shots`` measure their queries at: ``trajectory_points``
+        evenly spaced from 0 (before training) to ``steps`` (after the last)."""
+        if self.trajectory_points <= 0:
+            return ()
+        if self.trajectory_points == 1:
+            return (self.steps,)
+        return tuple(sorted({round(i * self.steps / (self.trajectory_points - 1)) for i in range(self.trajectory_points)}))
