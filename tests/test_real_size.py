@@ -73,3 +73,31 @@ def test_every_diagnostic_at_real_size(vit_b16, images):
     assert tables["sinks"]["images"].eq(2).all()
     attention = tables["attention"]
     assert attention["row"].max() == 13 and attention["head"].nunique() == 12  # a 14 x 14 grid, 12 heads
+
+
+def test_token_maps_and_a_trajectory_at_real_size(vit_b16, images):
+    from analysis import figures as fig
+    from analysis.diagnostics import measure_tokens
+    from analysis.token_maps import display_images, token_maps
+    from analysis.trajectory import TokenProbe, compact
+    from cdfsl_core.methods import create_method
+    from cdfsl_core.runner import TrainConfig, train_episode
+
+    method = create_method(vit_b16, NAMES, "coop+lora", "tir", logit_scale=2.0)
+    table = token_maps(method, images[:2], layers=[8, 11])
+    assert table["row"].max() == 13 and table["col"].max() == 13  # 14 x 14 patches, CLS excluded
+    assert len(table[(table["quantity"] == "norm")]) == 2 * 2 * 196
+    edits = table[table["quantity"] == "edit"].groupby("block")["value"].max()
+    assert edits[8] > 0 and edits[11] == 0  # TIR acts before block 8, not 11
+    figure = fig.token_maps(table, display_images(images[:2], vit_b16), block=8, quantities=("sum_score", "edit"))
+    assert sum(1 for ax in figure.axes if ax.images) == 2 * 3
+    probe = TokenProbe(method, images, torch.arange(5), None, AnalysisConfig(attribution_steps=1))
+    points = []
+    train_episode(method, images, torch.arange(5), TrainConfig(steps=2, trajectory_steps=(0, 2)), "fp32",
+                  lambda step: points.append((step, probe(step))))
+    assert [step for step, _ in points] == [0, 2]
+    first = points[0][1]
+    assert first["blocks"] == list(range(12)) and len(first["norm_count"][0]) == 6  # buckets m = 0..5
+    assert sum(first["norm_count"][11]) == 5 * 196
+    method.eval()  # the probe after the last step = the diagnostics of the trained model
+    assert compact(measure_tokens(method, images).tables())["sinks"] == points[1][1]["sinks"]
