@@ -71,7 +71,9 @@ def world_samples(samples: Mapping[str, Sequence[tuple[np.ndarray, str]]]) -> pl
             else:
                 ax.axis("off")
         axes[r, 0].set_ylabel(domain, fontsize=9)
-    figure.suptitle("The embedded world: source (top) and targets in order of designed shift")
+    embedded = all(str(domain).startswith("synthetic") for domain in samples)
+    figure.suptitle("The embedded world: source (top) and targets in order of designed shift" if embedded else
+                    "Example images: source (top) and targets in order of shift")
     figure.tight_layout()
     return figure
 
@@ -111,14 +113,14 @@ def accuracy_by_domain(table: pd.DataFrame, similarity: Mapping[str, float] | No
             twin.grid(False)
             if ax is axes[0, -1]:
                 twin.set_ylabel("similarity to source (1 - MMD²/2)")
-                twin.legend(loc="upper right", fontsize=7)
             else:
                 twin.set_yticklabels([])
+            twins = [twin]
     axes[0, 0].set_ylabel("5-way accuracy (%)")
-    axes[0, 0].legend(loc="lower left", fontsize=7)
     figure.suptitle("Accuracy per target (left to right: growing shift); error bars: 95% CI = 1.96 std/sqrt(episodes);"
                     " dashed: chance", fontsize=9)
     figure.tight_layout()
+    _legend_below(figure, [axes[0, 0], *(twins if similarity else [])], ncol=5)
     return figure
 
 
@@ -166,6 +168,7 @@ def domain_similarity_by_layer(table: pd.DataFrame, estimators: Sequence[str] | 
             "lower = more similar" if higher is False or higher == 0.0 else "negative control; x: predicted")
         ax.set_title(f"{estimator} ({direction})", fontsize=9)
         ax.set_xlabel("vision block")
+    _integer_blocks(axes[0])
     entries = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
     axes[0, -1].legend(entries.values(), entries.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     settings = (f"n = {int(table['n'].iloc[0])} images per side" if "n" in table else "") + (
@@ -174,6 +177,23 @@ def domain_similarity_by_layer(table: pd.DataFrame, estimators: Sequence[str] | 
                     "class-disjoint halves of the source", fontsize=9)
     figure.tight_layout()
     return figure
+
+
+def _legend_below(figure: plt.Figure, axes: Sequence[plt.Axes], title: str | None = None, ncol: int = 4) -> None:
+    """One legend for every panel, below them (outside the data), from the entries of ``axes``."""
+    entries: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        figure.legend(list(entries.values()), list(entries.keys()), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                      ncol=min(ncol, len(entries)), fontsize=7, title=title, title_fontsize=7, frameon=False)
+
+
+def _integer_blocks(axes: Sequence[plt.Axes]) -> None:
+    """Block axes tick at whole blocks."""
+    for ax in axes:
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
 
 
 def _require(table: pd.DataFrame, columns: set[str], figure: str) -> None:
@@ -229,10 +249,10 @@ def paired_differences(summary: pd.DataFrame, baseline: str = "coop+lora") -> pl
         ax.invert_yaxis()
         ax.set_title(f"{k}-shot", fontsize=10)
         ax.set_xlabel(f"accuracy - {baseline} (points)")
-    axes[0, 0].legend(fontsize=7)
     figure.suptitle(f"Paired differences against {baseline} on the same episodes; bars: 95% CI "
                     "= 1.96 std/sqrt(episodes) of the per-episode differences", fontsize=9)
     figure.tight_layout()
+    _legend_below(figure, [axes[0, 0]])
     return figure
 
 
@@ -255,24 +275,31 @@ def token_norms_by_bucket(norms: pd.DataFrame) -> plt.Figure:
     _require(norms, {"model", "layer", "bucket", "count", "mean", "space", "transform", "rho"}, "token_norms_by_bucket")
     models = list(dict.fromkeys(norms["model"]))
     pooled = _weighted(norms, ["model", "layer", "bucket"], "mean", "count")
+    totals = norms.groupby(["model", "layer"])["count"].sum()
+    layers = sorted(norms["layer"].unique())
     n_classes = int(norms["bucket"].max())
     palette = sns.color_palette("viridis", n_colors=n_classes + 1)
     figure, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models) + 0.5, 3.6), squeeze=False, sharey=True)
     for ax, model in zip(axes[0], models):
         part = pooled[pooled["model"] == model]
         for bucket in range(n_classes + 1):
-            line = part[part["bucket"] == bucket].sort_values("layer")
-            if len(line):
-                ax.plot(line["layer"], line["mean"], "o-", color=palette[bucket], label=f"m = {bucket}")
+            # every block, NaN where the bucket has no token: the line breaks there instead of bridging it
+            line = part[part["bucket"] == bucket].set_index("layer").reindex(layers)
+            if line["mean"].notna().any():
+                share = (line["count"] / totals[model].reindex(layers)).fillna(0).to_numpy()
+                ax.plot(layers, line["mean"], "-", color=palette[bucket], label=f"m = {bucket}")
+                ax.scatter(layers, line["mean"], s=8 + 120 * share, color=palette[bucket])
         ax.set_title(model, fontsize=9)
         ax.set_xlabel("vision block")
+    _integer_blocks(axes[0])
     first = norms.iloc[0]
     unit = "log " if first["transform"] == "log" else ""
     axes[0, 0].set_ylabel(f"mean {unit}token norm ({first['space']} space)")
-    axes[0, -1].legend(title="Sum bucket", fontsize=7, title_fontsize=7)
     figure.suptitle(f"Patch-token norms by Sum bucket: m = number of the {n_classes} classes whose top "
-                    f"floor({first['rho']:g} L) tokens include the token (m = {n_classes}: 'simple' tokens)", fontsize=9)
+                    f"floor({first['rho']:g} L) tokens include the token (m = {n_classes}: 'simple' tokens); marker "
+                    "area: the bucket's share of the block's tokens; gaps: no token", fontsize=9, wrap=True)
     figure.tight_layout()
+    _legend_below(figure, [axes[0, 0]], title="Sum bucket", ncol=n_classes + 1)
     return figure
 
 
@@ -298,10 +325,14 @@ def sink_counts(sinks: pd.DataFrame) -> plt.Figure:
             ax.plot(line["layer"], line["mean_count"], "o-", color=palette[model], label=model)
         ax.set_title(labels[definition], fontsize=8)
         ax.set_xlabel("vision block")
+    _integer_blocks(axes[0])
     axes[0, 0].set_ylabel("sink tokens per image")
-    axes[0, 0].legend(fontsize=7)
-    figure.suptitle("Sink tokens under four definitions, before and after fine-tuning", fontsize=10)
+    images = int(sinks.groupby(["model", "definition", "layer"])["images"].sum().max())
+    figure.suptitle(f"Sink tokens per image under {len(definitions)} definitions, before and after fine-tuning (up to "
+                    f"{images} query images per point); each panel has its own y scale: the definitions flag "
+                    "different tokens in very different numbers", fontsize=9, wrap=True)
     figure.tight_layout()
+    _legend_below(figure, [axes[0, 0]])
     return figure
 
 
@@ -319,7 +350,11 @@ def head_tail_similarity(head_tail: pd.DataFrame, layers: Sequence[int] | None =
     layers = _chosen_layers(head_tail["layer"].unique(), layers)
     palette = _palette(head_tail["model"])
     models = list(palette)
-    figure, axes = plt.subplots(1, len(layers), figsize=(3.8 * len(layers) + 0.5, 3.4), squeeze=False)
+    figure, axes = plt.subplots(1, len(layers), figsize=(3.8 * len(layers) + 0.5, 3.4), squeeze=False, sharex=True,
+                                sharey=True)
+    occupied = head_tail[head_tail["count"] > 0]
+    low, high = (occupied["bin_left"].min(), occupied["bin_right"].max()) if len(occupied) else (-1.0, 1.0)
+    margin = 0.05 * (high - low)
     for ax, layer in zip(axes[0], layers):
         part = head_tail[head_tail["layer"] == layer]
         for model in models:
@@ -331,12 +366,13 @@ def head_tail_similarity(head_tail: pd.DataFrame, layers: Sequence[int] | None =
             ax.axvline(cuts["tail_cut"].mean(), color=palette[model], linestyle="--", linewidth=0.8, alpha=0.7)
         ax.set_title(f"block {layer}", fontsize=9)
         ax.set_xlabel("max over classes of cos(token, class vector)")
+        ax.set_xlim(low - margin, high + margin)  # the data's range, not the possible [-1, 1]
     axes[0, 0].set_ylabel("fraction of patch tokens")
-    axes[0, 0].legend(fontsize=7)
     first = head_tail.iloc[0]
     figure.suptitle(f"Head and tail tokens: similarity to ATHA's class vectors in the residual space; solid: head "
                     f"cut (top {first['rho_head']:g}), dashed: tail cut (bottom {first['rho_tail']:g})", fontsize=9)
     figure.tight_layout()
+    _legend_below(figure, [axes[0, 0]])
     return figure
 
 
@@ -375,7 +411,7 @@ def intervention_strengths(table: pd.DataFrame, statistics: Sequence[str] = ("al
         ax.set_title(STATISTIC_TITLES.get(statistic, statistic), fontsize=9)
         ax.set_xlabel("vision block")
     axes[0, 0].plot([], [], "k:", label="before training")
-    axes[0, 0].legend(fontsize=7)
+    _integer_blocks(axes[0])
     shots = ", ".join(f"{k}-shot" for k in sorted(table["shots"].unique())) if "shots" in table else ""
     norm = ""
     if "setting_text_norm" in table:
@@ -384,6 +420,7 @@ def intervention_strengths(table: pd.DataFrame, statistics: Sequence[str] = ("al
     figure.suptitle(f"What {name} reports of itself per block ({shots}){norm}; solid: after training, dotted: before; "
                     "bars: 95% CI over episodes", fontsize=9)
     figure.tight_layout()
+    _legend_below(figure, [axes[0, 0]], ncol=6)
     return figure
 
 
@@ -409,7 +446,8 @@ def positive_controls(table: pd.DataFrame) -> plt.Figure:
     grid = table.pivot_table(index="plant", columns="definition", values="mean_count", sort=False).reindex(
         index=plants, columns=definitions)
     figure, ax = plt.subplots(figsize=(1.6 * len(definitions) + 2.5, 0.55 * len(plants) + 1.6))
-    sns.heatmap(grid, annot=True, fmt=".2f", cmap="Blues", cbar=False, ax=ax, linewidths=0.5)
+    sns.heatmap(grid, annot=True, fmt=".2f", cmap="Blues", cbar=True, cbar_kws={"label": "sink tokens per image"},
+                ax=ax, linewidths=0.5)
     for _, row in table[table["found_by"]].iterrows():
         x, y = definitions.index(row["definition"]), plants.index(row["plant"])
         ax.add_patch(plt.Rectangle((x, y), 1, 1, fill=False, edgecolor="crimson", linewidth=2))
@@ -421,8 +459,11 @@ def positive_controls(table: pd.DataFrame) -> plt.Figure:
     labels = table.drop_duplicates("definition").set_index("definition")["label"] if "label" in table else None
     if labels is not None:
         ax.set_xticklabels([labels[d].replace(" (", "\n(") for d in definitions], fontsize=7, rotation=0)
-    ax.set_title(f"Positive controls at block {int(table['layer'].iloc[0])}: sink tokens per image; framed: the "
-                 "definition meant to find the plant (it must flag the planted token)", fontsize=9)
+    images = f"{table['images'].iloc[0]} " if "images" in table else ""
+    where = (f"the pretrained model on {images}query images of {_short(str(table['dataset'].iloc[0]))} with their "
+             "episode's classes" if "dataset" in table else "the pretrained model")
+    ax.set_title(f"Positive controls at block {int(table['layer'].iloc[0])}: sink tokens per image of {where}; framed: "
+                 "the definition meant to find the plant (it must flag the planted token)", fontsize=9, wrap=True)
     figure.tight_layout()
     return figure
 
@@ -446,11 +487,12 @@ def cka_finetuned(table: pd.DataFrame) -> plt.Figure:
             ax.plot(line.index, line.values, "o-", color=palette[method], label=method)
         ax.set_title(_short(target), fontsize=9)
         ax.set_xlabel("vision block")
+    _integer_blocks(axes[0])
     axes[0, 0].set_ylabel("CKA(pretrained, fine-tuned)")
-    axes[0, 0].legend(fontsize=7)
     settings = ", ".join(f"{k}={table[k].iloc[0]}" for k in ("kernel", "estimator", "pool") if k in table)
     figure.suptitle(f"How far fine-tuning moves each layer: CKA on the same query images ({settings})", fontsize=9)
     figure.tight_layout()
+    _legend_below(figure, [axes[0, 0]])
     return figure
 
 
@@ -482,16 +524,18 @@ def attention_maps(attention: pd.DataFrame, rollout: pd.DataFrame | None = None,
         for c, layer in enumerate(layers):
             part = attention[(attention["model"] == model) & (attention["layer"] == layer)]
             grid = _grid(part.groupby(["row", "col"])["value"].mean().reset_index())
-            axes[r, c].imshow(grid, cmap="magma")
+            shown = axes[r, c].imshow(grid, cmap="magma")
+            figure.colorbar(shown, ax=axes[r, c], fraction=0.046, pad=0.03).ax.tick_params(labelsize=5)
             axes[r, c].set_title(f"CLS attention, block {layer}", fontsize=7)
         for c, (name, table) in enumerate(extra, start=len(layers)):
             part = table[table["model"] == model].groupby(["row", "col"])["value"].mean().reset_index()
             grid = _grid(part)
             if name == "attribution":  # signed: white is zero
                 limit = float(np.abs(grid).max()) or 1.0
-                axes[r, c].imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit)
+                shown = axes[r, c].imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit)
             else:
-                axes[r, c].imshow(grid, cmap="magma")
+                shown = axes[r, c].imshow(grid, cmap="magma")
+            figure.colorbar(shown, ax=axes[r, c], fraction=0.046, pad=0.03).ax.tick_params(labelsize=5)
             axes[r, c].set_title(name, fontsize=7)
         axes[r, 0].set_ylabel(model, fontsize=7)
         for ax in axes[r]:
@@ -522,7 +566,7 @@ def feature_view(table: pd.DataFrame) -> plt.Figure:
     ax.set_title(f"Final image features, {method.upper()} fitted on all domains{note}", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.legend(fontsize=7, markerscale=2)
+    ax.legend(fontsize=7, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the points
     figure.tight_layout()
     return figure
 
@@ -594,6 +638,8 @@ def token_maps(table: pd.DataFrame, pixels: np.ndarray | Mapping[object, np.ndar
                 low, high = -0.5, int(high) + 0.5
             elif quantity == "head_tail":
                 cmap, low, high = plt.get_cmap("coolwarm", 3), -1.5, 1.5
+            elif quantity.startswith("sink:"):  # a flag: 0 or 1, whatever the images hold
+                cmap, low, high = plt.get_cmap("magma", 2), -0.5, 1.5
             else:
                 cmap = "magma"
             shown = ax.imshow(grid, cmap=cmap, vmin=low, vmax=high, alpha=alpha, extent=extent,
@@ -608,6 +654,8 @@ def token_maps(table: pd.DataFrame, pixels: np.ndarray | Mapping[object, np.ndar
                 bar.ax.tick_params(labelsize=6)
                 if quantity == "head_tail":
                     bar.set_ticks([-1, 0, 1], labels=["tail", "-", "head"])
+                elif quantity.startswith("sink:"):
+                    bar.set_ticks([0, 1], labels=["-", "flagged"])
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -675,7 +723,11 @@ def trajectories(table: pd.DataFrame, statistics: Sequence[str] | None = None, b
         if part["value"].isna().all():
             ax.text(0.5, 0.5, "no tokens in this bucket\nat any step", transform=ax.transAxes, ha="center",
                     va="center", fontsize=8, color="grey")
-        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        steps = sorted(table["step"].unique())
+        if len(steps) <= 8:
+            ax.set_xticks(steps)  # the measured steps
+        else:
+            ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.ticklabel_format(axis="y", useOffset=False)
         title = TRAJECTORY_TITLES.get(statistic, statistic)
         if statistic.startswith("norm:m="):
@@ -685,7 +737,8 @@ def trajectories(table: pd.DataFrame, statistics: Sequence[str] | None = None, b
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(statistics):]:
         ax.set_visible(False)
-    episodes = table.groupby("method")["episode"].nunique()
+    runs = [c for c in ("domain", "shots") if c in table]  # episodes of several runs are distinct episodes
+    episodes = table.drop_duplicates(["method", *runs, "episode"]).groupby("method").size()
     handles, labels = axes.flat[0].get_legend_handles_labels()
     figure.legend(handles, [f"{label} ({episodes[label]} episodes)" for label in labels], loc="outside lower center",
                   ncol=min(4, len(labels)), fontsize=7)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -27,6 +28,15 @@ def test_demo_writes_the_table_the_runs_and_the_figures(tmp_path, capsys):
     sinks = pd.read_csv(out / "diagnostics" / "sinks.csv")
     assert set(sinks["model"]) == {"pretrained", "coop+lora", "coop+lora+atha", "coop+lora+tir"}
     assert sinks["reproduced"].all() and set(sinks["fine_tuned_from"]) == {"saved state"}
+    controls = pd.read_csv(out / "diagnostics" / "controls.csv")
+    unplanted = controls[controls["plant"] == "none"].set_index("definition")["mean_count"]
+    block = int(controls["layer"].iloc[0])
+    pretrained = sinks[(sinks["model"] == "pretrained") & (sinks["dataset"] == controls["dataset"].iloc[0])
+                       & (sinks["layer"] == block)].set_index("definition")["mean_count"]
+    assert np.allclose(unplanted.sort_index(), pretrained.sort_index())  # the same images, classes and block
+    assert set(pd.read_csv(out / "trajectories.csv")["method"]) == {"coop+lora", "coop+lora+atha", "coop+lora+tir"}
+    maps = pd.read_csv(out / "diagnostics" / "token_maps.csv")
+    assert set(maps["model"]) == set(sinks["model"]) and maps["image"].nunique() == 4
     domains = pd.read_csv(out / "domain_similarity.csv")
     assert set(domains["target"].dropna()) == set(table["domain"]) and domains["estimator"].nunique() == 5
     assert (out / "runs" / "synthetic-xray" / "5shot_1ep" / "coop+lora+tir" / "summary.json").exists()

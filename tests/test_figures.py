@@ -37,7 +37,8 @@ def test_accuracy_by_domain_draws_one_panel_per_shot_and_one_bar_per_method_and_
     heights = [round(p.get_height(), 6) for p in panels[0].patches]
     assert heights == [90.0, 30.0, 80.0, 40.0]  # zero-shot on a, b; then tir on a, b
     assert [t.get_text() for t in panels[0].get_xticklabels()] == ["a", "b"]
-    assert [t.get_text() for t in panels[0].get_legend().get_texts()] == ["zero-shot", "tir"]
+    assert panels[0].get_legend() is None  # one legend below the panels, off the bars
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == ["zero-shot", "tir", "similarity to source"]
     twins = [ax for ax in figure.axes if not ax.get_title()]
     assert list(twins[0].lines[0].get_ydata()) == [0.9, 0.4]
     assert "95% CI" in figure._suptitle.get_text()
@@ -142,7 +143,7 @@ def test_paired_differences_in_points_without_the_baseline():
                             "diff_vs_baseline": [0.0, 0.05, -0.02], "diff_ci95": [0.0, 0.01, 0.03]})
     figure = paired_differences(summary)
     ax = figure.axes[0]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["tir", "atha"]
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == ["tir", "atha"]
     series = _lines(ax)
     assert series["tir"][0] == [5.0] and series["atha"][0] == [-2.0]
 
@@ -155,7 +156,8 @@ def test_attention_maps_rows_per_model_and_columns_per_layer():
     rollout = pd.DataFrame([{"model": m, "row": r, "col": c, "value": 1.0, "definition": "rollout def"}
                             for m in ("pretrained", "fine-tuned") for r, c in cells])
     figure = attention_maps(attention, rollout=rollout)
-    assert len(figure.axes) == 2 * 4
+    assert len([ax for ax in figure.axes if ax.get_images()]) == 2 * 4
+    assert len(figure.axes) == 2 * 4 * 2  # every heat map has its colour bar
     assert [ax.get_title() for ax in figure.axes[:4]] == ["CLS attention, block 0", "CLS attention, block 1",
                                                           "CLS attention, block 2", "rollout"]
     assert figure.axes[4].get_ylabel() == "fine-tuned"
@@ -218,3 +220,36 @@ def test_domain_similarity_draws_targets_references_and_the_control_prediction()
     assert "n = 50 images per side" in figure._suptitle.get_text()
     with pytest.raises(ValueError, match="estimators \\['frechet'\\] are not in the table"):
         domain_similarity_by_layer(pd.DataFrame(rows), "frechet")
+
+
+def test_a_bucket_without_tokens_breaks_its_line_and_blocks_tick_at_whole_numbers():
+    rows = [{"model": "m", "layer": layer, "bucket": bucket, "count": 0 if (bucket == 2 and layer == 1) else 10,
+             "mean": float(layer + bucket) if not (bucket == 2 and layer == 1) else np.nan, "std": 0.0,
+             "space": "residual", "transform": "none", "rho": 0.3} for layer in range(3) for bucket in range(3)]
+    figure = token_norms_by_bucket(pd.DataFrame(rows))
+    ax = figure.axes[0]
+    line = [ln for ln in ax.lines if ln.get_label() == "m = 2"][0]
+    assert list(line.get_xdata()) == [0, 1, 2] and np.isnan(line.get_ydata()[1])  # a gap, not a bridge
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    assert ax.get_legend() is None and figure.legends  # the legend is outside the panels
+
+
+def test_head_tail_axes_span_the_data_and_panels_share_them():
+    rows = []
+    edges = np.linspace(-1, 1, 41)
+    for layer in (0, 1, 2):
+        for b in range(40):
+            inside = 18 <= b <= 34  # data only in [-0.1, 0.75]
+            rows.append({"model": "m", "layer": layer, "bin_left": edges[b], "bin_right": edges[b + 1],
+                         "count": 5 if inside else 0, "head_cut": 0.5, "tail_cut": 0.0, "rho_head": 0.3,
+                         "rho_tail": 0.2})
+    figure = head_tail_similarity(pd.DataFrame(rows))
+    low, high = figure.axes[0].get_xlim()
+    assert -0.2 < low < -0.1 and 0.75 < high < 0.85
+    assert figure.axes[1].get_xlim() == (low, high)
+
+
+def test_world_samples_is_titled_by_what_it_shows():
+    image = np.zeros((4, 4, 3), dtype=np.uint8)
+    assert "embedded world" in world_samples({"synthetic": [(image, "a")]})._suptitle.get_text()
+    assert "embedded world" not in world_samples({"miniimagenet": [(image, "a")]})._suptitle.get_text()

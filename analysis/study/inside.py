@@ -39,12 +39,15 @@ def diagnostics(study: StudyContext) -> dict[str, pd.DataFrame]:
     return study.cached_tables("diagnostics", TABLES, make)
 
 
-def controls(study: StudyContext, layer: int | None = None, images: int = 16) -> pd.DataFrame:
+def controls(study: StudyContext, layer: int | None = None, images: int | None = None) -> pd.DataFrame:
     """Positive controls beside the real model: sink tokens per image at ``layer`` (default: the
-    middle block) of the pretrained model on ``images`` images of the first target, without a plant
-    and with each artefact of :mod:`analysis.controls` planted into patch token 0; per (plant,
-    definition) ``mean_count``, ``planted_token_found`` (share of images whose planted token the
-    definition flags) and ``found_by`` (the definition meant to find the plant)."""
+    middle block) of the pretrained model on the query images (the first ``images``; None: all) of
+    the first target's episode 0 at ``diagnose_shots``, with that episode's classes: the images and
+    classes of the diagnostics' pretrained model, so the unplanted row equals the ``sink_counts``
+    pretrained line of that target at that block, without a plant and with each artefact of
+    :mod:`analysis.controls` planted into patch token 0; per (plant, definition) ``mean_count``,
+    ``planted_token_found`` (share of images whose planted token the definition flags) and
+    ``found_by`` (the definition meant to find the plant)."""
     def make() -> pd.DataFrame:
         from analysis.controls import PLANTS, Plant, planted
         from analysis.diagnostics import TokenDiagnostics
@@ -52,10 +55,13 @@ def controls(study: StudyContext, layer: int | None = None, images: int = 16) ->
         from analysis.sinks import sink_spec
         from cdfsl_core.methods import create_method
 
-        dataset = study.load(study.data.targets[0])
-        step = max(1, len(dataset) // images)
-        batch = torch.stack([study.transform(dataset.load_image(i)) for i in range(0, len(dataset), step)[:images]])
-        method = create_method(study.bundle, dataset.classes[:5], "zeroshot", "none").eval()
+        target, shots = study.data.targets[0], study.grid.diagnose_shots
+        label = study.fine_tuned[0] if study.fine_tuned else study.grid.methods[0][0]
+        runs.run_grid(study, [label], (shots,))
+        config, bundle, dataset, episodes = load_run(study.run_folder(target, shots, label), study.bundle)
+        episode = episodes.episodes[0]
+        batch = load_images(dataset, episode.query_ids[:images], protocol_transform(bundle, config.train.resize_ratio))
+        method = create_method(study.bundle, episodes.class_names(episode), "zeroshot", "none").eval()
         with torch.no_grad():
             _, readout = method.text_features(readout=True)
         block = len(study.bundle.model.visual.transformer.resblocks) // 2 if layer is None else layer
@@ -73,8 +79,8 @@ def controls(study: StudyContext, layer: int | None = None, images: int = 16) ->
                 rows.append({"plant": kind, "planted_per_image": len(plants), "definition": row["definition"],
                              "label": row["label"], "layer": block, "images": row["images"],
                              "mean_count": row["mean_count"], "planted_token_found": found,
-                             "found_by": sink_spec(row["definition"]).plant == kind, "dataset": study.data.targets[0],
-                             "model": "pretrained", **study.analysis.columns()})
+                             "found_by": sink_spec(row["definition"]).plant == kind, "dataset": target,
+                             "episode": 0, "model": "pretrained", **study.analysis.columns()})
         return pd.DataFrame(rows)
     return study.cached("diagnostics/controls.csv", make)
 
