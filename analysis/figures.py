@@ -20,12 +20,15 @@ from cdfsl_core.stats import mean_ci95
 
 __all__ = [
     "accuracy_by_domain",
+    "ablation_effects",
     "attention_maps",
     "domain_similarity_by_layer",
     "cka_finetuned",
     "feature_view",
     "head_tail_similarity",
     "intervention_strengths",
+    "logit_attribution",
+    "patching",
     "paired_differences",
     "positive_controls",
     "save_figure",
@@ -744,4 +747,127 @@ def trajectories(table: pd.DataFrame, statistics: Sequence[str] | None = None, b
                   ncol=min(4, len(labels)), fontsize=7)
     figure.suptitle(f"Fine-tuning trajectories on each episode's queries: mean and 95% CI over episodes; token "
                     f"statistics at vision block {block}", fontsize=9)
+    return figure
+
+
+def ablation_effects(summary: pd.DataFrame, statistic: str = "d_margin") -> plt.Figure:
+    """What ablating each token set does, beside its random control of the same size: one panel per
+    model, one pair of bars per set (the set's mean effect and its control's, with 95% CIs over
+    episodes); a set matters only where its bar leaves its control's behind.
+
+    Args:
+        summary: :func:`analysis.causal.summarize_effects` rows: ``model``, ``set``, ``statistic``,
+            ``set_effect``, ``set_ci95``, ``control_effect``, ``control_ci95``, ``tokens``, ``episodes``.
+        statistic: ``d_margin`` (true-class margin) or ``d_accuracy``.
+    """
+    _require(summary, {"model", "set", "statistic", "set_effect", "set_ci95", "control_effect", "control_ci95",
+                       "tokens"}, "ablation_effects")
+    table = summary[summary["statistic"] == statistic]
+    models = list(dict.fromkeys(table["model"]))
+    sets = list(dict.fromkeys(table["set"]))
+    figure, axes = plt.subplots(1, len(models), figsize=(0.9 * len(sets) * len(models) + 2.5, 3.6), squeeze=False,
+                                sharey=True)
+    x = np.arange(len(sets))
+    for ax, model in zip(axes[0], models):
+        part = table[table["model"] == model].set_index("set").reindex(sets)
+        ax.bar(x - 0.2, part["set_effect"], 0.4, yerr=part["set_ci95"].fillna(0), capsize=2, color="crimson",
+               label="the set")
+        ax.bar(x + 0.2, part["control_effect"], 0.4, yerr=part["control_ci95"].fillna(0), capsize=2, color="grey",
+               label="random control, same size")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(x, [f"{name}\n({tokens:.1f})" for name, tokens in zip(sets, part["tokens"].fillna(0))],
+                      fontsize=7, rotation=20)
+        ax.set_title(model, fontsize=9)
+    unit = "true-class margin" if statistic == "d_margin" else "accuracy"
+    axes[0, 0].set_ylabel(f"change of the {unit}")
+    first = table.iloc[0] if len(table) else None
+    where = f" entering block {int(first['block'])}, replaced by {first['ablation']}" if first is not None and \
+        "block" in table and "ablation" in table else ""
+    episodes = int(table["episodes"].max()) if "episodes" in table and len(table) else 0
+    figure.suptitle(f"Token ablation{where}: each set beside a random set of the same size per image (tokens per "
+                    f"image in brackets); bars: 95% CI over {episodes} episodes", fontsize=9, wrap=True)
+    figure.tight_layout()
+    _legend_below(figure, [axes[0, 0]])
+    return figure
+
+
+def patching(table: pd.DataFrame) -> plt.Figure:
+    """Where the fine-tuned model's difference lives: the share of the true-class margin difference
+    recovered when one block's output (all tokens, CLS only, patch tokens only) or the classifier
+    of model A is taken from model B, mean and 95% CI over episodes, one panel per B.
+
+    Args:
+        table: :func:`analysis.causal.patch_effects` rows with ``episode``, ``site``, ``block``,
+            ``tokens``, ``recovered`` and ``b`` (the model patched in; optional).
+    """
+    _require(table, {"site", "block", "tokens", "recovered"}, "patching")
+    table = table.assign(b=table["b"] if "b" in table else "B", episode=table["episode"] if "episode" in table else 0)
+    models = list(dict.fromkeys(table["b"]))
+    figure, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models) + 0.6, 3.4), squeeze=False, sharey=True)
+    styles = {"all": ("o-", "black"), "cls": ("s--", "tab:blue"), "patches": ("^:", "tab:orange")}
+    for ax, model in zip(axes[0], models):
+        part = table[(table["b"] == model) & (table["site"] == "block output")]
+        for tokens in dict.fromkeys(part["tokens"]):
+            stats = part[part["tokens"] == tokens].groupby("block")["recovered"].agg(["mean", _ci95]).reset_index()
+            fmt, colour = styles.get(tokens, ("o-", None))
+            ax.errorbar(stats["block"], stats["mean"], yerr=stats["_ci95"].fillna(0), fmt=fmt, color=colour, capsize=2,
+                        markersize=4, label=f"block output: {tokens}")
+        text = table[(table["b"] == model) & (table["site"] == "text")]["recovered"]
+        if len(text):
+            ax.axhline(text.mean(), color="tab:green", linestyle="-.", linewidth=1, label="classifier (text) only")
+        ax.axhline(1, color="grey", linewidth=0.8)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_title(f"A <- {model}", fontsize=9)
+        ax.set_xlabel("vision block patched")
+    _integer_blocks(axes[0])
+    axes[0, 0].set_ylabel("share of the margin difference recovered")
+    a = table["a"].iloc[0] if "a" in table else "A"
+    figure.suptitle(f"Activation patching: {a} with one part taken from the fine-tuned model; 1 = all of the "
+                    "difference in the true-class margin, 0 = none; bars: 95% CI over episodes", fontsize=9, wrap=True)
+    figure.tight_layout()
+    _legend_below(figure, [axes[0, 0]])
+    return figure
+
+
+def logit_attribution(summary: pd.DataFrame, value: str = "to_margin") -> plt.Figure:
+    """Direct logit attribution per block and head: each attention head's (and each block's MLP's)
+    mean contribution to the true class against the other classes, one heat map per model on one
+    symmetric colour scale (red pushes toward the true class, blue away).
+
+    Args:
+        summary: :func:`analysis.run_causal.attribution_summary` rows: ``model``, ``component``,
+            ``block``, ``head``, ``to_true``, ``to_margin`` (several episodes are averaged).
+        value: ``to_margin`` (true class minus the mean of the others) or ``to_true``.
+    """
+    _require(summary, {"model", "component", "block", "head", value}, "logit_attribution")
+    models = list(dict.fromkeys(summary["model"]))
+    heads = summary[summary["component"] == "attention"]
+    n_heads = int(heads["head"].max()) + 1
+    blocks = sorted(int(b) for b in heads["block"].unique())
+    grids = {}
+    for model in models:
+        grid = np.full((len(blocks), n_heads + 1), np.nan)
+        part = summary[summary["model"] == model]
+        attention = part[part["component"] == "attention"].groupby(["block", "head"])[value].mean()
+        for (block, head), v in attention.items():
+            grid[blocks.index(int(block)), int(head)] = v
+        mlp = part[part["component"] == "mlp"].groupby("block")[value].mean()
+        for block, v in mlp.items():
+            grid[blocks.index(int(block)), n_heads] = v
+        grids[model] = grid
+    limit = max(float(np.nanmax(np.abs(g))) for g in grids.values()) or 1.0
+    figure, axes = plt.subplots(1, len(models), figsize=(0.55 * (n_heads + 1) * len(models) + 2.2, 0.45 * len(blocks) + 1.8),
+                                squeeze=False, layout="constrained")
+    for ax, model in zip(axes[0], models):
+        shown = ax.imshow(grids[model], cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+        ax.grid(False)
+        ax.set_xticks(range(n_heads + 1), [f"h{h}" for h in range(n_heads)] + ["MLP"], fontsize=7)
+        ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=7)
+        ax.set_title(model, fontsize=8)
+        ax.set_xlabel("attention head (and the block's MLP)", fontsize=8)
+    axes[0, 0].set_ylabel("vision block", fontsize=8)
+    figure.colorbar(shown, ax=axes[0].tolist(), shrink=0.8).set_label(
+        "logit contribution" + (": true class - mean of others" if value == "to_margin" else ": true class"), fontsize=7)
+    figure.suptitle("Direct logit attribution of the CLS token (ln_post's scale frozen per image): mean over query "
+                    "images", fontsize=9)
     return figure

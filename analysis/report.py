@@ -1,6 +1,6 @@
 """A study as a self-contained HTML report: ``python -m analysis.report STUDY_FOLDER [--out REPORT]``.
 
-Executes the five notebooks with papermill on the study folder (their parameters read from its
+Executes the notebooks with papermill on the study folder (their parameters read from its
 ``study.json``, so every table the folder holds is reused and nothing is recomputed), converts
 each to HTML with nbconvert, figures embedded as data URIs and no script or style fetched from the
 network, and writes an index page linking them: the folder (default ``STUDY/report``) opens offline
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     result.add_argument("study", type=Path, help="a study folder (with study.json), e.g. outputs/demo after make demo")
     result.add_argument("--out", type=Path, default=None, help="the report folder (default STUDY/report)")
     result.add_argument("--notebooks", nargs="+", default=None,
-                        help="notebook names or prefixes to include (default: all five), e.g. 01 02")
+                        help="notebook names or prefixes to include (default: all), e.g. 01 02")
     result.add_argument("--timeout", type=int, default=1800, help="seconds a notebook cell may take")
     return result
 

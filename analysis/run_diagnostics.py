@@ -12,7 +12,7 @@ Writes, into ``RUN_FOLDER/diagnostics/`` (or ``--out``), one CSV per table: ``no
 ``head_tail``, ``attention`` (CLS attention maps, mean over query images, per head and layer),
 ``rollout``, ``attribution`` (per-patch integrated gradients of the true class, mean over
 query images) and ``token_maps`` (every per-token quantity of the first ``--token-map-images``
-query images on the patch grid, :mod:`analysis.token_maps`), each labelled with model, dataset, episode and the definitions used.
+query images, one per class first, on the patch grid, :mod:`analysis.token_maps`), each labelled with model, dataset, episode and the definitions used.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ from analysis.attribution import PatchAttribution  # noqa: E402
 from analysis.config import AnalysisConfig  # noqa: E402
 from analysis.diagnostics import TokenDiagnostics  # noqa: E402
 from analysis.recorder import record  # noqa: E402
-from analysis.token_maps import token_maps  # noqa: E402
+from analysis.token_maps import balanced_indices, token_maps  # noqa: E402
 from cdfsl_core.errors import ConfigError  # noqa: E402
 from cdfsl_core.methods import FewShotCLIP  # noqa: E402
 from cdfsl_core.run_folder import RunFolder  # noqa: E402
@@ -154,10 +154,10 @@ def diagnose_model(method: FewShotCLIP, images: torch.Tensor, targets: torch.Ten
         attribution, **labels, definition=f"integrated gradients ({steps} steps) of the true-class logit "
         "w.r.t. patch embeddings, summed over channels, mean over query images"))
     if analysis.token_map_images:
-        shown = images[:analysis.token_map_images]
+        shown = balanced_indices(targets.tolist(), analysis.token_map_images)  # one per class first
         others = {key: value for key, value in labels.items() if key != "model"}
-        tables["token_maps"] = token_maps(method, shown, analysis=analysis, model=labels.get("model", "model"),
-                                          **others)
+        tables["token_maps"] = token_maps(method, images[shown], analysis=analysis, model=labels.get("model", "model"),
+                                          image_ids=shown, **others)
     for table in tables.values():
         for column, value in analysis.columns().items():
             table[column] = value

@@ -55,11 +55,31 @@ from cdfsl_core.config import TIRConfig
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.token_text import head_tail_sets, tir_weights
 
-__all__ = ["QUANTITIES", "compare_token_maps", "display_images", "patch_grid", "token_maps"]
+__all__ = ["QUANTITIES", "balanced_indices", "compare_token_maps", "display_images", "patch_grid", "token_maps"]
 
 QUANTITIES = ("sum_score", "tir_weight", "norm", "max_similarity", "head_tail", "pulled_class", "pushed_class",
               "attention_from_cls", "attention_mean", "edit")  # plus one sink:<definition> per registered definition
 CATEGORICAL = ("head_tail", "pulled_class", "pushed_class")  # drawn with a discrete colour map
+
+
+def balanced_indices(labels: Sequence[int], n: int) -> list[int]:
+    """The first ``n`` positions of ``labels`` taken round-robin over the classes (class 0's first,
+    class 1's first, ..., class 0's second, ...), so a few images of an episode's class-major query
+    list cover its classes; all positions when ``n`` is 0 or more than there are."""
+    labels = [int(v) for v in labels]
+    if n <= 0 or n >= len(labels):
+        return list(range(len(labels)))
+    by_class: dict[int, list[int]] = {}
+    for position, label in enumerate(labels):
+        by_class.setdefault(label, []).append(position)
+    chosen: list[int] = []
+    rank = 0
+    while len(chosen) < n:
+        for positions in by_class.values():
+            if rank < len(positions) and len(chosen) < n:
+                chosen.append(positions[rank])
+        rank += 1
+    return sorted(chosen)
 
 
 def patch_grid(tokens: int, prefix: int | None = None) -> tuple[int, int]:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
-EXPECTED = {"00_domain_shift_primer", "01_attention_sink", "02_tail_tokens", "03_cka_domain_similarity", "04_accuracy"}
+EXPECTED = {"00_domain_shift_primer", "01_attention_sink", "02_tail_tokens", "03_cka_domain_similarity", "04_accuracy",
+            "05_causal_tools"}
 PARAMETERS = ("MODEL", "CHECKPOINT", "DATA_ROOT", "SOURCE", "TARGETS", "DEVICE", "EPISODES", "STEPS", "OUT")
 
 
@@ -17,7 +18,7 @@ def _code(path: Path) -> list[dict]:
     return [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
 
 
-def test_the_five_notebooks_are_there():
+def test_the_six_notebooks_are_there():
     assert {path.stem for path in NOTEBOOKS} == EXPECTED
 
 

@@ -148,3 +148,12 @@ def test_the_figure_draws_every_model_and_quantity_over_the_pixels(setting):
     assert len(images_drawn) == 2 * 2 * (1 + len(quantities))
     with pytest.raises(ValueError, match="not in the token-map table"):
         fig.token_maps(table, display_images(images, bundle), block=4, quantities=("nothing",))
+
+
+def test_a_few_images_of_an_episode_cover_its_classes_first():
+    from analysis.token_maps import balanced_indices
+
+    labels = [0] * 3 + [1] * 3 + [2] * 3  # class-major, as an episode's queries
+    assert balanced_indices(labels, 3) == [0, 3, 6]
+    assert balanced_indices(labels, 5) == [0, 1, 3, 4, 6]
+    assert balanced_indices(labels, 0) == list(range(9)) and balanced_indices(labels, 20) == list(range(9))

@@ -50,6 +50,9 @@ class Study(StudyContext):
     def samples(self, per_domain: int = 8) -> dict[str, list]:
         return domains.samples(self, per_domain)
 
+    def causal(self) -> dict[str, pd.DataFrame]:
+        return inside.causal(self)
+
     def trajectories(self) -> pd.DataFrame:
         return inside.trajectories(self)
 

@@ -70,6 +70,10 @@ def figures(study: StudyContext, folder: str | os.PathLike[str] | None = None) -
     }
     if study.grid.trajectory_points:
         made["trajectories"] = lambda: trajectory_figure(study)
+    if study.fine_tuned:
+        made["ablation_effects"] = lambda: fig.ablation_effects(inside.causal(study)["ablation_summary"])
+        made["patching"] = lambda: fig.patching(inside.causal(study)["patching"])
+        made["logit_attribution"] = lambda: fig.logit_attribution(inside.causal(study)["attribution"])
     stats = inside.intervention_stats(study) if any(i != "none" for _, _, i in study.grid.methods) else None
     n_blocks = len(study.bundle.model.visual.transformer.resblocks)
     for name in dict.fromkeys(i for _, _, i in study.grid.methods if i != "none"):

@@ -11,13 +11,13 @@ from analysis.features import layer_features
 from analysis.run_diagnostics import diagnose_run
 from analysis.study import runs
 from analysis.study.context import StudyContext
-from analysis.token_maps import display_images
+from analysis.token_maps import balanced_indices, display_images
 from analysis.trajectory import trajectory_table
 from cdfsl_core.preprocess import load_images, protocol_transform
 from cdfsl_core.run_folder import RunFolder
 from cdfsl_core.runner import RunConfig, load_run, load_state, prepare_episode, state_path
 
-__all__ = ["TABLES", "cka_finetuned", "controls", "diagnostics", "intervention_stats", "token_map_pixels", "trajectories"]
+__all__ = ["CAUSAL_TABLES", "TABLES", "causal", "cka_finetuned", "controls", "diagnostics", "intervention_stats", "token_map_pixels", "trajectories"]
 
 TABLES = ("norms", "sinks", "head_tail", "attention", "rollout", "attribution", "token_maps")
 
@@ -153,13 +153,46 @@ def trajectories(study: StudyContext) -> pd.DataFrame:
     return study.cached("trajectories.csv", make)
 
 
-def token_map_pixels(study: StudyContext, target: str) -> "list":
-    """The query images of episode 0 of ``target`` at ``diagnose_shots`` as RGB in [0, 1], in the order
-    of the token-map table's ``image`` ids."""
+def token_map_pixels(study: StudyContext, target: str) -> dict:
+    """The query images of episode 0 of ``target`` at ``diagnose_shots`` whose token maps the
+    diagnostics keep, as RGB in [0, 1], by the token-map table's ``image`` ids (query positions)."""
     label = study.fine_tuned[0] if study.fine_tuned else study.grid.methods[0][0]
     folder = study.run_folder(target, study.grid.diagnose_shots, label)
     runs.run_grid(study, [label], (study.grid.diagnose_shots,))
     config, bundle, dataset, episodes = load_run(folder, study.bundle)
-    shown = episodes.episodes[0].query_ids[:max(1, study.analysis.token_map_images)]
+    episode = episodes.episodes[0]
+    positions = balanced_indices(episode.query_labels, max(1, study.analysis.token_map_images))  # as diagnose_model
+    shown = [episode.query_ids[i] for i in positions]
     images = load_images(dataset, shown, protocol_transform(bundle, config.train.resize_ratio))  # as the episode saw them
-    return list(display_images(images, bundle))
+    return dict(zip(positions, display_images(images, bundle)))
+
+
+CAUSAL_TABLES = ("ablation", "ablation_summary", "patching", "attribution")
+
+
+def causal(study: StudyContext) -> dict[str, pd.DataFrame]:
+    """The causal tools (:mod:`analysis.run_causal`) on the first target's episodes at ``diagnose_shots``,
+    for every fine-tuned method: token ablation with random controls at TIR's first block,
+    patching the pretrained model with parts of the fine-tuned one, direct logit attribution; the
+    pretrained model's rows once. Into ``causal/``."""
+    def make() -> dict[str, pd.DataFrame]:
+        from analysis.causal import summarize_effects
+        from analysis.run_causal import causal_run
+
+        shots, target = study.grid.diagnose_shots, study.data.targets[0]
+        runs.run_grid(study, study.fine_tuned, (shots,))
+        parts: dict[str, list[pd.DataFrame]] = {}
+        for i, label in enumerate(study.fine_tuned):
+            folder = study.run_folder(target, shots, label)
+            tables = causal_run(folder, range(study.grid.episodes), out=folder / "causal", bundle=study.bundle,
+                                patch_tokens=("all", "cls"), label=label, queries=study.grid.causal_queries)
+            for name in ("ablation", "attribution", "patching"):
+                table = tables[name]
+                if i and "model" in table:
+                    table = table[table["model"] != "pretrained"]
+                parts.setdefault(name, []).append(table.assign(method=label))
+        tables = {name: pd.concat(items, ignore_index=True) for name, items in parts.items()}
+        tables["ablation_summary"] = pd.concat([summarize_effects(tables["ablation"], value=value)
+                                                for value in ("d_margin", "d_accuracy")], ignore_index=True)
+        return tables
+    return study.cached_tables("causal", CAUSAL_TABLES, make)

@@ -43,6 +43,7 @@ class StudyGrid:
     methods: tuple[tuple[str, str, str], ...] = METHODS  # (label, adaptation, intervention)
     baseline: str = BASELINE  # paired differences are against this label
     diagnose_shots: int = protocol.SHOTS[-1]  # the shot setting whose episode 0 the diagnostics look inside
+    causal_queries: int = 25  # query images per episode the causal tools use (0: all; 25 = 5 per class)
     trajectory_points: int = 5  # training steps measured on the diagnose_shots runs, evenly spaced from 0 (0: none)
 
     def trajectory_steps(self) -> tuple[int, ...]:
