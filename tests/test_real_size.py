@@ -101,3 +101,25 @@ def test_token_maps_and_a_trajectory_at_real_size(vit_b16, images):
     assert sum(first["norm_count"][11]) == 5 * 196
     method.eval()  # the probe after the last step = the diagnostics of the trained model
     assert compact(measure_tokens(method, images).tables())["sinks"] == points[1][1]["sinks"]
+
+
+def test_the_causal_tools_at_real_size(vit_b16, images):
+    from analysis.causal import ablation_effects, logit_attribution, patched_logits
+    from cdfsl_core.methods import create_method
+
+    labels = torch.arange(5)
+    a = create_method(vit_b16, NAMES, "zeroshot", "none").eval()
+    b = create_method(vit_b16, NAMES, "coop+lora", "tir", logit_scale=2.0)
+    with torch.no_grad():
+        for name, p in b.lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+        b.eval()
+        logits_b = b(images)
+        assert torch.allclose(patched_logits(a, b, images, [11], "all", text=True), logits_b, atol=1e-4)
+    table = logit_attribution(b, images, labels)
+    assert set(table[table["component"] == "attention"]["head"]) == set(range(12))  # 12 heads of width 64
+    summed = table.groupby(["image", "class"])["value"].sum().unstack().to_numpy()
+    assert abs(summed - logits_b.numpy()).max() < 1e-3
+    effects = ablation_effects(a, images, labels, 8, sets=("head", "tail"), how="mean")
+    assert set(effects["tokens"]) == {float(int(0.3 * 196)), float(int(0.2 * 196))}  # ATHA's fractions of 196 patches

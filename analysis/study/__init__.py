@@ -49,12 +49,13 @@ def notebook_study(out: str | os.PathLike[str] = "../outputs/demo", *, model: st
                    steps: int | None = None, **settings: Any) -> Study:
     """The study of a notebook's parameter cell; ``None``: the demo's settings. With the environment
     variable ``CDFSL_NOTEBOOK_QUICK`` set to a folder (the test suite), a quick study there: the first
-    and last target, one episode, two steps."""
+    and last target, one episode, two steps, trajectories at steps 0 and 2, 10 queries for the causal
+    tools."""
     given = {"episodes": episodes, "steps": steps, "targets": None if targets is None else tuple(targets)}
     given = {key: value for key, value in given.items() if value is not None}
     if os.environ.get(QUICK_ENV):
         chosen = tuple(targets) if targets is not None else StudyData().targets
-        given.update(targets=(chosen[0], chosen[-1]), episodes=1, steps=2)
+        given.update(targets=(chosen[0], chosen[-1]), episodes=1, steps=2, trajectory_points=2, causal_queries=10)
         out = Path(os.environ[QUICK_ENV])
     return Study.create(out, model=model, pretrained=checkpoint, data_root=data_root, source=source, device=device,
                         progress=False, **given, **settings)
