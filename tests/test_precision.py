@@ -127,8 +127,8 @@ def test_every_diagnostic_runs_under_bf16_autocast(embedded):
         tables = diagnose_model(method, images[:5], torch.arange(5), {"model": "m"}, AnalysisConfig(attribution_steps=2))
     with torch.no_grad():
         plain = diagnose_model(method, images[:5], torch.arange(5), {"model": "m"}, AnalysisConfig(attribution_steps=2))
-    assert set(tables) == {"norms", "sinks", "head_tail", "attention", "rollout", "attribution"}
-    for name in ("norms", "sinks", "head_tail", "attention", "rollout"):
+    assert set(tables) == {"norms", "sinks", "head_tail", "attention", "rollout", "attribution", "token_maps"}
+    for name in ("norms", "sinks", "head_tail", "attention", "rollout", "token_maps"):
         assert tables[name].select_dtypes("number").notna().any().all(), name
     # the Sum-score buckets (counts) may differ only through the bf16 forward before the block, not
     # through the ranking: sink definitions read fp32 statistics of the recorded stream
