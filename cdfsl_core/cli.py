@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from cdfsl_core.errors import CDFSLError
 
-__all__ = ["HelpFormatter", "add_episode_arguments", "command", "fraction", "logit_scale", "non_negative_int", "parser", "positive_float", "positive_int"]
+__all__ = ["HelpFormatter", "add_episode_arguments", "command", "episode_batch_arg", "fraction", "logit_scale", "non_negative_int", "parser", "positive_float", "positive_int"]
 
 DEBUG_ENV = "CDFSL_DEBUG"
 
@@ -53,6 +53,11 @@ def _number(text: str, convert: Callable[[str], float], valid: Callable[[float],
 def positive_int(text: str) -> int:
     """An integer >= 1."""
     return _number(text, int, lambda v: v >= 1, "a positive integer (1 or more)")
+
+
+def episode_batch_arg(text: str) -> int | str:
+    """Episodes trained together: ``auto`` or an integer >= 1."""
+    return "auto" if text == "auto" else _number(text, int, lambda v: v >= 1, "'auto' or a positive integer")
 
 
 def non_negative_int(text: str) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,28 +20,22 @@ from tqdm import tqdm
 
 from cdfsl_core.atomic import atomic_path
 from cdfsl_core.config import RunConfig, TrainConfig
+from cdfsl_core.episode_batch import (
+    NonFiniteLoss,
+    batchable,
+    check_labels,
+    generator_like_global,
+    protocol_optimisers,
+    train_batch,
+)
 from cdfsl_core.episodes import EpisodeFile
 from cdfsl_core.methods import FewShotCLIP
 from cdfsl_core.models import ClipBundle
 from cdfsl_core.preprocess import load_images, protocol_transform
 from cdfsl_core.zeroshot import autocast_for
 
-__all__ = ["NonFiniteLoss", "episode_seed", "evaluate", "load_state", "prepare_episode", "run_episode", "save_state",
-           "train_episode"]
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite during an episode."""
-
-
-def check_labels(method: FewShotCLIP, labels: torch.Tensor) -> None:
-    """The episode's labels must index the method's classes."""
-    n_way = int(labels.max().item()) + 1 if len(labels) else 0
-    if n_way != len(method.class_names):
-        raise ValueError(
-            f"The method has {len(method.class_names)} class names {method.class_names}, but the "
-            f"episode's labels are 0..{n_way - 1} ({n_way}-way). Pass one name per episode class."
-        )
+__all__ = ["NonFiniteLoss", "episode_seed", "evaluate", "load_state", "prepare_episode", "run_episode",
+           "run_episode_batch", "save_state", "train_episode"]
 
 
 def train_episode(
@@ -62,15 +56,7 @@ def train_episode(
             method.train()
 
     check_labels(method, labels)
-    groups = method.parameter_groups()
-    optimisers: list[torch.optim.Optimizer] = []
-    if groups["lora"] or groups["scale"]:
-        optimisers.append(torch.optim.AdamW(groups["lora"] + groups["scale"], lr=train.lr_lora))
-    if groups["context"]:
-        optimisers.append(torch.optim.SGD(groups["context"], lr=train.lr_context, momentum=train.momentum,
-                                          weight_decay=train.weight_decay_context))
-    if groups["intervention"]:
-        optimisers.append(torch.optim.SGD(groups["intervention"], lr=train.lr_intervention))
+    optimisers = protocol_optimisers(method.parameter_groups(), train)
     if not optimisers or train.steps == 0:
         if 0 in wanted:
             method.eval()
@@ -193,33 +179,38 @@ def load_state(method: FewShotCLIP, path: Path) -> None:
     method.load_trainable_state(load_file(str(path), device=str(device)))
 
 
-def run_episode(config: RunConfig, bundle: ClipBundle, dataset: Any, episodes: EpisodeFile, index: int,
-                method: FewShotCLIP | None, transform: T.Compose, precision: str,
-                save_state_to: Path | None = None) -> tuple[FewShotCLIP, dict[str, Any]]:
-    """Train and evaluate episode ``index`` (the method is reset, or built when None); its line
-    without the run folder's fields. ``save_state_to``: keep the trained parameters there (before
-    the line exists, so a listed episode has its state)."""
-    start = time.perf_counter()
-    method, support, support_labels, query, query_labels = prepare_episode(
-        config, bundle, dataset, episodes, index, method, transform)
+def _start_row(config: RunConfig, method: FewShotCLIP, episodes: EpisodeFile, index: int, query: torch.Tensor,
+               query_labels: torch.Tensor, precision: str) -> tuple[dict[str, Any], dict, list, Callable | None]:
+    """An episode's line before training: its accuracy at the initial state, what the intervention
+    measures of its own action there, and the trajectory probe (None without trajectory steps)."""
     row: dict[str, Any] = {"episode": index, "classes": episodes.class_names(episodes.episodes[index])}
     trajectory: list[dict[str, Any]] = []  # kept up to a non-finite loss too
-    try:
-        # the queries at the initial state: the method's accuracy before training, and what the
-        # intervention measures about its own action (ATHA: its edit size per block)
-        with method.intervention.measuring() as before:
-            row["accuracy_init"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
-        at_step = _trajectory_probe(config, method, query, query_labels, precision, trajectory) \
-            if config.train.trajectory_steps else None
-        row.update(train_episode(method, support, support_labels, config.train, precision, at_step))
+    # the queries at the initial state: the method's accuracy before training, and what the
+    # intervention measures about its own action (ATHA: its edit size per block)
+    with method.intervention.measuring() as before:
+        row["accuracy_init"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
+    at_step = _trajectory_probe(config, method, query, query_labels, precision, trajectory) \
+        if config.train.trajectory_steps else None
+    return row, before, trajectory, at_step
+
+
+def _finish_row(config: RunConfig, method: FewShotCLIP, episodes: EpisodeFile, index: int, row: dict[str, Any],
+                before: dict, trajectory: list, outcome: dict[str, Any] | Exception, query: torch.Tensor,
+                query_labels: torch.Tensor, precision: str, save_state_to: Path | None) -> dict[str, Any]:
+    """The line of a trained episode (``outcome``: what training returned, or the NonFiniteLoss it
+    raised); keeps the trained parameters at ``save_state_to``."""
+    if isinstance(outcome, NonFiniteLoss):
+        row.update(status="non-finite-loss", accuracy=None, message=str(outcome))
+        tqdm.write(f"episode {index}: stopped, {outcome}; recorded as failed, not averaged")
+    elif isinstance(outcome, Exception):
+        raise outcome
+    else:
+        row.update(outcome)
         with method.intervention.measuring() as after:
             row["accuracy"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
         if before or after:
             row["intervention_stats"] = {"init": _rounded(before), "trained": _rounded(after)}
         row["status"] = "ok"
-    except NonFiniteLoss as err:
-        row.update(status="non-finite-loss", accuracy=None, message=str(err))
-        tqdm.write(f"episode {index}: stopped, {err}; recorded as failed, not averaged")
     if trajectory:
         row["trajectory"] = trajectory
     if save_state_to is not None and row["status"] == "ok" and method.trainable_state():
@@ -229,5 +220,81 @@ def run_episode(config: RunConfig, bundle: ClipBundle, dataset: Any, episodes: E
         row["intervention_log"] = logged
     row["precision"] = precision
     row["episode_file_sha256"] = episodes.sha256
+    return row
+
+
+def run_episode(config: RunConfig, bundle: ClipBundle, dataset: Any, episodes: EpisodeFile, index: int,
+                method: FewShotCLIP | None, transform: T.Compose, precision: str,
+                save_state_to: Path | None = None) -> tuple[FewShotCLIP, dict[str, Any]]:
+    """Train and evaluate episode ``index`` (the method is reset, or built when None); its line
+    without the run folder's fields. ``save_state_to``: keep the trained parameters there (before
+    the line exists, so a listed episode has its state)."""
+    start = time.perf_counter()
+    prepared = prepare_episode(config, bundle, dataset, episodes, index, method, transform)
+    return prepared[0], _run_prepared(config, episodes, index, prepared, precision, save_state_to, start)
+
+
+def _run_prepared(config: RunConfig, episodes: EpisodeFile, index: int, prepared: tuple, precision: str,
+                  save_state_to: Path | None, start: float) -> dict[str, Any]:
+    """The line of episode ``index`` trained alone from what :func:`prepare_episode` returned."""
+    method, support, support_labels, query, query_labels = prepared[:5]
+    row, before, trajectory, at_step = _start_row(config, method, episodes, index, query, query_labels, precision)
+    try:
+        outcome: dict[str, Any] | Exception = train_episode(method, support, support_labels, config.train, precision,
+                                                            at_step)
+    except NonFiniteLoss as err:
+        outcome = err
+    row = _finish_row(config, method, episodes, index, row, before, trajectory, outcome, query, query_labels,
+                      precision, save_state_to)
     row["seconds"] = round(time.perf_counter() - start, 3)
-    return method, row
+    return row
+
+
+def _set_global_state(generator: torch.Generator) -> None:
+    if generator.device.type == "cuda":
+        torch.cuda.set_rng_state(generator.get_state(), generator.device)
+    else:
+        torch.set_rng_state(generator.get_state())
+
+
+def run_episode_batch(config: RunConfig, bundle: ClipBundle, dataset: Any, episodes: EpisodeFile,
+                      indices: Sequence[int], methods: Sequence[FewShotCLIP | None], transform: T.Compose,
+                      precision: str, save_state_to: Sequence[Path | None] | None = None,
+                      ) -> tuple[list[FewShotCLIP], list[dict[str, Any]]]:
+    """:func:`run_episode` for the episodes ``indices`` trained together in one forward
+    (:mod:`cdfsl_core.episode_batch`): the same lines, to float rounding, plus ``episode_batch``
+    (how many trained together) and ``seconds`` (the batch's time shared equally). ``methods``:
+    one per episode to reuse (None: built). Episodes the batch cannot hold (an intervention that
+    edits one episode at a time, support sets of different sizes) run one after another."""
+    save_state_to = list(save_state_to) if save_state_to is not None else [None] * len(indices)
+    methods = list(methods) + [None] * (len(indices) - len(methods))
+    if len(indices) == 1:
+        method, row = run_episode(config, bundle, dataset, episodes, indices[0], methods[0], transform, precision,
+                                  save_state_to[0])
+        return [method], [row]
+    start = time.perf_counter()
+    prepared = []
+    for index, method in zip(indices, methods):
+        episode = prepare_episode(config, bundle, dataset, episodes, index, method, transform)
+        # the state dropout draws from when this episode trains alone (the next episode reseeds)
+        prepared.append((*episode, generator_like_global(episode[1].device)))
+    built = [p[0] for p in prepared]
+    if batchable(built[0]) is not None or len({len(p[1]) for p in prepared}) != 1:
+        rows = []
+        for index, episode, path in zip(indices, prepared, save_state_to):
+            # the global generator as this episode left it, for its dropout
+            _set_global_state(episode[5])
+            rows.append(_run_prepared(config, episodes, index, episode, precision, path, time.perf_counter()))
+        return built, rows
+    started = [_start_row(config, p[0], episodes, index, p[3], p[4], precision) for index, p in zip(indices, prepared)]
+    outcomes = train_batch(built, [p[1] for p in prepared], [p[2] for p in prepared], config.train, precision,
+                           generators=[p[5] for p in prepared], at_step=[s[3] for s in started])
+    rows = []
+    for index, p, (row, before, trajectory, _), outcome, path in zip(indices, prepared, started, outcomes, save_state_to):
+        rows.append(_finish_row(config, p[0], episodes, index, row, before, trajectory, outcome, p[3], p[4],
+                                precision, path))
+    seconds = round((time.perf_counter() - start) / len(indices), 3)
+    for row in rows:
+        row["episode_batch"] = len(indices)
+        row["seconds"] = seconds
+    return built, rows

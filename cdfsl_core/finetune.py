@@ -21,6 +21,7 @@ from cdfsl_core import protocol
 from cdfsl_core.cli import (
     add_episode_arguments,
     command,
+    episode_batch_arg,
     logit_scale,
     non_negative_int,
     parser,
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure the queries at these training steps (0: before training; e.g. 0 10 25 50 100): "
                              "accuracy, the intervention's statistics and the token diagnostics, kept in each episode "
                              "line (python -m analysis.trajectory RUN draws them)")
+    method.add_argument("--episode-batch", type=episode_batch_arg, default="auto",
+                        help="episodes trained together in one forward (the same results for any value; a run may "
+                             f"resume with another): a number, or 'auto' ({protocol.EPISODE_BATCH['cpu']} on the CPU, "
+                             f"{protocol.EPISODE_BATCH['cuda']} on a GPU)")
     runs = result.add_argument_group("run folder")
     runs.add_argument("--out", required=True, help="run folder (created; rerun the same command to resume)")
     runs.add_argument("--save-states", action="store_true",
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--export-merged {args.export_merged}: expected a .safetensors file name.")
         check_writable_file(args.export_merged, "--export-merged")
     summary = run(config_from_args(args), args.out, allow_mixed_precision=args.allow_mixed_precision,
-                  save_states=args.save_states or args.export_merged is not None)
+                  save_states=args.save_states or args.export_merged is not None, episode_batch=args.episode_batch)
     if args.export_merged is not None:
         from cdfsl_core.export import export_merged
 

@@ -13,6 +13,14 @@ original attention modules back on exit, also when the forward raises. So any nu
 adapt one loaded model, each with its own adapters, the frozen weights shared and never copied,
 and a method that is built, trained or deleted never changes another's logits. With B = 0 (the
 initial state) the adapted model computes what the base model computes.
+
+**Episode axis.** ``LoRAAdapters(model, config, episodes=E)`` holds E independent sets of adapters
+stacked along a leading axis (A ``[E, r, width]``, B ``[E, out, r]``): the forwards inside
+:meth:`LoRAAdapters.installed` then take a batch whose first dimension is E equal parts, part e
+adapted by episode e's matrices through batched matrix products, not E copies of the model
+(:mod:`cdfsl_core.episode_batch` trains E episodes this way). Dropout draws each episode's mask
+from that episode's own generator (:meth:`LoRAAdapters.set_generators`), in the order one
+episode alone draws it, so episode e's masks are the masks it draws when trained alone.
 """
 
 from __future__ import annotations
@@ -33,13 +41,29 @@ __all__ = ["LoRAAdapters", "LoRAAttention", "LoRAConfig"]
 _SLICES = {"q": 0, "k": 1, "v": 2}
 
 
+def dropout(x: torch.Tensor, p: float, training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``F.dropout(x, p, training)`` with the mask drawn from ``generator`` (None: the default one).
+
+    Computed as PyTorch computes dropout on the CPU (a Bernoulli(1 - p) mask scaled by 1 / (1 - p)),
+    so with the default generator it equals ``F.dropout`` bit for bit there; on every device the
+    mask depends only on the generator's state and the number of elements, which lets E episodes
+    trained together draw the masks each draws alone."""
+    if not training or p == 0.0:
+        return x
+    if p == 1.0:
+        return torch.zeros_like(x)
+    noise = torch.empty_like(x).bernoulli_(1 - p, generator=generator)
+    noise.div_(1 - p)
+    return x * noise
+
+
 class LoRAAttention(nn.Module):
     """An adapted ``nn.MultiheadAttention`` (batch_first): the base's computation plus the adapters.
 
     The base module is shared and frozen: it is held as a plain attribute, not a submodule, so the
     parameters of a :class:`LoRAAttention` are its adapters only."""
 
-    def __init__(self, base: nn.MultiheadAttention, config: LoRAConfig) -> None:
+    def __init__(self, base: nn.MultiheadAttention, config: LoRAConfig, episodes: int | None = None) -> None:
         super().__init__()
         if not isinstance(base, nn.MultiheadAttention) or not base.batch_first or not base._qkv_same_embed_dim:
             raise ValueError("LoRAAttention expects open_clip's batch_first attention with a fused in-projection.")
@@ -47,13 +71,17 @@ class LoRAAttention(nn.Module):
         self.config = config
         self.scale = config.scale
         width = base.embed_dim
-        self.dropout = nn.Dropout(config.dropout)
-        self.lora_A = nn.ParameterDict()  # target -> [rank, width]
-        self.lora_B = nn.ParameterDict()  # target -> [out_features, rank]
+        self.dropout_p = config.dropout
+        self.episodes = episodes  # None: one set of adapters; E: E sets stacked along a leading axis
+        self.generators: list[torch.Generator] | None = None  # per-episode dropout generators (episodes only)
+        lead = () if episodes is None else (episodes,)
+        device = base.in_proj_weight.device
+        self.lora_A = nn.ParameterDict()  # target -> [(E,) rank, width]
+        self.lora_B = nn.ParameterDict()  # target -> [(E,) out_features, rank]
         for target in config.targets:
             out_features = 3 * width if target == "qkv" else width
-            self.lora_A[target] = nn.Parameter(torch.zeros(config.rank, width, device=base.in_proj_weight.device))
-            self.lora_B[target] = nn.Parameter(torch.zeros(out_features, config.rank, device=base.in_proj_weight.device))
+            self.lora_A[target] = nn.Parameter(torch.zeros(*lead, config.rank, width, device=device))
+            self.lora_B[target] = nn.Parameter(torch.zeros(*lead, out_features, config.rank, device=device))
         self.reset_parameters()
 
     @property
@@ -65,12 +93,12 @@ class LoRAAttention(nn.Module):
         with torch.no_grad():
             for target in self.lora_A:
                 a = self.lora_A[target]
-                bound = 1 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)) on [r, D]
+                bound = 1 / math.sqrt(a.shape[-1])  # kaiming_uniform_(a=sqrt(5)) on [r, D]
                 a.copy_(torch.rand(a.shape, generator=generator, device="cpu").mul_(2 * bound).sub_(bound))
                 self.lora_B[target].zero_()
 
     def delta_weight(self, target: str) -> torch.Tensor:
-        """``scale * B A`` of one projection: [out_features, width]."""
+        """``scale * B A`` of one projection: [(E,) out_features, width]."""
         return self.scale * self.lora_B[target] @ self.lora_A[target]
 
     def _rows(self, target: str) -> slice:
@@ -83,6 +111,9 @@ class LoRAAttention(nn.Module):
     def merged_weights(self) -> dict[str, torch.Tensor]:
         """The base's ``in_proj_weight`` and ``out_proj.weight`` with the adapters folded in, as new
         tensors (the shared base is left as it is): what a merged checkpoint holds."""
+        if self.episodes is not None:
+            raise ValueError("merged_weights of stacked adapters: merge one episode's adapters (load them into a "
+                             "method first).")
         with torch.no_grad():
             in_proj = self.base.in_proj_weight.detach().clone()
             out_proj = self.base.out_proj.weight.detach().clone()
@@ -95,7 +126,16 @@ class LoRAAttention(nn.Module):
 
     def _adapter(self, x: torch.Tensor, target: str) -> torch.Tensor:
         a, b = self.lora_A[target], self.lora_B[target]
-        return self.scale * F.linear(F.linear(self.dropout(x), a.to(x.dtype)), b.to(x.dtype))
+        if self.episodes is None:
+            x = dropout(x, self.dropout_p, self.training)
+            return self.scale * F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        # E episodes: [E * batch, ..., width] -> [E, batch * ..., width], episode e's part by its own matrices
+        parts = x.reshape(self.episodes, -1, x.shape[-1])
+        if self.training and self.dropout_p:
+            generators = self.generators or [None] * self.episodes
+            parts = torch.stack([dropout(part, self.dropout_p, True, g) for part, g in zip(parts, generators)])
+        out = torch.bmm(torch.bmm(parts, a.to(x.dtype).mT), b.to(x.dtype).mT)
+        return self.scale * out.reshape(*x.shape[:-1], out.shape[-1])
 
     def project_qkv(
         self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None
@@ -155,9 +195,10 @@ class LoRAAdapters(nn.Module):
     """One method's LoRA for a model: an adapter for each chosen block's attention, installed only
     within :meth:`installed`. The model is held as a plain attribute (shared, never copied)."""
 
-    def __init__(self, model: nn.Module, config: LoRAConfig) -> None:
+    def __init__(self, model: nn.Module, config: LoRAConfig, episodes: int | None = None) -> None:
         super().__init__()
         config.validate()
+        self.episodes = episodes
         self.config = config
         blocks: list[nn.Module] = []
         adapters = []
@@ -172,7 +213,7 @@ class LoRAAdapters(nn.Module):
                     raise ConfigError(f"{tower} block {i} has another method's adapters installed; build methods "
                                       "outside another method's forward.")
                 blocks.append(block)
-                adapters.append(LoRAAttention(block.attn, config))
+                adapters.append(LoRAAttention(block.attn, config, episodes))
         object.__setattr__(self, "_blocks", blocks)  # where each adapter goes (in the shared model)
         self.adapters = nn.ModuleList(adapters)
         self._depth = 0
@@ -180,6 +221,13 @@ class LoRAAdapters(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         for adapter in self.adapters:
             adapter.reset_parameters(generator)
+
+    def set_generators(self, generators: list[torch.Generator] | None) -> None:
+        """Stacked adapters: episode e's dropout masks come from ``generators[e]``."""
+        if generators is not None and len(generators) != self.episodes:
+            raise ValueError(f"{len(generators)} generators for {self.episodes} episodes.")
+        for adapter in self.adapters:
+            adapter.generators = generators
 
     @contextmanager
     def installed(self) -> Iterator[None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+from contextlib import ExitStack
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from cdfsl_core.episode_loop import (
     evaluate,
     load_state,
     prepare_episode,
-    run_episode,
+    run_episode_batch,
     save_state,
     train_episode,
 )
@@ -52,7 +53,8 @@ from cdfsl_core.stats import json_number, mean_ci95
 # the configs and the episode functions are re-exported: `from cdfsl_core.runner import RunConfig, train_episode`
 __all__ = [
     "DataConfig", "ModelConfig", "NonFiniteLoss", "RunConfig", "RunPlan", "TrainConfig", "evaluate", "load_plan",
-    "load_run", "load_state", "prepare_episode", "prepare_run", "protocol_transform", "run", "run_episodes",
+    "load_run", "load_state", "prepare_episode", "prepare_run", "protocol_transform", "resolve_episode_batch", "run",
+    "run_episodes",
     "save_state", "state_path", "summarize", "summary_of_lines", "train_episode",
 ]
 
@@ -269,8 +271,19 @@ def load_plan(out: str | os.PathLike[str], device: torch.device | None = None) -
     return RunPlan(config, out, device, precision, dataset, episodes, weights)
 
 
+def resolve_episode_batch(value: int | str, device: torch.device) -> int:
+    """Episodes trained together: a positive number, or ``"auto"``
+    (:data:`~cdfsl_core.protocol.EPISODE_BATCH` for the device type; benchmarks/bench_episode_batch.py
+    measured the CPU's)."""
+    if value == "auto":
+        return protocol.EPISODE_BATCH["cuda" if device.type == "cuda" else "cpu"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"episode batch {value!r}; expected a positive number of episodes trained together, or 'auto'.")
+    return value
+
+
 def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | None = None, progress: bool = True,
-        save_states: bool = False, allow_mixed_precision: bool = False) -> dict[str, Any]:
+        save_states: bool = False, allow_mixed_precision: bool = False, episode_batch: int | str = 1) -> dict[str, Any]:
     """Run (or resume) every episode of a run folder; returns the summary.
 
     :func:`prepare_run` checks everything before the folder is written; the model is loaded (or
@@ -278,12 +291,16 @@ def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | Non
     nothing. Paths are stored absolute, so the folder works from any working folder. Several
     processes may run the same folder at once: each episode is claimed (an OS file lock, released
     if its process dies) and recorded exactly once. ``save_states`` also keeps each episode's
-    trained parameters (:func:`state_path`); it does not change results. Ctrl-C raises
-    :class:`RunInterrupted`, whose message says what finished."""
+    trained parameters (:func:`state_path`); it does not change results. ``episode_batch``: how many
+    episodes train together in one forward (:func:`resolve_episode_batch`); the lines are the same
+    for any value, so a run may resume with another. Ctrl-C raises :class:`RunInterrupted`, whose
+    message says what finished."""
     plan = prepare_run(config, out, allow_mixed_precision)
+    batch = resolve_episode_batch(episode_batch, plan.device)
     todo = plan.todo()
     if todo:
-        run_episodes(plan, bundle if bundle is not None else plan.load_model(), todo, progress, save_states)
+        run_episodes(plan, bundle if bundle is not None else plan.load_model(), todo, progress, save_states,
+                     episode_batch=batch)
     return summarize(plan)
 
 
@@ -296,34 +313,56 @@ def summarize(plan: RunPlan) -> dict[str, Any]:
 
 
 def run_episodes(plan: RunPlan, bundle: ClipBundle, indices: Sequence[int], progress: bool = True,
-                 save_states: bool = False, on_episode: Callable[[int], None] | None = None) -> int:
+                 save_states: bool = False, on_episode: Callable[[int], None] | None = None,
+                 episode_batch: int = 1) -> int:
     """Run the episodes ``indices`` of a prepared run that are not finished yet, each claimed
     first so that concurrent processes (two commands, a sweep's tasks) never compute or record one
     twice; episodes another process holds are waited for at the end (and run here if it died).
+    ``episode_batch``: train up to that many episodes together in one forward
+    (:func:`~cdfsl_core.episode_loop.run_episode_batch`; the same lines as one at a time).
     Returns how many this call recorded; ``on_episode(index)`` is called after each one."""
+    if not isinstance(episode_batch, int) or episode_batch < 1:
+        raise ConfigError(f"episode_batch={episode_batch!r}; expected a positive number of episodes trained together.")
     config, episodes = plan.config, plan.episodes
     transform = protocol_transform(bundle, config.train.resize_ratio)
-    method: FewShotCLIP | None = None
+    methods: list[FewShotCLIP] = []
     label = f"{config.method.adaptation}/{config.method.intervention} on {config.data.dataset}"
     recorded = 0
     pending = [i for i in indices if i not in plan.finished()]
     bar = tqdm(total=len(pending), desc=label, disable=not progress)
+
+    def done(index: int) -> None:
+        bar.update()
+        if on_episode is not None:
+            on_episode(index)
+
     try:
         for wait in (False, True):  # first what nobody holds, then wait for what others hold
+            # (waiting, claims are taken one at a time: holding some while waiting for others could deadlock)
+            size = episode_batch if not wait else 1
             busy = []
-            for index in pending:
-                with plan.folder.claim(index, wait) as claimed:
-                    if not claimed:
-                        busy.append(index)
+            position = 0
+            while position < len(pending):
+                with ExitStack() as claims:
+                    batch = []
+                    while len(batch) < size and position < len(pending):
+                        index = pending[position]
+                        position += 1
+                        if not claims.enter_context(plan.folder.claim(index, wait)):
+                            busy.append(index)
+                        elif index in plan.finished():  # another process finished it meanwhile
+                            done(index)
+                        else:
+                            batch.append(index)
+                    if not batch:
                         continue
-                    if index not in plan.finished():  # another process may have finished it meanwhile
-                        method, row = run_episode(config, bundle, plan.dataset, episodes, index, method, transform,
-                                                  plan.precision, plan.folder.state_path(index) if save_states else None)
+                    paths = [plan.folder.state_path(i) if save_states else None for i in batch]
+                    methods, rows = run_episode_batch(config, bundle, plan.dataset, episodes, batch, methods, transform,
+                                                      plan.precision, paths)
+                    for index, row in zip(batch, rows):
                         row["device"], row["weights"] = plan.device.type, plan.weights
                         recorded += plan.folder.append(index, row)
-                    bar.update()
-                    if on_episode is not None:
-                        on_episode(index)
+                        done(index)
             pending = busy
     except KeyboardInterrupt:
         raise RunInterrupted(

@@ -36,6 +36,7 @@ from cdfsl_core import protocol
 from cdfsl_core.atomic import write_table
 from cdfsl_core.cli import (
     command,
+    episode_batch_arg,
     logit_scale,
     non_negative_float,
     non_negative_int,
@@ -81,6 +82,7 @@ class SweepGrid:
     out: str = "runs/sweep"  # the sweep's folder
     baseline: str | None = None  # the method the paired differences are against (None: the first)
     shard: int = 10  # episodes per task
+    episode_batch: int | str = "auto"  # episodes of a task trained together in one forward ('auto': per device)
     cpus_per_task: float = 1.0
     gpus_per_task: float = 0.0  # fractions share a GPU; 0: CPU only
     max_retries: int = 3  # retries of a task whose worker died
@@ -127,6 +129,8 @@ class SweepGrid:
         check("data_root", self.data_root is None or isinstance(self.data_root, str), "a folder path")
         check("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
         check("shard", is_int(self.shard) and self.shard >= 1, "a positive integer")
+        check("episode_batch", self.episode_batch == "auto" or (is_int(self.episode_batch) and self.episode_batch >= 1),
+              "'auto' or a positive integer")
         check("cpus_per_task", is_number(self.cpus_per_task) and self.cpus_per_task > 0, "a positive number")
         check("gpus_per_task", is_number(self.gpus_per_task) and self.gpus_per_task >= 0, "a number >= 0")
         check("max_retries", is_int(self.max_retries) and self.max_retries >= 0, "an integer >= 0")
@@ -219,11 +223,12 @@ def plan_sweep(grid: SweepGrid, device: str = "cpu") -> list[Cell]:
 _MODELS: dict[tuple, Any] = {}  # a worker process keeps every model it loaded, for all the tasks it runs
 
 
-def _shard(folder: str, indices: list[int], threads: int) -> int:
-    """A task: run episodes ``indices`` of the prepared run ``folder`` in this worker; how many it recorded."""
+def _shard(folder: str, indices: list[int], threads: int, episode_batch: int | str = 1) -> int:
+    """A task: run episodes ``indices`` of the prepared run ``folder`` in this worker, ``episode_batch``
+    at a time in one forward; how many it recorded."""
     import torch
 
-    from cdfsl_core.runner import load_plan, run_episodes
+    from cdfsl_core.runner import load_plan, resolve_episode_batch, run_episodes
 
     torch.set_num_threads(max(1, threads))
     plan = load_plan(folder)
@@ -231,7 +236,8 @@ def _shard(folder: str, indices: list[int], threads: int) -> int:
            if plan.config.model.pretrained is None else None)
     if key not in _MODELS:
         _MODELS[key] = plan.load_model()
-    return run_episodes(plan, _MODELS[key], indices, progress=False)
+    return run_episodes(plan, _MODELS[key], indices, progress=False,
+                        episode_batch=resolve_episode_batch(episode_batch, plan.device))
 
 
 def _check_address(address: str, timeout: float = 5.0) -> None:
@@ -298,7 +304,7 @@ def sweep(grid: SweepGrid, address: str | None = None, progress: bool = True) ->
     for cell in cells:
         for start in range(0, len(cell.todo), grid.shard):
             shard = list(cell.todo[start:start + grid.shard])
-            pending[task.remote(str(cell.folder), shard, threads)] = len(shard)
+            pending[task.remote(str(cell.folder), shard, threads, grid.episode_batch)] = len(shard)
     bar = tqdm(total=sum(len(c.todo) for c in cells), desc=f"sweep of {len(cells)} runs", disable=not progress)
     try:
         while pending:
@@ -363,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     ray_group = result.add_argument_group("Ray")
     ray_group.add_argument("--address", default=None, help="a Ray cluster, HOST:PORT or 'auto' (None: this machine)")
     ray_group.add_argument("--shard", type=positive_int, default=None, help=f"episodes per task (None: {defaults.shard})")
+    ray_group.add_argument("--episode-batch", type=episode_batch_arg, default=None,
+                           help="episodes of a task trained together in one forward, at most --shard (the same results "
+                                "for any value; None: auto, by the device)")
     ray_group.add_argument("--cpus-per-task", type=positive_float, default=None, help=f"None: {defaults.cpus_per_task:g}")
     ray_group.add_argument("--gpus-per-task", type=non_negative_float, default=None,
                            help=f"GPUs per task; fractions share a GPU (None: {defaults.gpus_per_task:g}, CPU only)")

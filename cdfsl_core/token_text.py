@@ -126,12 +126,13 @@ def atha_class_vectors(visual: nn.Module, readout: torch.Tensor, text_norm: str 
 
 
 def token_class_similarity(tokens: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every token with every class vector: [batch, L, dim] x [C, dim] -> [batch, L, C].
+    """Cosine similarity of every token with every class vector: [batch, L, dim] x [C, dim] -> [batch, L, C]
+    (or, for E episodes, [E, batch, L, dim] x [E, 1, C, dim] -> [E, batch, L, C]).
 
     A ranking quantity: computed in fp32 whatever the autocast context (bf16 would reorder
     near-ties, so Sum scores and head/tail sets would depend on the precision)."""
     with torch.autocast(tokens.device.type, enabled=False):
-        return F.normalize(tokens.float(), dim=-1) @ F.normalize(vectors.float(), dim=-1).T
+        return F.normalize(tokens.float(), dim=-1) @ F.normalize(vectors.float(), dim=-1).mT
 
 
 def head_tail_sets(max_similarity: torch.Tensor, rho_head: float, rho_tail: float) -> tuple[torch.Tensor, torch.Tensor]:

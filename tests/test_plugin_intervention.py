@@ -95,3 +95,17 @@ def test_a_registered_intervention_gets_its_study_table_and_figure(tmp_path, nud
     assert table["setting_scale_init"].eq(0.1).all()
     figure = figures.intervention_strengths(table, Nudge.reported_statistics, "nudge")
     assert [ax.get_title() for ax in figure.axes] == ["scale", "shift_norm"]
+
+
+def test_an_intervention_that_edits_one_episode_at_a_time_runs_them_in_turn(nudge, tmp_path):
+    """Nudge does not say it supports episode batches: asked to train 3 episodes together, the runner
+    trains them one after another (each with the dropout state it has alone), with the same lines."""
+    config = replace(TINY, method=MethodConfig("coop+lora", "nudge"))
+    run(config, tmp_path / "one", progress=False)
+    run(config, tmp_path / "three", progress=False, episode_batch=3)
+    one, three = ([json.loads(line) for line in (tmp_path / name / "episodes.jsonl").read_text().splitlines()]
+                  for name in ("one", "three"))
+    assert len(one) == len(three) == TINY.episodes.n_episodes
+    for a, b in zip(one, three):
+        assert a["accuracy"] == b["accuracy"] and a["intervention_log"] == b["intervention_log"]
+        assert a["loss_last"] == b["loss_last"]

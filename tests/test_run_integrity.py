@@ -23,7 +23,8 @@ from cdfsl_core.finetune import build_parser
 from cdfsl_core.finetune import main as finetune_main
 
 TINY_ARGS = ["--dataset", "eurosat", "--model", "cdfsl-test-vit", "--pretrained", "none", "--ways", "3",
-             "--shots", "1", "--queries", "1", "--episodes", "4", "--steps", "2", "--lora-rank", "2", "--device", "cpu"]
+             "--shots", "1", "--queries", "1", "--episodes", "4", "--steps", "2", "--lora-rank", "2", "--device", "cpu",
+             "--episode-batch", "1"]  # one at a time: the interrupts below count episodes trained alone
 
 
 @pytest.fixture

@@ -68,10 +68,10 @@ def test_an_interrupted_run_resumes_to_the_same_results(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_killed_process_resumes_to_the_same_results(tmp_path):
-    """SIGKILL a real run after its first episode, rerun the same command, compare."""
+    """SIGKILL a real run (2 episodes trained together) after its first lines, rerun the same command, compare."""
     args = ["--model", "cdfsl-test-vit", "--pretrained", "none", "--dataset", "synthetic-crops",
             "--ways", "3", "--queries", "2", "--episodes", "6", "--steps", "60", "--device", "cpu",
-            "--episode-file", str(tmp_path / "episodes.json")]
+            "--episode-file", str(tmp_path / "episodes.json"), "--episode-batch", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "cdfsl_core.finetune", *args]
     subprocess.run([*command, "--out", str(tmp_path / "whole")], check=True, env=env, capture_output=True)

@@ -42,6 +42,7 @@ class StudyContext:
     grid: StudyGrid = field(default_factory=StudyGrid)
     analysis: AnalysisConfig = field(default_factory=lambda: AnalysisConfig(attribution_steps=8))
     progress: bool = True  # progress bars
+    episode_batch: int | str = "auto"  # episodes trained together in one forward (results do not depend on it)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -56,7 +57,8 @@ class StudyContext:
     def create(cls, out: str | os.PathLike[str], **settings: Any) -> "StudyContext":
         """A study from flat keywords: ``model``, ``pretrained``, ``device``, ``precision``, ``data_root``
         (or ``root``), ``source``, ``targets``, ``domain_images``, ``shots``, ``episodes``, ``steps``,
-        ``seed``, ``methods``, ``baseline``, ``diagnose_shots``, any :class:`AnalysisConfig` field, ``progress``."""
+        ``seed``, ``methods``, ``baseline``, ``diagnose_shots``, any :class:`AnalysisConfig` field, ``progress``,
+        ``episode_batch``."""
         if "data_root" in settings:
             settings["root"] = settings.pop("data_root")
         if "model" in settings:
@@ -66,6 +68,7 @@ class StudyContext:
         parts: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "grid": {}, "analysis": {}}
         kinds = {"model": ModelConfig, "data": StudyData, "grid": StudyGrid, "analysis": AnalysisConfig}
         progress = settings.pop("progress", True)
+        episode_batch = settings.pop("episode_batch", "auto")
         for key, value in settings.items():
             part = next((p for p, kind in kinds.items() if key in {f.name for f in fields(kind)}), None)
             if part is None:
@@ -75,7 +78,8 @@ class StudyContext:
         model = ModelConfig(**{"name": EMBEDDED_MODEL[0], "pretrained": EMBEDDED_MODEL[1], "device": "cpu",
                                **parts["model"]})
         analysis = AnalysisConfig(**{"attribution_steps": 8, **parts["analysis"]})
-        return cls(out, model, StudyData(**parts["data"]), StudyGrid(**parts["grid"]), analysis, progress)
+        return cls(out, model, StudyData(**parts["data"]), StudyGrid(**parts["grid"]), analysis, progress,
+                   episode_batch)
 
     # ------------------------------------------------------------------ the folder
     def settings(self) -> dict[str, Any]:

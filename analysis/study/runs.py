@@ -28,7 +28,7 @@ def run_grid(study: StudyContext, labels: Sequence[str] | None = None, shots: Se
             for k in study.grid.shots if shots is None else shots:
                 folder = study.run_folder(target, k, label)
                 run(study.run_config(target, k, adaptation, intervention), folder, bundle=study.bundle,
-                    progress=study.progress, save_states=adaptation != "zeroshot")
+                    progress=study.progress, save_states=adaptation != "zeroshot", episode_batch=study.episode_batch)
                 for row in RunFolder(folder).lines()[0]:
                     rows.append({"domain": target, "shots": k, "method": label, "episode": row["episode"],
                                  "accuracy": row["accuracy"], "accuracy_init": row.get("accuracy_init"),

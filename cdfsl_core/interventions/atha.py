@@ -41,6 +41,7 @@ class ATHA(Intervention):
     """
 
     name = "atha"
+    supports_episode_batch = True
     reported_statistics = ("alpha", "beta", "head_edit", "tail_edit")
 
     def __init__(self, n_blocks: int, config: ATHAConfig = ATHAConfig()) -> None:
@@ -84,13 +85,15 @@ class ATHA(Intervention):
     def selection(self, tokens: torch.Tensor, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Head and tail coefficients for ``tokens`` [B, L, width] and unit class vectors [C, width]:
         ``[B, L, C]`` one-hot (or 1/C for ``tail_class='mean'``) rows on head tokens' best class
-        and on tail tokens' pushed class, zero elsewhere. fp32, no gradient."""
+        and on tail tokens' pushed class, zero elsewhere. fp32, no gradient. (E episodes at once:
+        tokens [E, B, L, width], unit [E, 1, C, width], coefficients [E, B, L, C].)"""
         with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):
             tokens = tokens.float()
-            similarity = (tokens @ unit.T) / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [B, L, C] cosines
+            similarity = (tokens @ unit.mT) / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [..., L, C] cosines
             best, best_class = similarity.max(dim=-1)
-            head, tail = head_tail_sets(best, self.config.rho_head, self.config.rho_tail)
-            n_classes = unit.shape[0]
+            head, tail = head_tail_sets(best.reshape(-1, best.shape[-1]), self.config.rho_head, self.config.rho_tail)
+            head, tail = head.reshape(best.shape), tail.reshape(best.shape)
+            n_classes = unit.shape[-2]
             head_coef = F.one_hot(best_class, n_classes).float() * head.unsqueeze(-1)
             if self.config.tail_class == "least":
                 tail_coef = F.one_hot(similarity.argmin(dim=-1), n_classes).float()
@@ -102,12 +105,16 @@ class ATHA(Intervention):
 
     def edit(self, block: int, x: torch.Tensor, state: dict) -> torch.Tensor:
         start = 0 if self.config.include_cls else 1
-        head_coef, tail_coef = self.selection(x[:, start:], state["unit"])
+        head_coef, tail_coef = self.selection(x[..., start:, :], state["unit"])
         if start:  # CLS gets a zero row: one product and one add edit the whole stream, no concatenation
             head_coef, tail_coef = F.pad(head_coef, (0, 0, 1, 0)), F.pad(tail_coef, (0, 0, 1, 0))
         if self._measured is not None:
             self._measure(block, x, start, head_coef, tail_coef, state["vectors"])
-        coefficients = self.alpha[block] * head_coef - self.beta[block] * tail_coef  # [B, 1 + L, C]
+        # the strengths: [n_blocks] (one episode) or [E, n_blocks] (E episodes, x [E, B, 1 + L, width])
+        params = state.get("params") or {"alpha": self.alpha, "beta": self.beta}
+        alpha, beta = params["alpha"][..., block], params["beta"][..., block]
+        shape = alpha.shape + (1,) * (head_coef.dim() - alpha.dim())
+        coefficients = alpha.reshape(shape) * head_coef - beta.reshape(shape) * tail_coef  # [..., B, 1 + L, C]
         return x + (coefficients @ state["vectors"]).to(x.dtype)
 
     @torch.no_grad()

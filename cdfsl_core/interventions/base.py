@@ -42,6 +42,10 @@ class Intervention(nn.Module):
 
     name = "none"
     reported_statistics: tuple[str, ...] = ()  # per-block statistics of measuring() that figures draw
+    # True when edit() also takes E episodes at once (x [E, batch, tokens, width], text [E, 1, C, dim],
+    # its parameters from state["params"] with a leading E axis): cdfsl_core.episode_batch trains such
+    # an intervention for E episodes in one forward; others run one episode at a time.
+    supports_episode_batch = False
 
     def blocks(self, n_blocks: int) -> list[int]:
         return []
@@ -68,7 +72,13 @@ class Intervention(nn.Module):
         yield {}
 
     @contextmanager
-    def active(self, visual: nn.Module, text: torch.Tensor | None) -> Iterator[None]:
+    def active(self, visual: nn.Module, text: torch.Tensor | None, episodes: int | None = None,
+               params: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+        """The intervention in ``visual``'s forwards inside the block. ``episodes=E``: the batch is
+        E equal parts, part e compared with ``text[e]`` ([E, 1, C, dim]) and edited with the
+        parameters ``params`` ({name: [E, ...]}, stacked along the episode axis); by default one
+        episode with this module's own parameters. Edits read their parameters from
+        ``state["params"]``."""
         resblocks = visual.transformer.resblocks
         indices = self.blocks(len(resblocks))
         if not indices:
@@ -76,13 +86,20 @@ class Intervention(nn.Module):
             return
         if text is None:
             raise ConfigError(f"{self.name} needs class text features.")
+        if episodes is not None and not self.supports_episode_batch:
+            raise ConfigError(f"intervention {self.name!r} does not edit several episodes at once "
+                              "(supports_episode_batch is False); run it with an episode batch of 1.")
         state = self.prepare(visual, text)
+        state["params"] = dict(self.named_parameters()) if params is None else params
         handles = []
 
         def make_hook(index: int):
             def hook(module: nn.Module, args: tuple, kwargs: dict):
                 x = args[0] if args else kwargs["q_x"]
-                x = self.edit(index, x, state)
+                if episodes is None:
+                    x = self.edit(index, x, state)
+                else:  # [E * batch, T, D] -> [E, batch, T, D] and back
+                    x = self.edit(index, x.reshape(episodes, -1, *x.shape[1:]), state).reshape(x.shape)
                 if args:
                     return (x, *args[1:]), kwargs
                 return args, {**kwargs, "q_x": x}
@@ -100,6 +117,7 @@ class Intervention(nn.Module):
 
 class NoIntervention(Intervention):
     name = "none"
+    supports_episode_batch = True
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ class TIR(Intervention):
     """Re-weight patch tokens by their Sum score: tokens relevant to every class (sinks) are removed."""
 
     name = "tir"
+    supports_episode_batch = True
 
     def __init__(self, config: TIRConfig = TIRConfig()) -> None:
         super().__init__()
@@ -33,11 +34,13 @@ class TIR(Intervention):
     def edit(self, block: int, x: torch.Tensor, state: dict) -> torch.Tensor:
         # The Sum score only selects (its counts carry no gradient): computed without autograd,
         # in fp32 whatever the autocast context.
+        # x is [batch, 1 + L, width], or [E, batch, 1 + L, width] with text [E, 1, C, dim].
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            projected = project_tokens(state["visual"], x[:, 1:].float())
-            counts = sum_score(token_class_similarity(projected, state["text"]), self.config.rho)
-            weights = tir_weights(counts, state["text"].shape[0], self.config.lam)
-            weights = torch.cat([weights.new_ones(len(x), 1), weights], dim=1)  # CLS keeps weight 1
+            projected = project_tokens(state["visual"], x[..., 1:, :].float())
+            similarity = token_class_similarity(projected, state["text"])  # [..., L, C]
+            counts = sum_score(similarity.reshape(-1, *similarity.shape[-2:]), self.config.rho)
+            weights = tir_weights(counts.reshape(similarity.shape[:-1]), state["text"].shape[-2], self.config.lam)
+            weights = torch.cat([weights.new_ones(*weights.shape[:-1], 1), weights], dim=-1)  # CLS keeps weight 1
         return x * weights.unsqueeze(-1).to(x.dtype)
 
 

@@ -1,0 +1,307 @@
+"""E episodes trained as one: their parameters stacked along an episode axis, one forward, one backward.
+
+A few-shot episode is tiny work (a 1-shot step is 5 images and 5 prompts), so a device running one
+episode at a time mostly launches small kernels. :class:`EpisodeBatch` takes E methods of one
+config on one model, each already reset for its episode (:func:`~cdfsl_core.episode_loop.prepare_episode`),
+and trains them together:
+
+- the support images of the E episodes are one batch ``[E * n, 3, H, W]`` and the class prompts one
+  text batch ``[E * C, ctx]``; the frozen weights are shared, as ever;
+- every trainable parameter is stacked along a leading episode axis: LoRA's A and B (applied
+  through batched matrix products, :class:`~cdfsl_core.lora.LoRAAdapters` with ``episodes=E``),
+  the CoOp context ``[E, n_ctx, width]``, the intervention's parameters (ATHA's ``[E, blocks]``
+  strengths) and a learned logit scale ``[E]``; each episode's tokens are compared with its own
+  class texts (``Intervention.active(..., episodes=E)``);
+- the loss is the sum of the per-episode losses, so the gradient of episode e's slice is the
+  gradient of episode e's own loss; the optimisers (AdamW, SGD with momentum and weight decay)
+  act elementwise, so stacked they equal E separate optimisers;
+- LoRA's dropout draws each episode's masks from a generator holding the state the global
+  generator would hold when that episode trains alone.
+
+So each episode ends with the parameters, logits and accuracy the sequential runner gives it (to
+float rounding: batched products sum in another order), and its line is the same: a run may be
+resumed with another E. A non-finite loss stops that episode only (its parameters as they were at
+that step, as alone), and the others go on.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdfsl_core.config import TrainConfig
+from cdfsl_core.errors import ConfigError
+from cdfsl_core.lora import LoRAAdapters
+from cdfsl_core.methods import FewShotCLIP
+from cdfsl_core.text import encode_text_embeddings
+from cdfsl_core.zeroshot import autocast_for
+
+__all__ = ["EpisodeBatch", "NonFiniteLoss", "batchable", "check_labels", "generator_like_global", "protocol_optimisers",
+           "train_batch"]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite during an episode."""
+
+
+def check_labels(method: FewShotCLIP, labels: torch.Tensor) -> None:
+    """The episode's labels must index the method's classes."""
+    n_way = int(labels.max().item()) + 1 if len(labels) else 0
+    if n_way != len(method.class_names):
+        raise ValueError(
+            f"The method has {len(method.class_names)} class names {method.class_names}, but the "
+            f"episode's labels are 0..{n_way - 1} ({n_way}-way). Pass one name per episode class."
+        )
+
+
+def protocol_optimisers(groups: dict[str, list[nn.Parameter]], train: TrainConfig) -> list[torch.optim.Optimizer]:
+    """The protocol's optimisers for parameters grouped as :meth:`FewShotCLIP.parameter_groups`
+    groups them: AdamW for LoRA (and a learned logit scale), SGD with momentum and weight decay for
+    the CoOp context, plain SGD for the intervention's parameters. Every rule acts elementwise, so
+    on parameters stacked along an episode axis they equal one optimiser per episode."""
+    optimisers: list[torch.optim.Optimizer] = []
+    if groups["lora"] or groups["scale"]:
+        optimisers.append(torch.optim.AdamW(groups["lora"] + groups["scale"], lr=train.lr_lora))
+    if groups["context"]:
+        optimisers.append(torch.optim.SGD(groups["context"], lr=train.lr_context, momentum=train.momentum,
+                                          weight_decay=train.weight_decay_context))
+    if groups["intervention"]:
+        optimisers.append(torch.optim.SGD(groups["intervention"], lr=train.lr_intervention))
+    return optimisers
+
+
+def batchable(method: FewShotCLIP) -> str | None:
+    """Why ``method`` cannot be trained in an episode batch, or None when it can."""
+    if not method.intervention.supports_episode_batch:
+        return f"intervention {method.config.intervention!r} does not edit several episodes at once"
+    for block in method.model.visual.transformer.resblocks:
+        if getattr(block.attn, "dropout", 0.0):
+            return "the model's attention has dropout (its masks would not be each episode's own)"
+    return None
+
+
+def generator_like_global(device: torch.device) -> torch.Generator:
+    """A generator in the state of the global generator of ``device`` (what dropout on that device
+    draws from), for an episode whose global state is about to be overwritten by the next one's seed."""
+    generator = torch.Generator(device=device)
+    if device.type == "cuda":
+        generator.set_state(torch.cuda.get_rng_state(device))
+    else:
+        generator.set_state(torch.get_rng_state())
+    return generator
+
+
+class EpisodeBatch(nn.Module):
+    """E methods of one config on one model, trained as one: ``forward(images [E * n, 3, H, W]) ->
+    logits [E, n, C]``. The methods keep their own parameters; :meth:`load` copies them into the
+    stacked ones and :meth:`store` copies slices back."""
+
+    def __init__(self, methods: Sequence[FewShotCLIP], generators: Sequence[torch.Generator] | None = None) -> None:
+        super().__init__()
+        if not methods:
+            raise ConfigError("an episode batch needs at least one method.")
+        first = methods[0]
+        for method in methods[1:]:
+            if method.model is not first.model or method.config != first.config:
+                raise ConfigError("the methods of an episode batch must share one model and one config.")
+            if len(method.class_names) != len(first.class_names):
+                raise ConfigError("the episodes of a batch must have the same number of classes "
+                                  f"({len(first.class_names)} and {len(method.class_names)}).")
+        reason = batchable(first)
+        if reason is not None:
+            raise ConfigError(f"cannot train episodes together: {reason}; use an episode batch of 1.")
+        object.__setattr__(self, "methods", list(methods))  # not submodules: their parameters are not ours
+        object.__setattr__(self, "model", first.model)
+        self.episodes = len(methods)
+        episodes = self.episodes
+        self.n_classes = len(first.class_names)
+        self.readout_block = first.readout_block
+        # the stacked parameters, by the methods' own parameter names
+        self.lora = LoRAAdapters(first.model, first.config.lora, episodes) if first.lora is not None else None
+        if self.lora is not None:
+            self.lora.set_generators(list(generators) if generators is not None else None)
+        stacked: dict[str, nn.Parameter] = {}
+        if self.lora is not None:
+            stacked.update({f"lora.{name}": p for name, p in self.lora.named_parameters()})
+        own = dict(first.named_parameters())
+        if first.uses_coop:
+            self.context = nn.Parameter(torch.zeros(episodes, *first.prompts.context.shape,
+                                                    device=first.prompts.context.device))
+            stacked["prompts.context"] = self.context
+        self.intervention_params = nn.ParameterDict()
+        for name, p in first.intervention.named_parameters():
+            self.intervention_params[name] = nn.Parameter(torch.zeros(episodes, *p.shape, device=p.device))
+            stacked[f"intervention.{name}"] = self.intervention_params[name]
+        if isinstance(first.log_scale, nn.Parameter):
+            self.log_scale = nn.Parameter(torch.zeros(episodes, device=first.log_scale.device))
+            stacked["log_scale"] = self.log_scale
+        else:
+            self.register_buffer("log_scale", first.log_scale.detach().expand(episodes).clone())
+        trainable = {name for name, p in own.items() if p.requires_grad}
+        if set(stacked) != trainable:
+            raise ConfigError(f"episode batch: cannot stack the method's parameters {sorted(trainable ^ set(stacked))}.")
+        self._stacked = stacked
+        # the text side of every episode, concatenated: prompts [E * C, ...]
+        self.register_buffer("tokens", torch.cat([m.prompts.tokens for m in methods]), persistent=False)
+        self.register_buffer("prefix", torch.cat([m.prompts.prefix for m in methods]), persistent=False)
+        self.register_buffer("suffix", torch.cat([m.prompts.suffix for m in methods]), persistent=False)
+        self.load()
+
+    def train(self, mode: bool = True) -> "EpisodeBatch":
+        """Train mode for the stacked adapters and the shared model, as ``method.train()`` sets them."""
+        super().train(mode)
+        self.model.train(mode)
+        return self
+
+    # -------------------------------------------------------------- the methods' parameters
+    @torch.no_grad()
+    def load(self) -> None:
+        """Copy every method's trainable parameters into its slice."""
+        for e, method in enumerate(self.methods):
+            own = dict(method.named_parameters())
+            for name, p in self._stacked.items():
+                p[e].copy_(own[name])
+
+    @torch.no_grad()
+    def store(self, episode: int) -> None:
+        """Copy slice ``episode`` back into its method."""
+        own = dict(self.methods[episode].named_parameters())
+        for name, p in self._stacked.items():
+            own[name].copy_(p[episode])
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The stacked parameters by kind, as :meth:`FewShotCLIP.parameter_groups` groups one method's."""
+        names = {id(p): name for name, p in self.methods[0].named_parameters()}
+        return {kind: [self._stacked[names[id(p)]] for p in params]
+                for kind, params in self.methods[0].parameter_groups().items()}
+
+    # -------------------------------------------------------------- forward
+    def text_features(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every episode's classifier text features [E, C, embed_dim] (L2-normalised) and, when the
+        intervention needs it, its read-out [E, C, embed_dim]: :meth:`FewShotCLIP.text_features`
+        for E episodes in one text forward."""
+        first = self.methods[0]
+        if first.uses_coop:
+            context = self.context.unsqueeze(1).expand(-1, self.n_classes, -1, -1).flatten(0, 1)
+            embeddings = torch.cat([self.prefix, context, self.suffix], dim=1)
+        else:
+            embeddings = torch.cat([self.prefix, self.suffix], dim=1)
+        needs_readout = first.config.intervention != "none"
+        with self.adapted():
+            final, readouts = encode_text_embeddings(self.model, embeddings, self.tokens,
+                                                     readout_blocks=(self.readout_block,) if needs_readout else ())
+        text = F.normalize(final.float(), dim=-1).reshape(self.episodes, self.n_classes, -1)
+        readout = readouts[self.readout_block].float().reshape(text.shape) if needs_readout else None
+        return text, readout
+
+    def adapted(self):
+        """The stacked adapters in the shared model (as :meth:`FewShotCLIP.adapted`)."""
+        return self.lora.installed() if self.lora is not None else nullcontext()
+
+    def encode_image(self, images: torch.Tensor, readout: torch.Tensor | None) -> torch.Tensor:
+        """L2-normalised image features [E, n, embed_dim] of ``images`` [E * n, 3, H, W], part e by episode e."""
+        intervention = self.methods[0].intervention
+        text = readout.unsqueeze(1) if readout is not None else None  # [E, 1, C, dim]: one text per episode
+        with self.adapted(), intervention.active(self.model.visual, text, self.episodes, dict(self.intervention_params)):
+            features = F.normalize(self.model.encode_image(images).float(), dim=-1)
+        return features.reshape(self.episodes, -1, features.shape[-1])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        text, readout = self.text_features()
+        image = self.encode_image(images, readout)
+        return self.log_scale.exp().reshape(-1, 1, 1) * image @ text.mT
+
+
+def train_batch(
+    methods: Sequence[FewShotCLIP], images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], train: TrainConfig,
+    precision: str = "auto", generators: Sequence[torch.Generator] | None = None,
+    at_step: Sequence[Callable[[int], None] | None] | None = None,
+) -> list[dict[str, Any] | Exception]:
+    """:func:`~cdfsl_core.episode_loop.train_episode` for E episodes at once: method e on
+    ``images[e]`` [n, 3, H, W] and ``labels[e]`` [n] (the same n for every episode), its dropout from
+    ``generators[e]``. Returns, per episode, what ``train_episode`` returns, or the
+    :class:`NonFiniteLoss` it would raise; each method ends with its own
+    trained parameters. ``at_step[e](s)`` is called as ``train_episode`` calls it, with method e
+    holding its parameters after s steps, in eval mode."""
+    episodes = len(methods)
+    sizes = {len(x) for x in images}
+    if len(sizes) != 1 or len(images) != episodes or len(labels) != episodes:
+        raise ConfigError(f"an episode batch needs one support set of the same size per method; got sizes "
+                          f"{[len(x) for x in images]} for {episodes} methods.")
+    for method, y in zip(methods, labels):
+        check_labels(method, y)
+    at_step = list(at_step) if at_step is not None else [None] * episodes
+    wanted = set(train.trajectory_steps)
+    batch = EpisodeBatch(methods, generators)
+    groups = batch.parameter_groups()
+    optimisers = protocol_optimisers(groups, train)
+    if not optimisers or train.steps == 0:
+        for method, probe in zip(methods, at_step):
+            if probe is not None and 0 in wanted:
+                method.eval()
+                probe(0)
+        return [{"steps": 0, "loss_first": None, "loss_last": None} for _ in methods]
+
+    running = list(range(episodes))  # episodes still training
+    results: list[dict[str, Any] | Exception] = [{"steps": train.steps} for _ in methods]
+    first: list[float | None] = [None] * episodes
+    last: list[float | None] = [None] * episodes
+
+    def measure(step: int) -> None:
+        if step not in wanted:
+            return
+        for e in running:
+            if at_step[e] is not None:
+                batch.store(e)
+                methods[e].eval()
+                at_step[e](step)
+        batch.train()  # the probes left the shared model in eval mode
+
+    all_images = torch.cat(list(images))
+    all_labels = torch.stack(list(labels))  # [E, n]
+    device = all_images.device
+    parameters = [p for group in groups.values() for p in group]
+    batch.train()
+    try:
+        for step in range(train.steps):
+            measure(step)
+            with autocast_for(device, precision):
+                logits = batch(all_images)  # [E, n, C]
+            losses = F.cross_entropy(logits.float().flatten(0, 1), all_labels.flatten(), reduction="none")
+            losses = losses.reshape(episodes, -1).mean(dim=1)
+            values = losses.tolist()
+            for e in list(running):
+                if not math.isfinite(values[e]):
+                    batch.store(e)  # its parameters after `step` steps, as when it stops alone
+                    results[e] = NonFiniteLoss(f"loss is {values[e]} at step {step} of {train.steps}")
+                    running.remove(e)
+                    continue
+                first[e] = values[e] if first[e] is None else first[e]
+                last[e] = values[e]
+            if not running:
+                break
+            for optimiser in optimisers:
+                optimiser.zero_grad(set_to_none=True)
+            losses[running].sum().backward()
+            stopped = [e for e in range(episodes) if e not in running]
+            if stopped:  # a stopped episode's slice stays finite (its method already holds its parameters)
+                for p in parameters:
+                    if p.grad is not None:
+                        p.grad[stopped] = 0
+            for optimiser in optimisers:
+                optimiser.step()
+        else:
+            measure(train.steps)
+    finally:
+        batch.eval()
+    for e in running:
+        batch.store(e)
+        results[e] = {"steps": train.steps, "loss_first": first[e], "loss_last": last[e]}
+    for method in methods:
+        method.eval()
+    return results
