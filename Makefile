@@ -8,7 +8,7 @@ CLUSTER := $(VENV)/.cluster
 CONSTRAINTS := requirements/constraints.txt
 OUT ?= outputs/demo
 
-.PHONY: demo figures lint test test-fast clean-venv
+.PHONY: demo figures gpu-check lint test test-fast clean-venv
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,3 +43,8 @@ test-fast: $(CLUSTER) lint
 
 clean-venv:
 	rm -rf $(VENV)
+
+# the prepared GPU check (benchmarks/gpu_check.py): on a machine with a CUDA device, under 8 minutes,
+# writing benchmarks/results/gpu_check.json; ARGS=--dry-run checks the script itself on the CPU
+gpu-check: $(CLUSTER)
+	$(PY) benchmarks/gpu_check.py $(ARGS)

@@ -16,7 +16,7 @@ is written twice (a test checks the source for it). This module imports nothing.
 from __future__ import annotations
 
 __all__ = [
-    "ATHA_ALPHA_INIT", "ATHA_RHO_HEAD", "ATHA_RHO_TAIL", "CONTEXT_VECTORS", "DEMO_EPISODES", "EPISODE_BATCH", "DEMO_STEPS", "EPISODES", "LOGIT_SCALE", "LOGIT_SCALE_ONE_SHOT", "LORA_ALPHA",
+    "ATHA_ALPHA_INIT", "ATHA_RHO_HEAD", "ATHA_RHO_TAIL", "CONTEXT_VECTORS", "CPU_BATCH_IMAGES", "DEMO_EPISODES", "EPISODE_BATCH", "DEMO_STEPS", "EPISODES", "LOGIT_SCALE", "LOGIT_SCALE_ONE_SHOT", "LORA_ALPHA",
     "LORA_DROPOUT", "LORA_RANK", "LR_CONTEXT", "LR_INTERVENTION", "LR_LORA", "MOMENTUM", "PROMPT", "QUERIES",
     "RESIZE_RATIO", "SHOTS", "STEPS", "TIR_LAMBDA", "TIR_RHO", "WAYS", "WEIGHT_DECAY_CONTEXT", "logit_scale",
 ]
@@ -51,9 +51,12 @@ LOGIT_SCALE = 4.0  # s for more shots
 RESIZE_RATIO = 1.15  # resize the short side to ratio x the input size, then centre-crop
 
 # how many episodes train together in one forward by default (`--episode-batch auto`); results do
-# not depend on it. CPU: measured by benchmarks/bench_episode_batch.py; CUDA: a first guess until a
-# GPU measures it (make gpu-check)
+# not depend on it. On the CPU (benchmarks/bench_episode_batch.py) batching pays while a step's batch
+# is small: at most EPISODE_BATCH["cpu"] episodes and CPU_BATCH_IMAGES support images together
+# (1-shot: 8 episodes, 1.66x; 5-shot: 1, as 4 gave only 1.07x). CUDA: a first guess until a GPU
+# measures it (make gpu-check)
 EPISODE_BATCH = {"cpu": 8, "cuda": 16}
+CPU_BATCH_IMAGES = 40
 
 # `make demo`: the protocol with fewer episodes and steps, to fit 15 minutes on 2 CPU cores
 DEMO_EPISODES = 2  # per target, shot setting and method

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import platform
-from contextlib import ExitStack
 import subprocess
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -54,7 +54,7 @@ from cdfsl_core.stats import json_number, mean_ci95
 __all__ = [
     "DataConfig", "ModelConfig", "NonFiniteLoss", "RunConfig", "RunPlan", "TrainConfig", "evaluate", "load_plan",
     "load_run", "load_state", "prepare_episode", "prepare_run", "protocol_transform", "resolve_episode_batch", "run",
-    "run_episodes",
+    "run_episodes", "support_images",
     "save_state", "state_path", "summarize", "summary_of_lines", "train_episode",
 ]
 
@@ -271,15 +271,23 @@ def load_plan(out: str | os.PathLike[str], device: torch.device | None = None) -
     return RunPlan(config, out, device, precision, dataset, episodes, weights)
 
 
-def resolve_episode_batch(value: int | str, device: torch.device) -> int:
-    """Episodes trained together: a positive number, or ``"auto"``
-    (:data:`~cdfsl_core.protocol.EPISODE_BATCH` for the device type; benchmarks/bench_episode_batch.py
-    measured the CPU's)."""
+def resolve_episode_batch(value: int | str, device: torch.device, support_images: int = 1) -> int:
+    """Episodes trained together: a positive number, or ``"auto"``: on a GPU
+    ``protocol.EPISODE_BATCH["cuda"]``; on the CPU as many episodes (up to ``EPISODE_BATCH["cpu"]``)
+    as keep ``protocol.CPU_BATCH_IMAGES`` support images or fewer in a step, since a larger batch
+    already fills the cores (``support_images``: one episode's, views included)."""
     if value == "auto":
-        return protocol.EPISODE_BATCH["cuda" if device.type == "cuda" else "cpu"]
+        if device.type == "cuda":
+            return protocol.EPISODE_BATCH["cuda"]
+        return max(1, min(protocol.EPISODE_BATCH["cpu"], protocol.CPU_BATCH_IMAGES // max(1, support_images)))
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"episode batch {value!r}; expected a positive number of episodes trained together, or 'auto'.")
     return value
+
+
+def support_images(config: RunConfig) -> int:
+    """One episode's support images per training step (the authors' 5 views each with augment)."""
+    return config.episodes.n_way * config.episodes.k_shot * (5 if config.train.augment else 1)
 
 
 def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | None = None, progress: bool = True,
@@ -296,7 +304,7 @@ def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | Non
     for any value, so a run may resume with another. Ctrl-C raises :class:`RunInterrupted`, whose
     message says what finished."""
     plan = prepare_run(config, out, allow_mixed_precision)
-    batch = resolve_episode_batch(episode_batch, plan.device)
+    batch = resolve_episode_batch(episode_batch, plan.device, support_images(plan.config))
     todo = plan.todo()
     if todo:
         run_episodes(plan, bundle if bundle is not None else plan.load_model(), todo, progress, save_states,

@@ -228,7 +228,7 @@ def _shard(folder: str, indices: list[int], threads: int, episode_batch: int | s
     at a time in one forward; how many it recorded."""
     import torch
 
-    from cdfsl_core.runner import load_plan, resolve_episode_batch, run_episodes
+    from cdfsl_core.runner import load_plan, resolve_episode_batch, run_episodes, support_images
 
     torch.set_num_threads(max(1, threads))
     plan = load_plan(folder)
@@ -237,7 +237,7 @@ def _shard(folder: str, indices: list[int], threads: int, episode_batch: int | s
     if key not in _MODELS:
         _MODELS[key] = plan.load_model()
     return run_episodes(plan, _MODELS[key], indices, progress=False,
-                        episode_batch=resolve_episode_batch(episode_batch, plan.device))
+                        episode_batch=resolve_episode_batch(episode_batch, plan.device, support_images(plan.config)))
 
 
 def _check_address(address: str, timeout: float = 5.0) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from helpers import TINY
 
 from cdfsl_core.cli import episode_batch_arg
-from cdfsl_core.config import EpisodeConfig, LoRAConfig, MethodConfig, TrainConfig
+from cdfsl_core.config import LoRAConfig, MethodConfig, TrainConfig
 from cdfsl_core.data import load_dataset
 from cdfsl_core.episode_batch import EpisodeBatch, NonFiniteLoss, generator_like_global, train_batch
 from cdfsl_core.episode_loop import prepare_episode, train_episode
@@ -189,7 +189,12 @@ def test_runs_give_the_same_lines_and_resume_with_another_batch(tmp_path, bundle
 
 
 def test_episode_batch_values_are_checked():
-    assert resolve_episode_batch("auto", torch.device("cpu")) >= 1
+    # auto: on the CPU as many episodes as keep a step at or under 40 support images, at most 8
+    assert resolve_episode_batch("auto", torch.device("cpu"), 5) == 8
+    assert resolve_episode_batch("auto", torch.device("cpu"), 10) == 4
+    assert resolve_episode_batch("auto", torch.device("cpu"), 25) == 1
+    assert resolve_episode_batch("auto", torch.device("cpu"), 125) == 1
+    assert resolve_episode_batch("auto", torch.device("cuda"), 125) == 16
     assert resolve_episode_batch(4, torch.device("cpu")) == 4
     for bad in (0, -2, 1.5, "8", True):
         with pytest.raises(ConfigError, match="episode batch"):

@@ -78,3 +78,41 @@ def test_a_short_run_on_cuda_records_bf16(tmp_path):
     summary = run(config, tmp_path / "run", progress=False)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["device"] == "cuda" and manifest["precision"] == "bf16" and summary["episodes"] == 4
+
+
+def test_batched_episodes_on_the_device_equal_sequential_ones():
+    """E episodes trained together on the GPU (fp32) end with the parameters each gets alone: the
+    dropout masks come from per-episode CUDA generators in the state the global one would hold."""
+    from dataclasses import replace
+
+    from helpers import TINY
+
+    from cdfsl_core.config import MethodConfig, ModelConfig, TrainConfig
+    from cdfsl_core.data import load_dataset
+    from cdfsl_core.episode_batch import generator_like_global, train_batch
+    from cdfsl_core.episode_loop import prepare_episode, train_episode
+    from cdfsl_core.episodes import generate_episodes
+    from cdfsl_core.models import load_clip
+    from cdfsl_core.preprocess import protocol_transform
+
+    config = replace(TINY, model=ModelConfig("cdfsl-test-vit", None, "cuda", "fp32"),
+                     method=MethodConfig("coop+lora", "atha"), train=TrainConfig(steps=4))
+    torch.manual_seed(0)
+    bundle = load_clip("cdfsl-test-vit", device="cuda")
+    dataset = load_dataset(config.data.dataset, None, **config.data.options)
+    episodes = generate_episodes(dataset, config.episodes)
+    transform = protocol_transform(bundle, config.train.resize_ratio)
+    alone = []
+    for i in range(3):
+        method, support, labels, _, _ = prepare_episode(config, bundle, dataset, episodes, i, None, transform)
+        train_episode(method, support, labels, config.train, "fp32")
+        alone.append(method.trainable_state())
+    prepared, generators = [], []
+    for i in range(3):
+        prepared.append(prepare_episode(config, bundle, dataset, episodes, i, None, transform))
+        generators.append(generator_like_global(prepared[-1][1].device))
+    train_batch([p[0] for p in prepared], [p[1] for p in prepared], [p[2] for p in prepared], config.train, "fp32",
+                generators=generators)
+    for state, p in zip(alone, prepared):
+        together = p[0].trainable_state()
+        assert max(float((state[k] - together[k]).abs().max()) for k in state) < 1e-4

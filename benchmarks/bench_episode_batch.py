@@ -1,0 +1,159 @@
+"""Episodes per hour when E episodes train together in one forward, side by side in one run.
+
+    .venv/bin/python benchmarks/bench_episode_batch.py [--model cdfsl-synth-vit] [--pretrained synthetic]
+        [--shots 1 5] [--batches 1 4 8 16] [--episodes 16] [--steps 30] [--method coop+lora/tir]
+        [--device cpu] [--precision fp32] [--json PATH]
+
+For each shot setting, the same ``--episodes`` episodes run through
+:func:`cdfsl_core.episode_loop.run_episode_batch` in chunks of E for every E of ``--batches``
+(E = 1 is the sequential runner), each a whole episode (prepare, the queries before and after,
+training). Reports seconds per episode, episodes per hour, the speed-up over E = 1, and whether
+every E gave the same accuracies as E = 1 (they must: tests/test_episode_batch.py). Memory per
+episode: what autograd saves for the backward of one training forward of the E episodes, per
+episode (any device; ``--no-memory`` skips it), and on a GPU also the peak allocated memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cdfsl_core import protocol
+from cdfsl_core.config import run_config
+from cdfsl_core.data import load_dataset
+from cdfsl_core.episode_loop import run_episode_batch
+from cdfsl_core.episodes import generate_episodes
+from cdfsl_core.models import load_clip, resolve_precision
+from cdfsl_core.preprocess import protocol_transform
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _setup(model: str, pretrained: str | None, shots: int, episodes: int, steps: int, method: str, device: str,
+           precision: str, queries: int = protocol.QUERIES):
+    adaptation, _, intervention = method.partition("/")
+    options = {"images_per_class": 40}
+    config = run_config("synthetic-crops", shots, adaptation, intervention, episodes=episodes, steps=steps, model=model,
+                        pretrained=pretrained, device=device, precision=precision, data_options=options, queries=queries)
+    dataset = load_dataset("synthetic-crops", **options)
+    torch.manual_seed(0)
+    bundle = load_clip(model, pretrained, device=torch.device(device))
+    resolved = resolve_precision(torch.device(device), precision)
+    return config, dataset, generate_episodes(dataset, config.episodes), bundle, protocol_transform(bundle), resolved
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(model: str = "cdfsl-synth-vit", pretrained: str | None = "synthetic", shots: int = 1,
+            batches: tuple[int, ...] = (1, 4, 8, 16), episodes: int = 16, steps: int = 30,
+            method: str = "coop+lora/tir", device: str = "cpu", precision: str = "fp32", queries: int = protocol.QUERIES) -> dict:
+    """Seconds per episode and episodes per hour for each E, on the same episodes."""
+    config, dataset, drawn, bundle, transform, resolved = _setup(model, pretrained, shots, episodes, steps, method,
+                                                                 device, precision, queries)
+    rows, accuracies = {}, {}
+    for e in batches:
+        methods: list = []
+        accuracy = []
+        peak = None
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        _sync(device)
+        start = time.perf_counter()
+        for first in range(0, episodes, e):
+            indices = list(range(first, min(first + e, episodes)))
+            methods, lines = run_episode_batch(config, bundle, dataset, drawn, indices, methods, transform, resolved)
+            accuracy += [line["accuracy"] for line in lines]
+        _sync(device)
+        seconds = (time.perf_counter() - start) / episodes
+        if device.startswith("cuda"):
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        accuracies[e] = accuracy
+        rows[str(e)] = {"seconds_per_episode": round(seconds, 4), "episodes_per_hour": round(3600 / seconds, 1),
+                        "seconds_per_step_of_the_batch": round(seconds * e / max(1, steps), 4)}
+        if peak is not None:
+            rows[str(e)]["peak_memory_mib"] = round(peak, 1)
+            rows[str(e)]["peak_memory_mib_per_episode"] = round(peak / e, 1)
+    base = rows[str(batches[0])]["seconds_per_episode"]
+    for e in batches:
+        rows[str(e)]["speedup_over_E1"] = round(base / rows[str(e)]["seconds_per_episode"], 3)
+    return {"shots": shots, "steps": steps, "queries_per_class": queries, "episodes": episodes, "method": method,
+            "precision": resolved,
+            "by_episode_batch": rows,
+            "same_accuracies_as_E1": all(accuracies[e] == accuracies[batches[0]] for e in batches)}
+
+
+def activation_mib(setup: tuple, e: int) -> float:
+    """MiB that autograd keeps for the backward of one training forward of E episodes together
+    (every tensor saved for the backward, each storage counted once): what grows with E, on any device."""
+    from cdfsl_core.episode_batch import EpisodeBatch, generator_like_global
+    from cdfsl_core.episode_loop import prepare_episode
+    from cdfsl_core.zeroshot import autocast_for
+
+    config, dataset, drawn, bundle, transform, resolved = setup
+    prepared = [prepare_episode(config, bundle, dataset, drawn, i, None, transform) for i in range(e)]
+    batch = EpisodeBatch([p[0] for p in prepared], [generator_like_global(p[1].device) for p in prepared]).train()
+    seen: dict[tuple, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        seen[(storage.data_ptr(), tensor.device.type)] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with autocast_for(prepared[0][1].device, resolved):
+            batch(torch.cat([p[1] for p in prepared])).float().sum()
+    batch.eval()
+    return sum(seen.values()) / 2**20
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="cdfsl-synth-vit")
+    parser.add_argument("--pretrained", default="synthetic")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--episodes", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--method", default="coop+lora/tir")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--queries", type=int, default=protocol.QUERIES, help="query images per class (the protocol's)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pretrained = None if args.pretrained == "none" else args.pretrained
+    result = {"model": args.model, "pretrained": args.pretrained, "device": args.device, "settings": []}
+    for shots in args.shots:
+        report = measure(args.model, pretrained, shots, tuple(args.batches), args.episodes, args.steps, args.method,
+                         args.device, args.precision, args.queries)
+        if not args.no_memory:
+            setup = _setup(args.model, pretrained, shots, max(args.batches), args.steps, args.method, args.device,
+                           args.precision, args.queries)
+            for e in args.batches:
+                mib = activation_mib(setup, e)
+                report["by_episode_batch"][str(e)]["saved_activations_mib"] = round(mib, 1)
+                report["by_episode_batch"][str(e)]["saved_activations_mib_per_episode"] = round(mib / e, 2)
+        result["settings"].append(report)
+        print(json.dumps(report, indent=2), flush=True)
+    result["machine"] = f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    result["command"] = "benchmarks/bench_episode_batch.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
