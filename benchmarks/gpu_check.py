@@ -122,8 +122,11 @@ def _episode_batch(dry: bool, device: str, peak: float | None) -> dict:
 
 
 def _ray_sweep(dry: bool, device: str) -> dict:
+    import ray
+
     from cdfsl_core.sweep import SweepGrid, sweep
 
+    started_here = not ray.is_initialized()
     with tempfile.TemporaryDirectory() as folder:
         if dry:
             grid = SweepGrid(datasets=("synthetic-crops",), shots=(1,), methods=("coop+lora/none",), episodes=4, steps=2,
@@ -134,7 +137,11 @@ def _ray_sweep(dry: bool, device: str) -> dict:
                              steps=10, model="ViT-B-16", pretrained=None, out=folder, shard=4, cpus_per_task=2,
                              gpus_per_task=0.25, episode_batch=1, precision="bf16")
         start = time.perf_counter()
-        table = sweep(grid, progress=False)
+        try:
+            table = sweep(grid, progress=False)
+        finally:
+            if started_here:  # leave no Ray behind (a caller, a test session, may start its own)
+                ray.shutdown()
         seconds = time.perf_counter() - start
     return {"workers_per_device": 0 if dry else round(1 / grid.gpus_per_task), "episodes": grid.episodes,
             "steps": grid.steps, "seconds": round(seconds, 1), "episodes_per_hour": round(3600 * grid.episodes / seconds, 1),
@@ -160,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"dry_run": args.dry_run, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "command": "benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)}
 
+    from cdfsl_core.atomic import write_json
+
     def save() -> None:
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(out)
+        write_json(out, report)
 
     report["device"] = _device_info(device)
     save()
