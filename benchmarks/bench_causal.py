@@ -11,14 +11,12 @@ of ``--repeats`` runs and reported as seconds and as a multiple of one forward.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from benchmark_report import finish
 
 from analysis.causal import ablation_effects, logit_attribution, patch_effects
 from cdfsl_core.methods import create_method
@@ -74,13 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "images": args.images, "blocks": n_blocks,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "forwards": {k: round(v / seconds["forward"], 1) for k, v in seconds.items()},
-        "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "command": "benchmarks/bench_causal.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return finish(result, "bench_causal.py", argv, args.json)
 
 
 if __name__ == "__main__":

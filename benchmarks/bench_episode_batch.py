@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
+from benchmark_report import finish
 
 from cdfsl_core import protocol
 from cdfsl_core.config import run_config
@@ -55,10 +54,12 @@ def _sync(device: str) -> None:
 
 def measure(model: str = "cdfsl-synth-vit", pretrained: str | None = "synthetic", shots: int = 1,
             batches: tuple[int, ...] = (1, 4, 8, 16), episodes: int = 16, steps: int = 30,
-            method: str = "coop+lora/tir", device: str = "cpu", precision: str = "fp32", queries: int = protocol.QUERIES) -> dict:
-    """Seconds per episode and episodes per hour for each E, on the same episodes."""
-    config, dataset, drawn, bundle, transform, resolved = _setup(model, pretrained, shots, episodes, steps, method,
-                                                                 device, precision, queries)
+            method: str = "coop+lora/tir", device: str = "cpu", precision: str = "fp32", queries: int = protocol.QUERIES,
+            setup: tuple | None = None) -> dict:
+    """Seconds per episode and episodes per hour for each E, on the same episodes (``setup``: what
+    :func:`_setup` returned for these settings, reused instead of loading again)."""
+    config, dataset, drawn, bundle, transform, resolved = setup or _setup(model, pretrained, shots, episodes, steps,
+                                                                          method, device, precision, queries)
     rows, accuracies = {}, {}
     for e in batches:
         methods: list = []
@@ -136,23 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     pretrained = None if args.pretrained == "none" else args.pretrained
     result = {"model": args.model, "pretrained": args.pretrained, "device": args.device, "settings": []}
     for shots in args.shots:
+        setup = _setup(args.model, pretrained, shots, max(args.episodes, *args.batches), args.steps, args.method,
+                       args.device, args.precision, args.queries)
         report = measure(args.model, pretrained, shots, tuple(args.batches), args.episodes, args.steps, args.method,
-                         args.device, args.precision, args.queries)
+                         args.device, args.precision, args.queries, setup)
         if not args.no_memory:
-            setup = _setup(args.model, pretrained, shots, max(args.batches), args.steps, args.method, args.device,
-                           args.precision, args.queries)
             for e in args.batches:
                 mib = activation_mib(setup, e)
                 report["by_episode_batch"][str(e)]["saved_activations_mib"] = round(mib, 1)
                 report["by_episode_batch"][str(e)]["saved_activations_mib_per_episode"] = round(mib / e, 2)
         result["settings"].append(report)
         print(json.dumps(report, indent=2), flush=True)
-    result["machine"] = f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    result["command"] = "benchmarks/bench_episode_batch.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return finish(result, "bench_episode_batch.py", argv, args.json)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ the cost of a step does not depend on the weights' values.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from benchmark_report import finish
 
 from cdfsl_core import protocol
 from cdfsl_core.methods import create_method
@@ -75,11 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_to_baseline": {name: statistics.median(a / b for a, b in zip(t, times["none"]))
                               for name, t in times.items() if name != "none"},
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    return finish(report, "bench_methods.py", argv, args.json)
 
 
 if __name__ == "__main__":

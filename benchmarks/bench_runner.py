@@ -13,12 +13,12 @@ bf16 autocast. For ViT-B/16 at real size without the OpenAI weights: --model ViT
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
+from benchmark_report import finish
 
 from cdfsl_core import protocol
 from cdfsl_core.config import run_config
@@ -83,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "episodes": args.episodes, **results,
         "reload_over_once": results["reload"]["total_seconds"] / results["once"]["total_seconds"],
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    return finish(report, "bench_runner.py", argv, args.json)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,12 @@ load. Reports seconds per episode of each and their ratio, and checks that the a
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from benchmark_report import finish
 
 from cdfsl_core import protocol
 from cdfsl_core.config import run_config
@@ -66,13 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_measured_over_plain": round(per_episode["measured"] / per_episode["plain"], 3),
         "seconds_per_point": round((per_episode["measured"] - per_episode["plain"]) / len(steps), 3),
         "same_accuracy": accuracy["plain"] == accuracy["measured"],
-        "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "command": "benchmarks/bench_trajectory.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return finish(result, "bench_trajectory.py", argv, args.json)
 
 
 if __name__ == "__main__":

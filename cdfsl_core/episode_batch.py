@@ -221,7 +221,7 @@ def train_batch(
     methods: Sequence[FewShotCLIP], images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], train: TrainConfig,
     precision: str = "auto", generators: Sequence[torch.Generator] | None = None,
     at_step: Sequence[Callable[[int], None] | None] | None = None,
-) -> list[dict[str, Any] | Exception]:
+) -> list[dict[str, Any] | NonFiniteLoss]:
     """:func:`~cdfsl_core.episode_loop.train_episode` for E episodes at once: method e on
     ``images[e]`` [n, 3, H, W] and ``labels[e]`` [n] (the same n for every episode), its dropout from
     ``generators[e]``. Returns, per episode, what ``train_episode`` returns, or the
@@ -248,7 +248,7 @@ def train_batch(
         return [{"steps": 0, "loss_first": None, "loss_last": None} for _ in methods]
 
     running = list(range(episodes))  # episodes still training
-    results: list[dict[str, Any] | Exception] = [{"steps": train.steps} for _ in methods]
+    failures: dict[int, NonFiniteLoss] = {}
     first: list[float | None] = [None] * episodes
     last: list[float | None] = [None] * episodes
 
@@ -278,7 +278,7 @@ def train_batch(
             for e in list(running):
                 if not math.isfinite(values[e]):
                     batch.store(e)  # its parameters after `step` steps, as when it stops alone
-                    results[e] = NonFiniteLoss(f"loss is {values[e]} at step {step} of {train.steps}")
+                    failures[e] = NonFiniteLoss(f"loss is {values[e]} at step {step} of {train.steps}")
                     running.remove(e)
                     continue
                 first[e] = values[e] if first[e] is None else first[e]
@@ -301,7 +301,7 @@ def train_batch(
         batch.eval()
     for e in running:
         batch.store(e)
-        results[e] = {"steps": train.steps, "loss_first": first[e], "loss_last": last[e]}
     for method in methods:
         method.eval()
-    return results
+    return [failures[e] if e in failures else {"steps": train.steps, "loss_first": first[e], "loss_last": last[e]}
+            for e in range(episodes)]

@@ -195,15 +195,13 @@ def _start_row(config: RunConfig, method: FewShotCLIP, episodes: EpisodeFile, in
 
 
 def _finish_row(config: RunConfig, method: FewShotCLIP, episodes: EpisodeFile, index: int, row: dict[str, Any],
-                before: dict, trajectory: list, outcome: dict[str, Any] | Exception, query: torch.Tensor,
+                before: dict, trajectory: list, outcome: dict[str, Any] | NonFiniteLoss, query: torch.Tensor,
                 query_labels: torch.Tensor, precision: str, save_state_to: Path | None) -> dict[str, Any]:
     """The line of a trained episode (``outcome``: what training returned, or the NonFiniteLoss it
     raised); keeps the trained parameters at ``save_state_to``."""
     if isinstance(outcome, NonFiniteLoss):
         row.update(status="non-finite-loss", accuracy=None, message=str(outcome))
         tqdm.write(f"episode {index}: stopped, {outcome}; recorded as failed, not averaged")
-    elif isinstance(outcome, Exception):
-        raise outcome
     else:
         row.update(outcome)
         with method.intervention.measuring() as after:
@@ -240,7 +238,7 @@ def _run_prepared(config: RunConfig, episodes: EpisodeFile, index: int, prepared
     method, support, support_labels, query, query_labels = prepared[:5]
     row, before, trajectory, at_step = _start_row(config, method, episodes, index, query, query_labels, precision)
     try:
-        outcome: dict[str, Any] | Exception = train_episode(method, support, support_labels, config.train, precision,
+        outcome: dict[str, Any] | NonFiniteLoss = train_episode(method, support, support_labels, config.train, precision,
                                                             at_step)
     except NonFiniteLoss as err:
         outcome = err

@@ -65,3 +65,18 @@ TINY = RunConfig(
     method=MethodConfig("coop+lora", "tir", lora=LoRAConfig(rank=2)),
     train=TrainConfig(steps=3),
 )
+
+
+def embedded_images(indices: tuple[int, ...]):
+    """The embedded CLIP and the synthetic source test images ``indices`` (one image per class), as
+    the protocol's transform makes them: (bundle, images [len(indices), 3, H, W])."""
+    import torch
+
+    from cdfsl_core.data import load_dataset
+    from cdfsl_core.models import EMBEDDED_MODEL, load_clip
+    from cdfsl_core.preprocess import protocol_transform
+
+    bundle = load_clip(*EMBEDDED_MODEL)
+    dataset = load_dataset("synthetic", split="test", images_per_class=1)
+    transform = protocol_transform(bundle, 1.15)
+    return bundle, torch.stack([transform(dataset.load_image(i)) for i in indices])

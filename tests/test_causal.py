@@ -7,6 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from helpers import embedded_images
 
 from analysis.causal import (
     ablated,
@@ -21,21 +22,16 @@ from analysis.causal import (
 )
 from analysis.diagnostics import TokenDiagnostics
 from analysis.recorder import record
-from cdfsl_core.data import load_dataset
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.methods import create_method
-from cdfsl_core.models import EMBEDDED_MODEL, load_clip
-from cdfsl_core.preprocess import protocol_transform
+from cdfsl_core.models import load_clip
 
 NAMES = ["striped red shape", "dotted blue shape", "plain green shape", "wavy pink shape", "checkered black shape"]
 
 
 @pytest.fixture(scope="module")
 def setting():
-    bundle = load_clip(*EMBEDDED_MODEL)
-    dataset = load_dataset("synthetic", split="test", images_per_class=1)
-    transform = protocol_transform(bundle, 1.15)
-    images = torch.stack([transform(dataset.load_image(i)) for i in (0, 9, 20, 41, 50, 63)])
+    bundle, images = embedded_images((0, 9, 20, 41, 50, 63))
     return bundle, images, torch.tensor([0, 1, 2, 3, 4, 0])
 
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import embedded_images
 
 from analysis.controls import FINDS, PLANTS, Plant, planted
 from analysis.diagnostics import TokenDiagnostics
 from analysis.recorder import record
-from cdfsl_core.data import load_dataset
 from cdfsl_core.methods import create_method
-from cdfsl_core.models import EMBEDDED_MODEL, load_clip
-from cdfsl_core.runner import protocol_transform
 
 LAYER = 3
 NAMES = ["striped red shape", "dotted blue shape", "plain green shape", "wavy pink shape", "checked black shape"]
@@ -26,10 +24,7 @@ NAMES = ["striped red shape", "dotted blue shape", "plain green shape", "wavy pi
 
 @pytest.fixture(scope="module")
 def setting():
-    bundle = load_clip(*EMBEDDED_MODEL)
-    dataset = load_dataset("synthetic", split="test", images_per_class=1)
-    transform = protocol_transform(bundle, 1.15)
-    images = torch.stack([transform(dataset.load_image(i)) for i in (0, 9, 20, 41)])
+    bundle, images = embedded_images((0, 9, 20, 41))
     method = create_method(bundle, NAMES, "zeroshot", "none").eval()
     with torch.no_grad():
         _, readout = method.text_features(readout=True)
