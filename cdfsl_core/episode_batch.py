@@ -141,7 +141,7 @@ class EpisodeBatch(nn.Module):
             self.log_scale = nn.Parameter(torch.zeros(episodes, device=first.log_scale.device))
             stacked["log_scale"] = self.log_scale
         else:
-            self.register_buffer("log_scale", first.log_scale.detach().expand(episodes).clone())
+            self.register_buffer("log_scale", first.log_scale.detach().to(first.model.logit_scale.device).expand(episodes).clone())
         trainable = {name for name, p in own.items() if p.requires_grad}
         if set(stacked) != trainable:
             raise ConfigError(f"episode batch: cannot stack the method's parameters {sorted(trainable ^ set(stacked))}.")

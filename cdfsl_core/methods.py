@@ -70,7 +70,7 @@ class FewShotCLIP(nn.Module):
         if config.logit_scale == "learned":
             self.log_scale = nn.Parameter(self.model.logit_scale.detach().clone())
         else:
-            self.register_buffer("log_scale", torch.tensor(float(config.logit_scale)).log())
+            self.register_buffer("log_scale", torch.tensor(float(config.logit_scale), device=self.model.logit_scale.device).log())
         self.prompts: PromptLearner
         self.set_classes(class_names)
 
