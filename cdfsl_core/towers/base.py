@@ -1,0 +1,216 @@
+"""What every vision-tower adapter answers, and the registry that picks one for a module.
+
+A *tower adapter* is the only code that knows a tower family's internals (DESIGN: "no file outside
+``cdfsl_core/towers`` names a tower's internals"). The methods, interventions, recorder,
+diagnostics and causal tools ask it for:
+
+- the blocks (``blocks``), where a forward pre-hook sees each block's input
+  (``block_input`` / ``with_block_input``);
+- the token layout: ``n_prefix`` tokens first (CLS and/or register tokens), then the patch tokens
+  on a ``grid`` (rows, columns); ``patches(x)``, ``registers(x)`` and ``cls(x)`` cut a residual
+  stream ``[..., tokens, width]`` accordingly;
+- the attention's queries and keys of a block (``query_key``: pre-norm, projections, per-head
+  norms and rotary embeddings where the family has them) and the probabilities recomputed from
+  them (``attention_probs``);
+- the per-token read-out into the joint image-text space (``readout``) and its affine parts
+  (``readout_affine``: ATHA solves through them);
+- the patch embedding module (attribution).
+
+Adding a family is one new adapter module that subclasses :class:`VisionTower` and registers it
+with :func:`register_tower`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from cdfsl_core.errors import ConfigError
+
+__all__ = ["ReadoutAffine", "VisionTower", "register_tower", "tower_families", "vision_tower"]
+
+
+@dataclass(frozen=True)
+class ReadoutAffine:
+    """The per-token read-out ``z = ((x - mean) / std * gamma + beta) @ P + bias`` of a linear head:
+    a layer norm's gain and bias, the projection ``P`` [width, embed_dim] (None: the identity), and
+    the bias added after it (None: none)."""
+
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    projection: torch.Tensor | None
+    bias: torch.Tensor | None = None
+
+
+class VisionTower:
+    """The adapter of one vision tower module; subclasses implement one family."""
+
+    family: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    # -- which modules this family handles ------------------------------------------------------
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- structure ------------------------------------------------------------------------------
+    @property
+    def blocks(self) -> Sequence[nn.Module]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def has_cls(self) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def n_registers(self) -> int:
+        return 0
+
+    @property
+    def n_prefix(self) -> int:
+        """Tokens before the patches: CLS (if any) then the registers."""
+        return int(self.has_cls) + self.n_registers
+
+    @property
+    def grid(self) -> tuple[int, int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def width(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def patch_embedding(self) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- token layout ---------------------------------------------------------------------------
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch tokens of a residual stream ``[..., tokens, width]``."""
+        return x[..., self.n_prefix:, :]
+
+    def registers(self, x: torch.Tensor) -> torch.Tensor:
+        """The register tokens (empty along the token axis when the tower has none)."""
+        return x[..., int(self.has_cls):self.n_prefix, :]
+
+    def cls(self, x: torch.Tensor) -> torch.Tensor:
+        """The CLS token ``[..., width]``."""
+        if not self.has_cls:
+            raise ConfigError(f"the {self.family} tower has no CLS token; use its patch tokens or its pooled output.")
+        return x[..., 0, :]
+
+    # -- the hook point at a block's input ------------------------------------------------------
+    def block_input(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The residual stream a block's forward receives, from a forward pre-hook's arguments."""
+        return args[0] if args else kwargs[self.input_keyword]
+
+    def with_block_input(self, args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
+        """A forward pre-hook's (args, kwargs) with the block's input replaced by ``x``."""
+        if args:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, self.input_keyword: x}
+
+    input_keyword: ClassVar[str] = "x"
+
+    # -- attention ------------------------------------------------------------------------------
+    def query_key(self, block: nn.Module, x: torch.Tensor, kwargs: dict | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, float]:  # pragma: no cover - abstract
+        """Queries and keys ``[batch, heads, tokens, d_head]`` of ``block`` for its input ``x``
+        (the residual stream before the block's pre-norm), with the scale multiplying q k^T.
+        ``kwargs`` are the block's forward keyword arguments (rotary embeddings for EVA/PE)."""
+        raise NotImplementedError
+
+    def attention_probs(self, block: nn.Module, x: torch.Tensor, kwargs: dict | None = None) -> torch.Tensor:
+        """softmax(scale q k^T) per head ``[batch, heads, query, key]`` for the block input ``x``,
+        recomputed in fp32 whatever the autocast context (thresholds on these probabilities must not
+        depend on the forward's precision)."""
+        with torch.autocast(x.device.type, enabled=False):
+            q, k, scale = self.query_key(block, x.float(), kwargs)
+            return torch.softmax((q.float() @ k.float().transpose(-2, -1)) * scale, dim=-1)
+
+    # -- read-out into the joint space ----------------------------------------------------------
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """Every token through the tower's head as if it were the pooled token:
+        ``[..., tokens, width] -> [..., tokens, embed_dim]``, in fp32."""
+        affine = self.readout_affine()
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            z = torch.nn.functional.layer_norm(x, x.shape[-1:], affine.gamma.float(), affine.beta.float(),
+                                               self.readout_eps)
+            if affine.projection is not None:
+                z = z @ affine.projection.float()
+            if affine.bias is not None:
+                z = z + affine.bias.float()
+            return z
+
+    readout_eps: float = 1e-5
+
+    def readout_affine(self) -> ReadoutAffine:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+_FAMILIES: list[type[VisionTower]] = []
+_ADAPTERS: weakref.WeakKeyDictionary[nn.Module, VisionTower] = weakref.WeakKeyDictionary()
+
+
+def register_tower(cls: type[VisionTower]) -> type[VisionTower]:
+    """Register an adapter class (a decorator); later registrations are tried first."""
+    if cls not in _FAMILIES:
+        _FAMILIES.insert(0, cls)
+    return cls
+
+
+_BUILTIN = ("cdfsl_core.towers.openclip", "cdfsl_core.towers.timm_trunks")
+_loaded = False
+
+
+def _load_builtin() -> None:
+    """Import the built-in families on first use (open_clip and timm are slow to import, and the
+    commands' ``--help`` must not pay for them)."""
+    global _loaded
+    if not _loaded:
+        import importlib
+
+        for name in _BUILTIN:
+            importlib.import_module(name)
+        _loaded = True
+
+
+def tower_families() -> list[type[VisionTower]]:
+    """The registered adapter classes, the most recently registered first."""
+    _load_builtin()
+    return list(_FAMILIES)
+
+
+def _find_module(model: nn.Module) -> nn.Module:
+    _load_builtin()
+    for candidate in (model, getattr(model, "visual", None), getattr(getattr(model, "model", None), "visual", None)):
+        if isinstance(candidate, nn.Module) and any(f.matches(candidate) for f in _FAMILIES):
+            return candidate
+    families = ", ".join(f.family for f in _FAMILIES)
+    raise ConfigError(f"{type(model).__name__} holds no vision tower of a supported family ({families}); "
+                      "pass a CLIP (its .visual), a FewShotCLIP (its .model.visual) or the tower itself.")
+
+
+def vision_tower(model: nn.Module | VisionTower) -> VisionTower:
+    """The adapter of the vision tower in ``model`` (a CLIP, a FewShotCLIP, the tower itself, or an
+    adapter already), one per tower module."""
+    if isinstance(model, VisionTower):
+        return model
+    module = _find_module(model)
+    adapter = _ADAPTERS.get(module)
+    if adapter is None:
+        adapter = next(f for f in _FAMILIES if f.matches(module))(module)
+        _ADAPTERS[module] = adapter
+    return adapter

@@ -1,0 +1,151 @@
+"""timm vision trunks: ``VisionTransformer`` (SigLIP/SigLIP2, DINOv2 with registers, timm ViTs)
+and ``Eva`` (PE-Core, EVA02), bare or inside open_clip's ``TimmModel`` (``.trunk`` and ``.head``).
+
+Blocks: ``trunk.blocks`` (input keyword ``x``; EVA blocks also take ``rope``), pre-norm ``norm1``;
+``trunk.num_prefix_tokens`` tokens first (CLS when ``cls_token`` exists, then the registers);
+attention with a fused ``qkv`` (or EVA's ``q_proj``/``k_proj``), per-head ``q_norm``/``k_norm``
+and, for EVA/PE, rotary embeddings on the patch tokens; patch embedding ``patch_embed``.
+
+Read-out: a trunk that pools a token or the mean ("token", "avg") has a linear head: the one layer
+norm (``norm`` or ``fc_norm``), the trunk's ``head`` and open_clip's ``head``; every token passes
+through them as if it were the pooled one (exact for the CLS token under "token" pooling; under
+"avg" the head normalises the mean, so the mean of the tokens' read-outs approximates the pooled
+one). A trunk with an attention-pooling head ("map": SigLIP, PE-Core) has no per-token read-out
+here yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+from torch import nn
+
+from cdfsl_core.errors import ConfigError
+from cdfsl_core.towers.base import ReadoutAffine, VisionTower, register_tower
+
+__all__ = ["TimmVisionTower"]
+
+_TRUNKS = (TimmViT, Eva)
+
+
+def _trunk(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, _TRUNKS):
+        return module
+    trunk = getattr(module, "trunk", None)
+    return trunk if isinstance(trunk, _TRUNKS) else None
+
+
+def _linear_chain(modules: Sequence[nn.Module]) -> list[nn.Linear]:
+    """The linear layers of a head, in order; anything else but identities and dropouts refused."""
+    out = []
+    for module in modules:
+        if isinstance(module, nn.Linear):
+            out.append(module)
+        elif isinstance(module, nn.Sequential):
+            out.extend(_linear_chain(list(module)))
+        elif not isinstance(module, (nn.Identity, nn.Dropout)):
+            raise ConfigError(f"the tower's head holds a {type(module).__name__}: its per-token read-out is "
+                              "defined for linear heads only.")
+    return out
+
+
+@register_tower
+class TimmVisionTower(VisionTower):
+    family = "timm"
+    description = "timm VisionTransformer and Eva trunks (SigLIP2, DINOv2-reg, PE-Core, EVA02)"
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self.trunk = _trunk(module)
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return _trunk(module) is not None
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.trunk.blocks
+
+    @property
+    def has_cls(self) -> bool:
+        return getattr(self.trunk, "cls_token", None) is not None
+
+    @property
+    def n_registers(self) -> int:
+        return int(self.trunk.num_prefix_tokens) - int(self.has_cls)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.trunk.patch_embed.grid_size)
+
+    @property
+    def width(self) -> int:
+        return int(self.trunk.embed_dim)
+
+    @property
+    def patch_embedding(self) -> nn.Module:
+        return self.trunk.patch_embed
+
+    def query_key(self, block: nn.Module, x: torch.Tensor, kwargs: dict | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        attn = block.attn
+        z = block.norm1(x)
+        batch, tokens, _ = z.shape
+        heads = attn.num_heads
+        if getattr(attn, "qkv", None) is not None:
+            bias = attn.qkv.bias
+            if getattr(attn, "q_bias", None) is not None:  # EVA's separate q/v biases (k's is zero)
+                bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+                if getattr(attn, "qkv_bias_separate", False) and attn.qkv.bias is not None:
+                    bias = bias + attn.qkv.bias
+            qkv = F.linear(z, attn.qkv.weight, bias).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
+            q, k = qkv[0], qkv[1]
+        else:
+            q = attn.q_proj(z).reshape(batch, tokens, heads, -1).transpose(1, 2)
+            k = attn.k_proj(z).reshape(batch, tokens, heads, -1).transpose(1, 2)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        rope = (kwargs or {}).get("rope")
+        if rope is not None:  # rotary embeddings on the patch tokens, as EvaAttention applies them
+            npt = attn.num_prefix_tokens
+            half = getattr(attn, "rotate_half", False)
+            q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2)
+            k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2)
+        return q, k, float(attn.scale)
+
+    # -- read-out -------------------------------------------------------------------------------
+    def _head(self) -> tuple[nn.LayerNorm, list[nn.Linear]]:
+        trunk = self.trunk
+        if getattr(trunk, "attn_pool", None) is not None or trunk.global_pool == "map":
+            raise ConfigError(f"the {type(trunk).__name__} trunk pools with attention (a 'map' head, as SigLIP and "
+                              "PE-Core do); a per-token read-out through it is not defined yet, so TIR's Sum score, "
+                              "ATHA and the token-to-text diagnostics do not run on it.")
+        norms = [m for m in (trunk.norm, getattr(trunk, "fc_norm", None)) if isinstance(m, nn.LayerNorm)]
+        if len(norms) != 1:
+            raise ConfigError(f"expected one layer norm before the head of {type(trunk).__name__}, found {len(norms)}.")
+        outer = getattr(self.module, "head", None) if self.module is not trunk else None
+        linears = _linear_chain([trunk.head] + ([outer] if outer is not None else []))
+        return norms[0], linears
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        norm, linears = self._head()
+        with torch.autocast(x.device.type, enabled=False):
+            z = norm(x.float())
+            for linear in linears:
+                z = F.linear(z, linear.weight.float(), None if linear.bias is None else linear.bias.float())
+            return z
+
+    def readout_affine(self) -> ReadoutAffine:
+        norm, linears = self._head()
+        projection, bias = None, None
+        for linear in linears:  # z -> z W^T + b, composed
+            weight = linear.weight.T
+            projection = weight if projection is None else projection @ weight
+            bias = None if bias is None else bias @ weight
+            if linear.bias is not None:
+                bias = linear.bias if bias is None else bias + linear.bias
+        return ReadoutAffine(norm.weight, norm.bias, projection, bias)
