@@ -14,7 +14,7 @@ import torch
 from captum.attr import LayerGradientXActivation, LayerIntegratedGradients
 from torch import nn
 
-from analysis.recorder import vision_tower
+from cdfsl_core.towers import vision_tower as tower_of
 
 __all__ = ["ATTRIBUTION_METHODS", "PatchAttribution"]
 
@@ -31,7 +31,7 @@ class PatchAttribution:
         self.model = model
         self.method = method
         self.n_steps = n_steps
-        layer = vision_tower(model).conv1
+        layer = tower_of(model).patch_embedding
         if method == "integrated-gradients":
             self._attr = LayerIntegratedGradients(model, layer)
         else:

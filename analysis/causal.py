@@ -50,6 +50,7 @@ from analysis.token_maps import _layer_values, _tir_lam
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.lora import LoRAAttention
 from cdfsl_core.stats import mean_ci95
+from cdfsl_core.towers import vision_tower as tower_of
 
 __all__ = ["ABLATIONS", "ablated", "ablation_effects", "block_outputs", "logit_attribution", "margins", "patch_effects",
            "patched_logits", "random_like", "summarize_effects", "token_set", "token_sets"]
@@ -73,7 +74,7 @@ def _outcome(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 
 def _blocks(method: Any):
-    return vision_tower(method).transformer.resblocks
+    return tower_of(method).blocks
 
 
 # ----------------------------------------------------------------------------------------- ablation
@@ -99,8 +100,9 @@ def token_sets(method: Any, images: torch.Tensor, block: int, names: Sequence[st
     text_norm = analysis.text_norm or getattr(method.config.settings(), "text_norm", "none")
     diagnostics = TokenDiagnostics.from_config(vision_tower(method), readout, [block - 1], analysis, text_norm)
     unedited: dict[int, torch.Tensor] = {}
+    tower = tower_of(method)
     hook = blocks[block - 1].register_forward_pre_hook(
-        lambda m, args, kwargs: unedited.__setitem__(0, (args[0] if args else kwargs["q_x"]).detach()),
+        lambda m, args, kwargs: unedited.__setitem__(0, tower.block_input(args, kwargs).detach()),
         with_kwargs=True, prepend=True)
     try:
         with record(method, layers=[block - 1]) as cache:
@@ -141,14 +143,16 @@ def ablated(method: Any, block: int, mask: torch.Tensor, how: str = "zero") -> I
     from the next image of the batch); the forwards must be of the ``n`` images of the mask."""
     if how not in ABLATIONS:
         raise ConfigError(f"ablation {how!r}; expected one of {ABLATIONS}.")
+    tower = tower_of(method)
+    prefix = tower.n_prefix  # CLS and registers are never ablated
 
     def hook(module, args, kwargs):
-        x = args[0] if args else kwargs["q_x"]
-        if x.shape[0] != mask.shape[0] or x.shape[1] - 1 != mask.shape[1]:
+        x = tower.block_input(args, kwargs)
+        if x.shape[0] != mask.shape[0] or x.shape[1] - prefix != mask.shape[1]:
             raise ConfigError(f"the ablation mask is {tuple(mask.shape)} but block {block} receives {tuple(x.shape)}; "
                               "run the forward on the images the mask was made for.")
         chosen = mask.to(x.device).unsqueeze(-1)
-        patches = x[:, 1:]
+        patches = x[:, prefix:]
         if how == "zero":
             replacement = torch.zeros_like(patches)
         elif how == "mean":
@@ -156,8 +160,8 @@ def ablated(method: Any, block: int, mask: torch.Tensor, how: str = "zero") -> I
             replacement = ((patches * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)).expand_as(patches)
         else:
             replacement = patches.roll(1, dims=0)
-        x = torch.cat([x[:, :1], torch.where(chosen, replacement, patches)], dim=1)
-        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "q_x": x})
+        x = torch.cat([x[:, :prefix], torch.where(chosen, replacement, patches)], dim=1)
+        return tower.with_block_input(args, kwargs, x)
 
     handle = _blocks(method)[block].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
@@ -215,7 +219,11 @@ def summarize_effects(table: pd.DataFrame, keys: Sequence[str] = ("model", "set"
 def _patched_outputs(method: Any, outputs: Mapping[int, torch.Tensor], tokens: str) -> Iterator[None]:
     if tokens not in PATCH_TOKENS:
         raise ConfigError(f"patch tokens {tokens!r}; expected one of {PATCH_TOKENS}.")
-    blocks = _blocks(method)
+    tower = tower_of(method)
+    blocks = tower.blocks
+    if tokens == "cls" and not tower.has_cls:
+        raise ConfigError("patch tokens 'cls': this tower has no CLS token; patch 'all' or 'patches'.")
+    prefix = tower.n_prefix
 
     def make(block: int):
         def hook(module, args, out):
@@ -225,8 +233,8 @@ def _patched_outputs(method: Any, outputs: Mapping[int, torch.Tensor], tokens: s
             out = out.clone()
             if tokens == "cls":
                 out[:, :1] = source[:, :1]
-            else:
-                out[:, 1:] = source[:, 1:]
+            else:  # the patch tokens (registers stay with the prefix)
+                out[:, prefix:] = source[:, prefix:]
             return out
         return hook
 
@@ -300,6 +308,15 @@ def patch_effects(method_a: Any, method_b: Any, images: torch.Tensor, labels: to
 
 
 # ----------------------------------------------------------------------------------------- attribution
+def _require_open_clip(method: Any, what: str) -> None:
+    """Direct logit attribution splits open_clip's blocks into heads, layer scales and MLPs; other
+    tower families do not have that decomposition here yet."""
+    family = tower_of(method).family
+    if family != "open_clip":
+        raise ConfigError(f"{what} is defined for open_clip's VisionTransformer only; this model's vision tower is "
+                          f"of the {family!r} family.")
+
+
 def _value_and_output(attn: Any, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q, k, v) [B, T, width] and the effective output projection [width, width] of a block's
     attention (LoRA adapters included)."""
@@ -329,6 +346,7 @@ def logit_attribution(method: Any, images: torch.Tensor, labels: torch.Tensor | 
     if scale not in ("image", "batch"):
         raise ConfigError(f"scale={scale!r}; expected 'image' (exact) or 'batch'.")
     method.eval()
+    _require_open_clip(method, "direct logit attribution")
     visual = vision_tower(method)
     blocks = visual.transformer.resblocks
     classifier, readout = method.text_features()

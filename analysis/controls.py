@@ -48,6 +48,7 @@ from cdfsl_core import protocol
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.lora import LoRAAttention
 from cdfsl_core.token_text import project_tokens
+from cdfsl_core.towers import vision_tower as tower_of
 
 __all__ = ["PLANTS", "Plant", "planted"]
 
@@ -91,8 +92,8 @@ class Plant:
         return DEFAULT_STRENGTH[self.kind] if self.strength is None else self.strength
 
 
-def _median_norm(x: torch.Tensor) -> torch.Tensor:
-    return x[:, 1:].norm(dim=-1).median(dim=-1).values  # [B]
+def _median_norm(x: torch.Tensor, prefix: int = 1) -> torch.Tensor:
+    return x[:, prefix:].norm(dim=-1).median(dim=-1).values  # [B]
 
 
 def _keys(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -113,7 +114,8 @@ def _queries(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _attention_sink_inputs(attn: nn.Module, z: torch.Tensor, tokens: Sequence[int], margin: float) -> torch.Tensor:
+def _attention_sink_inputs(attn: nn.Module, z: torch.Tensor, tokens: Sequence[int], margin: float,
+                           prefix: int = 1) -> torch.Tensor:
     """ln_1 outputs [B, len(tokens), width] for the planted ``tokens``: each one's key is the same
     multiple s of the CLS query, s large enough for their logit from CLS to exceed every other
     token's by ``margin`` in every head; so they share CLS's attention equally and the rest get
@@ -129,7 +131,7 @@ def _attention_sink_inputs(attn: nn.Module, z: torch.Tensor, tokens: Sequence[in
     per_head = lambda t: t.reshape(*t.shape[:-1], heads, d_head)  # noqa: E731
     q, k = per_head(query), per_head(_keys(attn, z))  # [B, H, dh], [B, T, H, dh]
     others = torch.einsum("bhd,bthd->bht", q, k) / d_head**0.5
-    others[..., [1 + t for t in tokens]] = -torch.inf
+    others[..., [prefix + t for t in tokens]] = -torch.inf
     best_other = others.amax(dim=-1)  # [B, H]
     own = q.pow(2).sum(dim=-1) / d_head**0.5  # logit per unit s: ||q_h||^2 / sqrt(dh)
     scale = ((best_other + margin) / own.clamp_min(1e-12)).amax(dim=-1).clamp_min(1.0)  # [B]
@@ -145,7 +147,8 @@ def _every_class_tokens(visual: nn.Module, out: torch.Tensor, tokens: Sequence[i
     patch-token norm. Found by gradient ascent on the smallest margin (a smooth minimum, Adam,
     deterministic); an impossible plant is an error, never a silent miss."""
     targets = F.normalize(text.detach().float(), dim=-1)  # [C, embed_dim]
-    patches = out[:, 1:].detach().float()
+    tower = tower_of(visual)
+    patches = tower.patches(out).detach().float()
     length = patches.shape[1]
     rank = int(rho * length) - len(tokens) + 1  # the planted tokens must beat this natural rank
     if rank < 1:
@@ -155,7 +158,10 @@ def _every_class_tokens(visual: nn.Module, out: torch.Tensor, tokens: Sequence[i
     with torch.no_grad():
         natural = F.normalize(project_tokens(visual, patches[:, keep]), dim=-1) @ targets.T  # [B, L', C]
         cut = natural.topk(rank, dim=1).values[:, -1]  # [B, C]
-    start = torch.linalg.pinv(visual.proj.detach().float().T) @ targets.mean(dim=0)
+    affine = tower.readout_affine()
+    direction = targets.mean(dim=0) - (0 if affine.bias is None else affine.bias.detach().float())
+    start = (torch.linalg.pinv(affine.projection.detach().float().T) @ direction if affine.projection is not None
+             else direction)
     x = start.expand(len(out), -1).clone().requires_grad_()
     optimiser = torch.optim.Adam([x], lr=0.05)
     with torch.enable_grad():
@@ -184,25 +190,30 @@ def planted(model: nn.Module, plants: Sequence[Plant], text: torch.Tensor | None
     (a recorder entered inside sees the planted stream) and are removed on exit, also when the
     forward raises."""
     visual = vision_tower(model)
-    blocks = visual.transformer.resblocks
+    tower = tower_of(visual)
+    blocks = tower.blocks
+    prefix = tower.n_prefix  # plants go on patch tokens: patch index j is stream token prefix + j
     for plant in plants:
         if plant.kind not in PLANTS:
             raise ConfigError(f"unknown plant {plant.kind!r}; expected one of {PLANTS}.")
         if not 0 <= plant.layer < len(blocks):
             raise ConfigError(f"plant layer {plant.layer} out of range: blocks 0..{len(blocks) - 1}.")
+        if plant.kind == "attention-sink" and tower.family != "open_clip":
+            raise ConfigError(f"the attention-sink plant solves for keys through open_clip's fused attention "
+                              f"projection; this tower is of the {tower.family!r} family. Plant another kind.")
         if plant.kind == "every-class-top" and text is None:
             raise ConfigError("the every-class-top plant needs the class text features: planted(model, plants, text=...).")
 
     def output_hook(plant: Plant):
         def hook(module, args, out):
             out = out.clone()
-            j = 1 + plant.token
+            j = prefix + plant.token
             with torch.no_grad():
                 if plant.kind == "high-norm":
-                    scale = plant.value() * _median_norm(out) / out[:, j].norm(dim=-1).clamp_min(1e-12)
+                    scale = plant.value() * _median_norm(out, prefix) / out[:, j].norm(dim=-1).clamp_min(1e-12)
                     out[:, j] = out[:, j] * scale.unsqueeze(-1)
                 else:  # massive-activation
-                    median = out[:, 1:].abs().flatten(1).median(dim=-1).values
+                    median = out[:, prefix:].abs().flatten(1).median(dim=-1).values
                     out[:, j, plant.channel] = plant.value() * median
             return out
         return hook
@@ -211,17 +222,17 @@ def planted(model: nn.Module, plants: Sequence[Plant], text: torch.Tensor | None
         def hook(module, args, out):
             out = out.clone()
             planted_tokens = _every_class_tokens(visual, out, [p.token for p in group], text, group[0].rho)
-            out[:, [1 + p.token for p in group]] = planted_tokens.unsqueeze(1).to(out.dtype)
+            out[:, [prefix + p.token for p in group]] = planted_tokens.unsqueeze(1).to(out.dtype)
             return out
         return hook
 
     def attention_hook(layer: int, group: list[Plant]):
-        tokens = [1 + plant.token for plant in group]
+        tokens = [prefix + plant.token for plant in group]
 
         def hook(module, args, out):
             out = out.clone()
             out[:, tokens] = _attention_sink_inputs(blocks[layer].attn, out, [p.token for p in group],
-                                                    max(p.value() for p in group)).to(out.dtype)
+                                                    max(p.value() for p in group), prefix).to(out.dtype)
             return out
         return hook
 
@@ -235,7 +246,8 @@ def planted(model: nn.Module, plants: Sequence[Plant], text: torch.Tensor | None
     try:
         for (kind, layer), group in grouped.items():
             if kind == "attention-sink":
-                handles.append(blocks[layer].ln_1.register_forward_hook(attention_hook(layer, group), prepend=True))
+                handles.append(tower.pre_norm(blocks[layer]).register_forward_hook(attention_hook(layer, group),
+                                                                                   prepend=True))
             else:
                 handles.append(blocks[layer].register_forward_hook(every_class_hook(group), prepend=True))
         for plant in plants:

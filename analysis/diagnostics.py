@@ -37,6 +37,7 @@ from analysis.recorder import ActivationCache, record
 from analysis.sinks import SinkDefinition, SinkInputs, row_median, sink_spec
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.token_text import atha_class_vectors, project_tokens, sum_score
+from cdfsl_core.towers import vision_tower
 
 __all__ = ["SinkDefinition", "TokenDiagnostics", "measure_tokens"]
 
@@ -53,7 +54,7 @@ def __getattr__(name: str) -> Any:
 class TokenDiagnostics:
     """Streaming token statistics over the recorded layers."""
 
-    visual: Any  # the open_clip vision tower (ln_post, proj)
+    visual: Any  # the vision tower (a module or its adapter, cdfsl_core.towers)
     text: torch.Tensor  # [C, embed_dim] the text read-out the interventions use, as the tower gives it (not normalised)
     layers: Sequence[int]
     rho: float = AnalysisConfig.rho  # TIR's top-k fraction for the Sum score
@@ -84,6 +85,7 @@ class TokenDiagnostics:
             sink_spec(sink.name)  # a registered definition, or an error listing them
             if sink.name == "attention-mass" and sink.source not in ("cls", "mean"):
                 raise ConfigError(f"attention-mass source={sink.source!r}; expected 'cls' or 'mean'.")
+        self.tower = vision_tower(self.visual)
         self.n_classes = self.text.shape[0]
         n_layers = len(self.layers)
         buckets = self.n_classes + 1
@@ -108,9 +110,10 @@ class TokenDiagnostics:
         parts: list[torch.Tensor] = []
         with torch.autocast(device.type, enabled=False):
             for layer in self.layers:
-                # Per-token quantities are computed on the whole contiguous stream and the CLS row is
-                # dropped from the small results: slicing first would copy every layer's tokens.
-                x = cache[act_name("resid_post", layer)].float()  # [B, 1 + L, D]
+                # Per-token quantities are computed on the whole contiguous stream and the prefix rows
+                # (CLS, registers) are dropped from the small results: slicing first would copy every
+                # layer's tokens.
+                x = cache[act_name("resid_post", layer)].float()  # [B, prefix + L, D]
                 counts, residual_norms, projected_norms = self._scores(x)  # [B, L] each
                 norms = projected_norms if self.space == "projected" else residual_norms
                 values = (norms.log() if self.transform == "log" else norms).flatten().double()
@@ -124,7 +127,7 @@ class TokenDiagnostics:
                                               per_image.pow(2).sum()]))
                 if not self.head_tail:
                     continue
-                best = (F.linear(x, self._unit_vectors.to(device))[:, 1:]
+                best = (F.linear(x, self._unit_vectors.to(device))[:, self.tower.n_prefix:]
                         / residual_norms.clamp_min(1e-12).unsqueeze(-1)).amax(dim=-1)  # [B, L] max cosine
                 length = best.shape[1]
                 n_head, n_tail = max(1, int(self.rho_head * length)), max(1, int(self.rho_tail * length))
@@ -150,23 +153,26 @@ class TokenDiagnostics:
 
     def _sink_mask(self, sink: SinkDefinition, layer: int, cache: ActivationCache, x: torch.Tensor,
                    counts: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-        """Which patch tokens are sinks, [B, L] bool: ``x`` the stream [B, 1 + L, D], ``counts`` (Sum
-        scores) and ``norms`` per patch [B, L]; the definition's registered mask decides."""
-        inputs = SinkInputs(x=x, counts=counts, norms=norms, n_classes=self.n_classes, cache=cache, layer=layer)
+        """Which patch tokens are sinks, [B, L] bool: ``x`` the stream [B, prefix + L, D], ``counts``
+        (Sum scores) and ``norms`` per patch [B, L]; the definition's registered mask decides."""
+        inputs = SinkInputs(x=x, counts=counts, norms=norms, n_classes=self.n_classes, cache=cache, layer=layer,
+                            n_prefix=self.tower.n_prefix, has_cls=self.tower.has_cls)
         return sink_spec(sink.name).mask(inputs, sink)
 
     def _scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sum scores, residual norms and projected norms of the patch tokens of ``x`` [B, 1 + L, D], each [B, L]."""
-        projected = project_tokens(self.visual, x)
-        projected_norms = projected.norm(dim=-1)[:, 1:]
+        """Sum scores, residual norms and projected norms of the patch tokens of ``x`` [B, prefix + L, D],
+        each [B, L]."""
+        p = self.tower.n_prefix
+        projected = project_tokens(self.tower, x)
+        projected_norms = projected.norm(dim=-1)[:, p:]
         # cosines as products divided by norms: no normalised copy of the tokens
-        similarity = F.linear(projected[:, 1:], self._unit_text.to(x.device)) / projected_norms.clamp_min(1e-12).unsqueeze(-1)
-        return sum_score(similarity, self.rho), x.norm(dim=-1)[:, 1:], projected_norms
+        similarity = F.linear(projected[:, p:], self._unit_text.to(x.device)) / projected_norms.clamp_min(1e-12).unsqueeze(-1)
+        return sum_score(similarity, self.rho), x.norm(dim=-1)[:, p:], projected_norms
 
     @torch.no_grad()
     def sink_masks(self, cache: ActivationCache) -> dict[int, dict[str, torch.Tensor]]:
         """Per recorded layer and definition, which patch tokens of the last forward are sinks:
-        ``{layer: {definition: [B, L] bool}}`` (patch index j is token j + 1 of the stream). The
+        ``{layer: {definition: [B, L] bool}}`` (patch index j is token j + n_prefix of the stream). The
         counts of :meth:`update` are these masks summed; the positive controls use them to check
         that the planted token itself is found."""
         result = {}
@@ -216,8 +222,8 @@ def measure_tokens(method: Any, images: torch.Tensor, analysis: AnalysisConfig =
     """The token diagnostics of ``method`` (a FewShotCLIP, in eval mode) on ``images``, as
     :func:`analysis.run_diagnostics.diagnose_model` measures them: every model's tokens compared
     with the text read-out the interventions use, in fp32, in batches of ``batch_size``."""
-    visual = method.model.visual
-    layers = list(range(len(visual.transformer.resblocks))) if layers is None else list(layers)
+    visual = vision_tower(method)
+    layers = list(range(visual.n_blocks)) if layers is None else list(layers)
     _, readout = method.text_features(readout=True)
     diagnostics = TokenDiagnostics.from_config(visual, readout, layers, analysis,
                                                getattr(method.config.settings(), "text_norm", "none"))

@@ -20,6 +20,8 @@ from analysis.poolings import list_poolings, pooling
 from analysis.recorder import record, vision_tower
 from cdfsl_core import protocol
 from cdfsl_core.errors import ConfigError
+from cdfsl_core.towers import text_tower
+from cdfsl_core.towers import vision_tower as tower_of
 
 __all__ = ["class_readout", "layer_features", "pool_tokens", "sample_layer_features"]
 
@@ -54,7 +56,7 @@ def layer_features(model: torch.nn.Module, images: torch.Tensor | None = None, d
     if pooling(pool).needs_text and text is None:
         raise ConfigError(f"pool={pool!r} needs the class text features (text=class_readout(...)).")
     visual = vision_tower(model)
-    n_blocks = len(visual.transformer.resblocks)
+    n_blocks = tower_of(visual).n_blocks
     layers = list(range(n_blocks)) if layers is None else list(layers)
     bad = [layer for layer in layers if not 0 <= layer < n_blocks]
     if bad:
@@ -120,6 +122,6 @@ def class_readout(bundle: Any, class_names: Sequence[str]) -> torch.Tensor:
 
     model = bundle.model
     prompts = PromptLearner(model, bundle.tokenizer, list(class_names), MethodConfig().template)
-    block = len(model.transformer.resblocks) - 2
+    block = text_tower(model).n_blocks - 2
     _, readouts = encode_text_embeddings(model, prompts.embeddings(), prompts.tokens, readout_blocks=(block,))
     return readouts[block].float()

@@ -51,12 +51,18 @@ def pooling(name: str) -> Pooling:
     return _REGISTRY[name]
 
 
+def _tower(visual: Any) -> Any:
+    from cdfsl_core.towers import vision_tower
+
+    return vision_tower(visual)
+
+
 def _cls(x: Any, visual: Any, unit_text: Any, rho: float) -> tuple[Any, Any]:
-    return x[:, 0], None
+    return _tower(visual).cls(x), None
 
 
 def _mean(x: Any, visual: Any, unit_text: Any, rho: float) -> tuple[Any, Any]:
-    return x[:, 1:].mean(dim=1), None
+    return _tower(visual).patches(x).mean(dim=1), None
 
 
 def _mean_no_simple(x: Any, visual: Any, unit_text: Any, rho: float = protocol.TIR_RHO) -> tuple[Any, Any]:
@@ -65,7 +71,7 @@ def _mean_no_simple(x: Any, visual: Any, unit_text: Any, rho: float = protocol.T
 
     from cdfsl_core.token_text import project_tokens, sum_score
 
-    patches = x[:, 1:]
+    patches = _tower(visual).patches(x)
     with torch.autocast(x.device.type, enabled=False):
         projected = F.normalize(project_tokens(visual, patches.float()), dim=-1)
         counts = sum_score(projected @ unit_text.to(projected.device).T, rho)  # [B, L]

@@ -28,46 +28,30 @@ from contextlib import contextmanager
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from analysis.keys import WHAT, act_name
 from cdfsl_core.errors import ConfigError
-from cdfsl_core.lora import LoRAAttention
+from cdfsl_core.towers import VisionTower
+from cdfsl_core.towers import vision_tower as tower_of
 
 __all__ = ["ActivationCache", "WHAT", "record", "vision_tower"]
 
 
 
 def vision_tower(model: nn.Module) -> nn.Module:
-    """The open_clip VisionTransformer inside a CLIP, a FewShotCLIP, or the tower itself."""
-    if hasattr(model, "transformer") and hasattr(model, "ln_post"):
-        return model
-    if hasattr(model, "visual"):
-        return model.visual
-    if hasattr(model, "model") and hasattr(model.model, "visual"):
-        return model.model.visual
-    raise TypeError(f"{type(model).__name__} has no open_clip vision tower (expected .visual or .model.visual).")
+    """The vision tower module inside a CLIP, a FewShotCLIP, or the tower itself (its adapter:
+    :func:`cdfsl_core.towers.vision_tower`)."""
+    return tower_of(model).module
 
 
-def attention_pattern(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Softmax(q k^T / sqrt(d_head)) per head for the normalised input ``x`` [batch, token, width]
-    -> [batch, head, query, key]. Recomputed in fp32 whatever the autocast context: attention-mass
-    sinks are thresholds on these probabilities, so they must not depend on the forward's precision."""
-    with torch.autocast(x.device.type, enabled=False):
-        x = x.float()
-        if isinstance(attn, LoRAAttention):
-            q, k, _ = attn.project_qkv(x)
-        else:
-            width = x.shape[-1]  # only q and k: v is not needed for the pattern
-            bias = attn.in_proj_bias[: 2 * width].float() if attn.in_proj_bias is not None else None
-            q, k = F.linear(x, attn.in_proj_weight[: 2 * width].float(), bias).chunk(2, dim=-1)
-        heads = attn.num_heads
-        batch, tokens, width = q.shape
-        d_head = width // heads
-        q = q.reshape(batch, tokens, heads, d_head).transpose(1, 2)
-        k = k.reshape(batch, tokens, heads, d_head).transpose(1, 2)
-        return torch.softmax((q @ k.transpose(-2, -1)) / d_head**0.5, dim=-1)
+def attention_pattern(tower: VisionTower, block: nn.Module, z: torch.Tensor, kwargs: dict | None = None) -> torch.Tensor:
+    """Softmax(scale q k^T) per head for ``z``, the output of ``block``'s pre-norm
+    [batch, token, width] -> [batch, head, query, key] (``kwargs``: the block's forward keyword
+    arguments, e.g. rotary embeddings). Recomputed in fp32 whatever the autocast context:
+    attention-mass sinks are thresholds on these probabilities, so they must not depend on the
+    forward's precision."""
+    return tower.attention_probs(block, z, kwargs, normalised=True)
 
 
 class ActivationCache(Mapping):
@@ -127,8 +111,8 @@ def record(
     what: Sequence[str] = WHAT,
 ) -> Iterator[ActivationCache]:
     """Capture ``what`` at vision ``layers`` (all when None) during forwards inside the block."""
-    visual = vision_tower(model)
-    blocks = visual.transformer.resblocks
+    tower = tower_of(model)
+    blocks = tower.blocks
     n_blocks = len(blocks)
     layers = list(range(n_blocks)) if layers is None else list(layers)
     bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < n_blocks]
@@ -142,13 +126,18 @@ def record(
     try:
         for i in layers:
             block = blocks[i]
+            norm = tower.pre_norm(block)  # sees the stream after any intervention's pre-hook on the block
             if "resid_pre" in what:
-                handles.append(block.ln_1.register_forward_pre_hook(
+                handles.append(norm.register_forward_pre_hook(
                     lambda m, args, i=i: cache._put(act_name("resid_pre", i), args[0])))
             if "attn.pattern" in what:
-                handles.append(block.ln_1.register_forward_hook(  # block.attn looked up at call time (LoRA)
-                    lambda m, args, out, i=i, block=block: cache._put(
-                        act_name("attn.pattern", i), attention_pattern(block.attn, out))))
+                extras: dict = {}  # the block's keyword arguments (rotary embeddings), the stream excluded
+                handles.append(block.register_forward_pre_hook(
+                    lambda m, args, kwargs, extras=extras: extras.update(
+                        {k: v for k, v in kwargs.items() if k != tower.input_keyword}), with_kwargs=True))
+                handles.append(norm.register_forward_hook(  # the attention looked up at call time (LoRA)
+                    lambda m, args, out, i=i, block=block, extras=extras: cache._put(
+                        act_name("attn.pattern", i), attention_pattern(tower, block, out, extras))))
             if "resid_post" in what:
                 handles.append(block.register_forward_hook(
                     lambda m, args, out, i=i: cache._put(act_name("resid_post", i), out)))

@@ -56,6 +56,7 @@ from analysis.causal import ablation_effects, logit_attribution, patch_effects, 
 from analysis.token_maps import balanced_indices  # noqa: E402
 from cdfsl_core.errors import ConfigError  # noqa: E402
 from cdfsl_core.runner import load_run, load_state, prepare_episode, state_path, train_episode  # noqa: E402
+from cdfsl_core.towers import vision_tower
 
 __all__ = ["attribution_summary", "causal_run", "default_block"]
 
@@ -88,7 +89,7 @@ def causal_run(folder: str | Path, episodes: Sequence[int] = (0,), block: int | 
     target = Path(out) if out is not None else folder / "causal"
     check_writable_folder(target, "--out" if out is not None else "the run's causal folder (pass --out elsewhere)")
     config, bundle, dataset, episode_file = load_run(folder, bundle)
-    n_blocks = len(bundle.model.visual.transformer.resblocks)
+    n_blocks = vision_tower(bundle.model).n_blocks
     block = default_block(n_blocks) if block is None else block
     if not 1 <= block < n_blocks:
         raise ConfigError(f"--block {block}: expected 1..{n_blocks - 1} for this model.")

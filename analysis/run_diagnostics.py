@@ -98,6 +98,7 @@ from cdfsl_core.errors import ConfigError  # noqa: E402
 from cdfsl_core.methods import FewShotCLIP  # noqa: E402
 from cdfsl_core.run_folder import RunFolder  # noqa: E402
 from cdfsl_core.runner import evaluate, load_run, load_state, prepare_episode, state_path, train_episode  # noqa: E402
+from cdfsl_core.towers import vision_tower
 
 __all__ = ["diagnose_model", "diagnose_run"]
 
@@ -110,8 +111,8 @@ def _grid_rows(values: torch.Tensor, **labels: Any) -> list[dict[str, Any]]:
 @torch.no_grad()
 def _record_and_reduce(method: FewShotCLIP, images: torch.Tensor, labels: dict[str, Any], analysis: AnalysisConfig,
                        batch_size: int = 64) -> dict[str, pd.DataFrame]:
-    visual = method.model.visual
-    layers = list(range(len(visual.transformer.resblocks)))
+    visual = vision_tower(method)
+    layers = list(range(visual.n_blocks))
     # every model's tokens are compared with the text read-out the interventions use (METHODS:
     # after text block n - 2), also for a baseline without intervention, so tables compare
     _, readout = method.text_features(readout=True)

@@ -38,12 +38,14 @@ __all__ = ["SinkDefinition", "SinkInputs", "SinkSpec", "list_sinks", "register_s
 class SinkInputs:
     """What a definition may look at, for one recorded layer (every tensor in fp32)."""
 
-    x: Any  # [B, 1 + L, D] the residual stream after the block (CLS first)
+    x: Any  # [B, prefix + L, D] the residual stream after the block (prefix tokens first: CLS, registers)
     counts: Any  # [B, L] Sum scores m of the patch tokens (0..n_classes)
     norms: Any  # [B, L] residual-stream norms of the patch tokens
     n_classes: int
     cache: Any  # the recorder's ActivationCache of the forward (for attention and other keys)
     layer: int
+    n_prefix: int = 1  # tokens before the patches (the tower adapter's n_prefix)
+    has_cls: bool = True  # whether the first prefix token is a CLS token
 
 
 @dataclass(frozen=True)
@@ -146,9 +148,9 @@ def _high_norm(inputs: SinkInputs, definition: SinkDefinition) -> Any:
 def _massive_activation(inputs: SinkInputs, definition: SinkDefinition) -> Any:
     # the median |activation| estimated on every 8th channel of every patch token: an estimate is
     # enough for a threshold of tau x median; a token is a sink when its largest |activation| passes
-    x = inputs.x
-    median = row_median(x[:, 1:, ::8].abs().flatten(1))  # [B]
-    largest = x.amax(dim=-1).maximum(x.amin(dim=-1).neg())[:, 1:]  # max |activation|, no |x| copy
+    x, p = inputs.x, inputs.n_prefix
+    median = row_median(x[:, p:, ::8].abs().flatten(1))  # [B]
+    largest = x.amax(dim=-1).maximum(x.amin(dim=-1).neg())[:, p:]  # max |activation|, no |x| copy
     return largest > definition.tau * median.unsqueeze(-1)
 
 
@@ -158,8 +160,11 @@ def _attention_mass(inputs: SinkInputs, definition: SinkDefinition) -> Any:
         raise ConfigError("the attention-mass definition needs 'attn.pattern' in the recording.")
     if definition.source not in ("cls", "mean"):
         raise ConfigError(f"attention-mass source={definition.source!r}; expected 'cls' or 'mean'.")
+    if definition.source == "cls" and not inputs.has_cls:
+        raise ConfigError("attention-mass source='cls', but this tower has no CLS token; use source='mean'.")
+    p = inputs.n_prefix
     pattern = inputs.cache[key].float().mean(dim=1)  # [B, T, T], mean over heads
-    received = pattern[:, 0, 1:] if definition.source == "cls" else pattern[:, :, 1:].mean(dim=1)
+    received = pattern[:, 0, p:] if definition.source == "cls" else pattern[:, :, p:].mean(dim=1)
     return received > definition.tau / pattern.shape[-1]
 
 

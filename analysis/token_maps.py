@@ -50,10 +50,11 @@ import torch.nn.functional as F
 from analysis.config import AnalysisConfig
 from analysis.diagnostics import TokenDiagnostics
 from analysis.keys import act_name
-from analysis.recorder import record, vision_tower
+from analysis.recorder import record
 from cdfsl_core.config import TIRConfig
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.token_text import head_tail_sets, tir_weights
+from cdfsl_core.towers import vision_tower
 
 __all__ = ["QUANTITIES", "balanced_indices", "compare_token_maps", "display_images", "patch_grid", "token_maps"]
 
@@ -111,7 +112,7 @@ def token_maps(method: Any, images: torch.Tensor, *, layers: Sequence[int] | Non
     ``image_ids`` name the images (default 0..n-1). The method is put in eval mode."""
     method.eval()
     visual = vision_tower(method)
-    blocks = visual.transformer.resblocks
+    blocks = visual.blocks
     layers = list(range(len(blocks))) if layers is None else [int(i) for i in layers]
     image_ids = list(range(len(images))) if image_ids is None else list(image_ids)
     if len(image_ids) != len(images):
@@ -128,7 +129,7 @@ def token_maps(method: Any, images: torch.Tensor, *, layers: Sequence[int] | Non
 
         def keep(i: int):
             def hook(module, args, kwargs):
-                unedited[i] = (args[0] if args else kwargs["q_x"]).detach()
+                unedited[i] = visual.block_input(args, kwargs).detach()
             return hook
 
         handles = [blocks[i].register_forward_pre_hook(keep(i), with_kwargs=True, prepend=True) for i in layers]
@@ -151,17 +152,18 @@ def token_maps(method: Any, images: torch.Tensor, *, layers: Sequence[int] | Non
 def _layer_values(diagnostics: TokenDiagnostics, cache: Any, layer: int, unedited: torch.Tensor,
                   analysis: AnalysisConfig, lam: float) -> dict[str, torch.Tensor]:
     """{quantity: [B, L]} at one block, from the recording of one batch."""
+    p = diagnostics.tower.n_prefix  # the patch tokens follow the prefix (CLS, registers)
     with torch.autocast(unedited.device.type, enabled=False):
         x = cache[act_name("resid_post", layer)].float()
         counts, residual_norms, projected_norms = diagnostics._scores(x)
         norms = projected_norms if analysis.space == "projected" else residual_norms
-        similarity = (F.linear(x, diagnostics._unit_vectors.to(x.device))[:, 1:]
+        similarity = (F.linear(x, diagnostics._unit_vectors.to(x.device))[:, p:]
                       / residual_norms.clamp_min(1e-12).unsqueeze(-1))  # [B, L, C] cosines with the class vectors
         best, pulled = similarity.max(dim=-1)
         head, tail = head_tail_sets(best, analysis.rho_head, analysis.rho_tail)
         pattern = cache[act_name("attn.pattern", layer)].float().mean(dim=1)  # [B, T, T], mean over heads
-        entering = cache[act_name("resid_pre", layer)].float()[:, 1:]
-        before = unedited.float()[:, 1:]
+        entering = cache[act_name("resid_pre", layer)].float()[:, p:]
+        before = unedited.float()[:, p:]
         values = {
             "sum_score": counts.float(),
             "tir_weight": tir_weights(counts, diagnostics.n_classes, lam),
@@ -170,8 +172,9 @@ def _layer_values(diagnostics: TokenDiagnostics, cache: Any, layer: int, unedite
             "head_tail": head.float() - tail.float(),
             "pulled_class": pulled.float(),
             "pushed_class": similarity.argmin(dim=-1).float(),
-            "attention_from_cls": pattern[:, 0, 1:],
-            "attention_mean": pattern[:, :, 1:].mean(dim=1),
+            "attention_from_cls": (pattern[:, 0, p:] if diagnostics.tower.has_cls
+                                   else torch.full_like(best, float("nan"))),  # no CLS: no attention from it
+            "attention_mean": pattern[:, :, p:].mean(dim=1),
             "edit": (entering - before).norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-12),
         }
         for sink in diagnostics.sinks:

@@ -182,6 +182,7 @@ class ModelConfig:
     pretrained: str | None = "synthetic"  # tag or local weights file
     device: str = "auto"  # 'auto', 'cpu', 'cuda'
     precision: str = "auto"  # 'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32', 'bf16'
+    tokenizer: str | None = None  # None: the architecture's own; a folder (Hugging Face tokenizers); 'none': vision only
 
 
 @dataclass(frozen=True)
@@ -314,12 +315,13 @@ def run_config(dataset: str, shots: int, adaptation: str = "coop+lora", interven
                data_root: str | None = None, data_options: dict[str, Any] | None = None,
                episode_file: str | None = None, scale: float | str | None = None, lora_rank: int = protocol.LORA_RANK,
                intervention_config: Any = None, augment: bool = False, ways: int = protocol.WAYS, queries: int = protocol.QUERIES,
-               short_class_policy: str = "error", trajectory_steps: Sequence[int] = ()) -> RunConfig:
+               short_class_policy: str = "error", trajectory_steps: Sequence[int] = (),
+               tokenizer: str | None = None) -> RunConfig:
     """A run of the papers' protocol: ``shots``-shot episodes of ``dataset``, ``adaptation`` x
     ``intervention``; ``scale`` None: the protocol's logit scale for the shots. The default model is
     the embedded CLIP; ``episode_file`` None: the run folder's own."""
     return RunConfig(
-        model=ModelConfig(model, pretrained, device, precision),
+        model=ModelConfig(model, pretrained, device, precision, tokenizer),
         data=DataConfig(dataset, data_root, dict(data_options or {}), episode_file),
         episodes=episode_config(shots, episodes, seed, ways, queries, short_class_policy),
         method=MethodConfig(adaptation, intervention, logit_scale=protocol.logit_scale(shots) if scale is None else scale,

@@ -39,6 +39,7 @@ from cdfsl_core.errors import ConfigError
 from cdfsl_core.lora import LoRAAdapters
 from cdfsl_core.methods import FewShotCLIP
 from cdfsl_core.text import encode_text_embeddings
+from cdfsl_core.towers import vision_tower
 from cdfsl_core.zeroshot import autocast_for
 
 __all__ = ["EpisodeBatch", "NonFiniteLoss", "batchable", "check_labels", "generator_like_global", "protocol_optimisers",
@@ -79,8 +80,9 @@ def batchable(method: FewShotCLIP) -> str | None:
     """Why ``method`` cannot be trained in an episode batch, or None when it can."""
     if not method.intervention.supports_episode_batch:
         return f"intervention {method.config.intervention!r} does not edit several episodes at once"
-    for block in method.model.visual.transformer.resblocks:
-        if getattr(block.attn, "dropout", 0.0):
+    tower = vision_tower(method.model)
+    for block in tower.blocks:
+        if tower.attention_dropout(block):
             return "the model's attention has dropout (its masks would not be each episode's own)"
     return None
 

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", default="cdfsl-synth-vit", help="open_clip architecture (python -m cdfsl_core.models list)")
     model.add_argument("--pretrained", type=pretrained_arg, default="synthetic",
                        help="tag or local weights file; 'none': random weights")
+    model.add_argument("--tokenizer", default=None,
+                       help="a folder with the model's Hugging Face tokenizer files (SigLIP/SigLIP2 need one offline); "
+                            "'none': load the vision side alone (methods that need text then stop with a message)")
     model.add_argument("--device", default="auto", help="'auto' (a GPU when there is one), 'cpu' or 'cuda'")
     model.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="'auto': bf16 autocast on CUDA, fp32 on CPU; 'bf16' or 'fp32' on any device")
@@ -101,7 +104,7 @@ def config_from_args(args: argparse.Namespace):
     config = run_config(
         args.dataset, args.shots, args.adaptation, args.intervention, episodes=episodes.n_episodes, steps=args.steps,
         seed=args.seed, model=args.model, pretrained=pretrained_value(args.pretrained),
-        device=args.device, precision=args.precision, data_root=args.data_root,
+        device=args.device, precision=args.precision, data_root=args.data_root, tokenizer=args.tokenizer,
         episode_file=args.episode_file or str(default_episode_file(args.dataset, episodes)),
         scale=None if args.logit_scale == "auto" else args.logit_scale, lora_rank=args.lora_rank,
         augment=args.augment, ways=args.ways, queries=args.queries, short_class_policy=args.short_class_policy,

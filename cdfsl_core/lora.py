@@ -1,4 +1,8 @@
-"""LoRA on open_clip's attention, one adapter per projection, owned by the method that trains it.
+"""LoRA on a tower's attention projections, one adapter per projection, owned by the method that
+trains it. Where the projections sit is the tower adapter's answer (``lora_sites`` of
+:mod:`cdfsl_core.towers`): open_clip's ``nn.MultiheadAttention`` is adapted whole
+(:class:`LoRAAttention`), timm's ``nn.Linear`` projections one by one (:class:`LoRALinear`, with
+each target's adapter on its rows of a fused ``qkv``).
 
 open_clip's blocks hold an ``nn.MultiheadAttention`` whose q, k and v share one fused
 in-projection. CLIP-LoRA and the ATHA/TIR code put a separate rank-r adapter on each of q, k and
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Iterator, Sequence
 
 import torch
@@ -35,8 +40,9 @@ from torch import nn
 
 from cdfsl_core.config import LoRAConfig
 from cdfsl_core.errors import ConfigError
+from cdfsl_core.towers import LoRASite, text_tower, vision_tower
 
-__all__ = ["LoRAAdapters", "LoRAAttention", "LoRAConfig"]
+__all__ = ["LoRAAdapters", "LoRAAttention", "LoRAConfig", "LoRALinear"]
 
 _SLICES = {"q": 0, "k": 1, "v": 2}
 
@@ -57,36 +63,25 @@ def dropout(x: torch.Tensor, p: float, training: bool, generator: torch.Generato
     return x * noise
 
 
-class LoRAAttention(nn.Module):
-    """An adapted ``nn.MultiheadAttention`` (batch_first): the base's computation plus the adapters.
+class _Adapters(nn.Module):
+    """Rank-r adapters ``scale * B_t A_t dropout(x)``, one per target t (A Kaiming-uniform, B zero),
+    optionally E sets stacked along a leading episode axis."""
 
-    The base module is shared and frozen: it is held as a plain attribute, not a submodule, so the
-    parameters of a :class:`LoRAAttention` are its adapters only."""
-
-    def __init__(self, base: nn.MultiheadAttention, config: LoRAConfig, episodes: int | None = None) -> None:
+    def __init__(self, shapes: dict[str, tuple[int, int]], config: LoRAConfig, episodes: int | None,
+                 device: torch.device) -> None:
         super().__init__()
-        if not isinstance(base, nn.MultiheadAttention) or not base.batch_first or not base._qkv_same_embed_dim:
-            raise ValueError("LoRAAttention expects open_clip's batch_first attention with a fused in-projection.")
-        object.__setattr__(self, "base", base)  # shared, frozen: not registered as a submodule
         self.config = config
         self.scale = config.scale
-        width = base.embed_dim
         self.dropout_p = config.dropout
         self.episodes = episodes  # None: one set of adapters; E: E sets stacked along a leading axis
         self.generators: list[torch.Generator] | None = None  # per-episode dropout generators (episodes only)
         lead = () if episodes is None else (episodes,)
-        device = base.in_proj_weight.device
-        self.lora_A = nn.ParameterDict()  # target -> [(E,) rank, width]
+        self.lora_A = nn.ParameterDict()  # target -> [(E,) rank, in_features]
         self.lora_B = nn.ParameterDict()  # target -> [(E,) out_features, rank]
-        for target in config.targets:
-            out_features = 3 * width if target == "qkv" else width
-            self.lora_A[target] = nn.Parameter(torch.zeros(*lead, config.rank, width, device=device))
+        for target, (in_features, out_features) in shapes.items():
+            self.lora_A[target] = nn.Parameter(torch.zeros(*lead, config.rank, in_features, device=device))
             self.lora_B[target] = nn.Parameter(torch.zeros(*lead, out_features, config.rank, device=device))
         self.reset_parameters()
-
-    @property
-    def num_heads(self) -> int:
-        return self.base.num_heads
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """A Kaiming-uniform (as nn.Linear), B zero: the adapted model equals the base one."""
@@ -98,8 +93,75 @@ class LoRAAttention(nn.Module):
                 self.lora_B[target].zero_()
 
     def delta_weight(self, target: str) -> torch.Tensor:
-        """``scale * B A`` of one projection: [(E,) out_features, width]."""
+        """``scale * B A`` of one projection: [(E,) out_features, in_features]."""
         return self.scale * self.lora_B[target] @ self.lora_A[target]
+
+    def _adapter(self, x: torch.Tensor, target: str) -> torch.Tensor:
+        a, b = self.lora_A[target], self.lora_B[target]
+        if self.episodes is None:
+            x = dropout(x, self.dropout_p, self.training)
+            return self.scale * F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        # E episodes: [E * batch, ..., width] -> [E, batch * ..., width], episode e's part by its own matrices
+        parts = x.reshape(self.episodes, -1, x.shape[-1])
+        if self.training and self.dropout_p:
+            generators = self.generators or [None] * self.episodes
+            parts = torch.stack([dropout(part, self.dropout_p, True, g) for part, g in zip(parts, generators)])
+        out = torch.bmm(torch.bmm(parts, a.to(x.dtype).mT), b.to(x.dtype).mT)
+        return self.scale * out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class LoRALinear(_Adapters):
+    """An adapted ``nn.Linear`` (timm's fused ``qkv``, EVA's ``q_proj``, an output ``proj``): the
+    base's output plus each target's adapter on its rows of the output (``targets``: target ->
+    rows, None for all). The base is shared and frozen, held as a plain attribute."""
+
+    def __init__(self, base: nn.Linear, targets: dict[str, slice | None], config: LoRAConfig,
+                 episodes: int | None = None) -> None:
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"LoRALinear adapts an nn.Linear, not a {type(base).__name__}.")
+        rows = {t: (slice(0, base.out_features) if r is None else r) for t, r in targets.items()}
+        super().__init__({t: (base.in_features, r.stop - r.start) for t, r in rows.items()}, config, episodes,
+                         base.weight.device)
+        self.rows = rows
+        object.__setattr__(self, "base", base)  # shared, frozen: not registered as a submodule
+
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """The base's ``weight`` with the adapters folded in (a new tensor)."""
+        if self.episodes is not None:
+            raise ValueError("merged_weights of stacked adapters: merge one episode's adapters (load them into a "
+                             "method first).")
+        with torch.no_grad():
+            weight = self.base.weight.detach().clone()
+            for target, rows in self.rows.items():
+                weight[rows] += self.delta_weight(target)
+        return {"weight": weight}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        total = out.shape[-1]
+        for target, rows in self.rows.items():
+            delta = self._adapter(x, target)
+            out = out + (delta if delta.shape[-1] == total else F.pad(delta, (rows.start, total - rows.stop)))
+        return out
+
+
+class LoRAAttention(_Adapters):
+    """An adapted ``nn.MultiheadAttention`` (batch_first): the base's computation plus the adapters.
+
+    The base module is shared and frozen: it is held as a plain attribute, not a submodule, so the
+    parameters of a :class:`LoRAAttention` are its adapters only."""
+
+    def __init__(self, base: nn.MultiheadAttention, config: LoRAConfig, episodes: int | None = None) -> None:
+        if not isinstance(base, nn.MultiheadAttention) or not base.batch_first or not base._qkv_same_embed_dim:
+            raise ValueError("LoRAAttention expects open_clip's batch_first attention with a fused in-projection.")
+        width = base.embed_dim
+        shapes = {t: (width, 3 * width if t == "qkv" else width) for t in config.targets}
+        super().__init__(shapes, config, episodes, base.in_proj_weight.device)
+        object.__setattr__(self, "base", base)  # shared, frozen: not registered as a submodule
+
+    @property
+    def num_heads(self) -> int:
+        return self.base.num_heads
 
     def _rows(self, target: str) -> slice:
         width = self.base.embed_dim
@@ -123,19 +185,6 @@ class LoRAAttention(nn.Module):
                 else:
                     in_proj[self._rows(target)] += self.delta_weight(target)
         return {"in_proj_weight": in_proj, "out_proj.weight": out_proj}
-
-    def _adapter(self, x: torch.Tensor, target: str) -> torch.Tensor:
-        a, b = self.lora_A[target], self.lora_B[target]
-        if self.episodes is None:
-            x = dropout(x, self.dropout_p, self.training)
-            return self.scale * F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
-        # E episodes: [E * batch, ..., width] -> [E, batch * ..., width], episode e's part by its own matrices
-        parts = x.reshape(self.episodes, -1, x.shape[-1])
-        if self.training and self.dropout_p:
-            generators = self.generators or [None] * self.episodes
-            parts = torch.stack([dropout(part, self.dropout_p, True, g) for part, g in zip(parts, generators)])
-        out = torch.bmm(torch.bmm(parts, a.to(x.dtype).mT), b.to(x.dtype).mT)
-        return self.scale * out.reshape(*x.shape[:-1], out.shape[-1])
 
     def project_qkv(
         self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None
@@ -185,36 +234,48 @@ class LoRAAttention(nn.Module):
         return result, None
 
 
-def _towers(model: nn.Module, towers: Sequence[str]) -> Iterator[tuple[str, nn.Module]]:
-    for tower in towers:
-        transformer = model.visual.transformer if tower == "visual" else model.transformer
-        yield tower, transformer
+def _tower_blocks(model: nn.Module, tower: str) -> tuple[object, Sequence[nn.Module]]:
+    """A tower's adapter (vision or text, :mod:`cdfsl_core.towers`) and its blocks."""
+    adapter = vision_tower(model) if tower == "visual" else text_tower(model)
+    return adapter, adapter.blocks
+
+
+def _build(site: LoRASite, config: LoRAConfig, episodes: int | None) -> _Adapters:
+    module = site.module
+    if isinstance(module, (LoRAAttention, LoRALinear)):
+        raise ConfigError("this block has another method's adapters installed; build methods outside another "
+                          "method's forward.")
+    if isinstance(module, nn.MultiheadAttention):
+        return LoRAAttention(module, replace(config, targets=tuple(site.targets)), episodes)
+    return LoRALinear(module, site.targets, config, episodes)
 
 
 class LoRAAdapters(nn.Module):
-    """One method's LoRA for a model: an adapter for each chosen block's attention, installed only
-    within :meth:`installed`. The model is held as a plain attribute (shared, never copied)."""
+    """One method's LoRA for a model: an adapter for each chosen block's attention projections
+    (where the tower's adapter says they are), installed only within :meth:`installed`. The model
+    is held as a plain attribute (shared, never copied)."""
 
     def __init__(self, model: nn.Module, config: LoRAConfig, episodes: int | None = None) -> None:
         super().__init__()
         config.validate()
         self.episodes = episodes
         self.config = config
-        blocks: list[nn.Module] = []
+        sites: list[LoRASite] = []
         adapters = []
-        for tower, transformer in _towers(model, config.towers):
-            n_blocks = len(transformer.resblocks)
+        for tower in config.towers:
+            adapter_of_tower, blocks = _tower_blocks(model, tower)
+            n_blocks = len(blocks)
             indices = range(n_blocks) if config.blocks is None else config.blocks
             for i in indices:
                 if not 0 <= i < n_blocks:
                     raise ConfigError(f"LoRA block {i} out of range for the {tower} tower (0..{n_blocks - 1}).")
-                block = transformer.resblocks[i]
-                if isinstance(block.attn, LoRAAttention):
-                    raise ConfigError(f"{tower} block {i} has another method's adapters installed; build methods "
-                                      "outside another method's forward.")
-                blocks.append(block)
-                adapters.append(LoRAAttention(block.attn, config, episodes))
-        object.__setattr__(self, "_blocks", blocks)  # where each adapter goes (in the shared model)
+                try:
+                    for site in adapter_of_tower.lora_sites(blocks[i], config.targets):
+                        adapters.append(_build(site, config, episodes))
+                        sites.append(site)
+                except ConfigError as err:
+                    raise ConfigError(f"{tower} block {i}: {err}") from None
+        object.__setattr__(self, "_sites", sites)  # where each adapter goes (in the shared model)
         self.adapters = nn.ModuleList(adapters)
         self._depth = 0
 
@@ -242,18 +303,18 @@ class LoRAAdapters(nn.Module):
             return
         swapped = []
         try:
-            for block, adapter in zip(self._blocks, self.adapters):
-                if block.attn is not adapter.base:
+            for site, adapter in zip(self._sites, self.adapters):
+                if site.module is not adapter.base:
                     raise RuntimeError("another method's LoRA is installed in this model; methods adapt one model "
                                        "one forward at a time.")
-                block.attn = adapter
-                swapped.append((block, adapter))
+                setattr(site.parent, site.attribute, adapter)
+                swapped.append((site, adapter))
             self._depth = 1
             yield
         finally:
             self._depth = 0
-            for block, adapter in swapped:
-                block.attn = adapter.base
+            for site, adapter in swapped:
+                setattr(site.parent, site.attribute, adapter.base)
 
     def merged_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """``model``'s state dict with these adapters folded into the attention weights (new tensors;

@@ -37,6 +37,7 @@ from cdfsl_core.lora import LoRAAdapters
 from cdfsl_core.models import ClipBundle
 from cdfsl_core.names import ADAPTATIONS, INTERVENTIONS, adaptation
 from cdfsl_core.text import PromptLearner, encode_text_embeddings
+from cdfsl_core.towers import text_tower, vision_tower
 
 __all__ = ["ADAPTATIONS", "INTERVENTIONS", "FewShotCLIP", "MethodConfig", "create_method", "list_methods"]
 
@@ -62,10 +63,10 @@ class FewShotCLIP(nn.Module):
         self.uses_coop = adaptation(config.adaptation).coop
         # this method's own adapters over the shared frozen weights, installed only in its forwards
         self.lora = LoRAAdapters(self.model, config.lora) if self.uses_lora else None
-        n_text = len(self.model.transformer.resblocks)
+        n_text = text_tower(self.model).n_blocks
         self.readout_block = config.text_readout_block if config.text_readout_block is not None else n_text - 2
         self.intervention: Intervention = build_intervention(
-            config.intervention, len(self.model.visual.transformer.resblocks), config.intervention_config)
+            config.intervention, vision_tower(self.model).n_blocks, config.intervention_config)
         self.intervention.to(self.model.logit_scale.device)
         if config.logit_scale == "learned":
             self.log_scale = nn.Parameter(self.model.logit_scale.detach().clone())

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from cdfsl_core.atomic import atomic_path
-from cdfsl_core.errors import CheckpointError, DeviceError
+from cdfsl_core.errors import CheckpointError, ConfigError, DeviceError
 
 if TYPE_CHECKING:
     import torch
@@ -244,6 +244,46 @@ def _resolve_pretrained(
     )
 
 
+class NoTokenizer:
+    """The tokenizer of a model loaded for its vision side alone: calling it is a clear error."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise ConfigError(f"{self.name} was loaded without a tokenizer (tokenizer='none'): its vision side works, "
+                          "but class prompts cannot be encoded. Pass the tokenizer's folder (--tokenizer PATH) for "
+                          "zero-shot, CoOp, ATHA, TIR and the token-to-text diagnostics.")
+
+
+def _tokenizer(open_clip: Any, name: str, tokenizer: str | os.PathLike[str] | None, cache_dir: str | None,
+               allow_download: bool) -> Callable[..., torch.Tensor]:
+    """The tokenizer ``load_clip`` returns (see its ``tokenizer`` argument)."""
+    if tokenizer is not None and os.fspath(tokenizer).lower() == "none":
+        return NoTokenizer(name)
+    text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+    hf_name = text_cfg.get("hf_tokenizer_name")
+    if tokenizer is not None:
+        folder = os.fspath(tokenizer)
+        if not hf_name:
+            raise ConfigError(f"tokenizer={folder!r}: {name} uses open_clip's own CLIP tokenizer, which ships with "
+                              "open_clip; leave the tokenizer unset.")
+        if not os.path.isdir(folder):
+            raise ConfigError(f"tokenizer folder {folder!r} does not exist. Pass the folder holding the files of the "
+                              f"Hugging Face tokenizer {hf_name!r} (tokenizer.json, tokenizer_config.json, ...).")
+        from open_clip.tokenizer import HFTokenizer
+
+        return HFTokenizer(folder, context_length=text_cfg.get("context_length", 77),
+                           **text_cfg.get("tokenizer_kwargs", {}))
+    if hf_name and not allow_download:
+        raise ConfigError(
+            f"{name}'s tokenizer is the Hugging Face tokenizer {hf_name!r}, whose files do not ship with open_clip "
+            "and are not downloaded here. Pass the folder holding them (tokenizer.json, tokenizer_config.json, ...) "
+            "as load_clip(..., tokenizer=PATH) or --tokenizer PATH, or tokenizer='none' to load the vision side "
+            "alone.")
+    return open_clip.get_tokenizer(name, cache_dir=cache_dir)
+
+
 def load_clip(
     name: str,
     pretrained: str | os.PathLike[str] | None = None,
@@ -252,6 +292,7 @@ def load_clip(
     *,
     cache_dir: str | None = None,
     allow_download: bool = False,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> ClipBundle:
     """Build an open_clip model with its eval preprocess and tokenizer.
 
@@ -263,7 +304,11 @@ def load_clip(
         precision: open_clip precision for the weights; keep ``"fp32"`` and use bf16 autocast
             on GPU (the runner does).
         cache_dir: where open_clip / Hugging Face caches live, if not the default.
-        allow_download: let open_clip fetch a tag that is not cached.
+        allow_download: let open_clip fetch a tag that is not cached (and a tokenizer).
+        tokenizer: ``None``: the architecture's own (CLIP's BPE ships with open_clip; PE-Core and
+            EVA02 use it); a folder holding a Hugging Face tokenizer's files (SigLIP and SigLIP2 need
+            one offline); ``"none"``: no tokenizer, the vision side alone (what needs class text
+            stops with a message saying so).
     """
     open_clip = _open_clip()
     check_architecture(name)
@@ -301,7 +346,7 @@ def load_clip(
             ) from None
         raise
     model.eval()
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = _tokenizer(open_clip, name, tokenizer, cache_dir, allow_download)
     info = {
         "name": name,
         "pretrained": pretrained_str,

@@ -165,7 +165,8 @@ def load_run(folder: str | os.PathLike[str], bundle: ClipBundle | None = None) -
     if bundle is None:
         if config.model.pretrained is None:
             torch.manual_seed(config.episodes.seed)
-        bundle = load_clip(config.model.name, config.model.pretrained, device=resolve_device(config.model.device))
+        bundle = load_clip(config.model.name, config.model.pretrained, device=resolve_device(config.model.device),
+                           tokenizer=config.model.tokenizer)
     return config, bundle, dataset, episodes
 
 

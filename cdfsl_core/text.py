@@ -3,7 +3,7 @@
 :class:`PromptLearner` holds the prompt token embeddings of every class; with CoOp it replaces
 the embeddings of the template's leading words ("a photo of a") by learnable vectors initialised
 from exactly those embeddings, so before training it computes what the zero-shot model computes.
-:func:`encode_text_embeddings` runs open_clip's text tower from embeddings and can read the EOT
+:func:`encode_text_embeddings` runs the text tower (its adapter, :mod:`cdfsl_core.towers.text`) from embeddings and can read the EOT
 feature out after chosen blocks (ATHA and TIR compare tokens with the read-out after text block
 10 of 12, a setting).
 """
@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from open_clip.transformer import text_global_pool
 from torch import nn
 
 from cdfsl_core.errors import ConfigError
+from cdfsl_core.towers import text_tower
 
 __all__ = ["PromptLearner", "encode_text_embeddings"]
 
@@ -33,24 +33,13 @@ def encode_text_embeddings(
     ``readout_blocks``, ``ln_final`` of the EOT residual after that block times the text
     projection (the same read-out applied early).
     """
-    n_blocks = len(model.transformer.resblocks)
+    tower = text_tower(model)
+    n_blocks = tower.n_blocks
     for i in readout_blocks:
         if not 0 <= i < n_blocks:
             raise ConfigError(f"text read-out block {i} out of range 0..{n_blocks - 1}.")
-    cast = model.transformer.get_cast_dtype()
-    x = embeddings.to(cast) + model.positional_embedding.to(cast)
-    readouts: dict[int, torch.Tensor] = {}
-
-    def read(h: torch.Tensor) -> torch.Tensor:
-        pooled = text_global_pool(model.ln_final(h), tokens, model.text_pool_type,
-                                  eos_token_id=getattr(model, "text_eos_id", None))
-        return pooled @ model.text_projection if not isinstance(model.text_projection, nn.Linear) else model.text_projection(pooled)
-
-    for i, block in enumerate(model.transformer.resblocks):
-        x = block(x, attn_mask=model.attn_mask)
-        if i in readout_blocks:
-            readouts[i] = read(x)
-    return read(x), readouts
+    x, readouts = tower.forward_blocks(embeddings, readout_blocks, tokens)
+    return tower.readout(x, tokens), readouts
 
 
 class PromptLearner(nn.Module):
@@ -68,13 +57,14 @@ class PromptLearner(nn.Module):
         super().__init__()
         if "{}" not in template:
             raise ConfigError(f"prompt template {template!r} has no '{{}}' for the class name.")
-        device = model.token_embedding.weight.device
+        embedding = text_tower(model).token_embedding
+        device = embedding.weight.device
         tokens = tokenizer([template.format(name) for name in class_names]).to(device)
         self.register_buffer("tokens", tokens, persistent=False)
         self.learn_context = learn_context
         self.n_ctx = n_ctx if learn_context else 0
         with torch.no_grad():
-            embeddings = model.token_embedding(tokens)  # [C, ctx_len, width]
+            embeddings = embedding(tokens)  # [C, ctx_len, width]
         if learn_context:
             prefix_words = template.split("{}")[0].strip()
             prefix_tokens = tokenizer([prefix_words])[0]

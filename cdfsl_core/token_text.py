@@ -1,8 +1,9 @@
 """Token-to-text math shared by the interventions (ATHA, TIR) and the diagnostics.
 
-Shapes: ``x`` is a residual stream ``[batch, 1 + L, width]`` (CLS first), ``text`` class text
-features ``[n_classes, embed_dim]``. Everything here is pure tensor math on an open_clip
-``VisionTransformer`` (its ``ln_post`` and ``proj``); nothing registers hooks.
+Shapes: ``x`` is a residual stream ``[batch, tokens, width]``, ``text`` class text features
+``[n_classes, embed_dim]``. Everything here is pure tensor math on the vision tower's per-token
+read-out, which its adapter gives (:mod:`cdfsl_core.towers`: ``ln_post(x) P`` for open_clip);
+nothing registers hooks. ``visual`` is a tower module or its adapter.
 
 ATHA's class vectors come from one function, :func:`atha_class_vectors`, which both the
 intervention and the diagnostics call: the text read-out exactly as the text tower gives it
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdfsl_core.errors import ConfigError
+from cdfsl_core.towers import vision_tower
 
 __all__ = [
     "TEXT_NORMS",
@@ -32,13 +34,12 @@ __all__ = [
 
 
 def project_tokens(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """f_j = ln_post(x_j) P for every token: [batch, tokens, width] -> [batch, tokens, embed_dim].
+    """f_j = the tower's read-out of every token (``ln_post(x_j) P`` for open_clip):
+    [batch, tokens, width] -> [batch, tokens, embed_dim].
 
     Used to rank tokens (TIR's Sum score, the diagnostics), so computed in fp32 whatever the
     autocast context."""
-    with torch.autocast(x.device.type, enabled=False):
-        out = visual.ln_post(x.float())
-        return out @ visual.proj.float() if visual.proj is not None else out
+    return vision_tower(visual).readout(x)
 
 
 TEXT_NORMS = ("none", "unit")  # ATHA's read-out as the text tower gives it (authors), or L2-normalised
@@ -68,8 +69,9 @@ _GAIN_CHECKED = _PerTensor()
 
 
 def _projection_pinv(proj: torch.Tensor) -> torch.Tensor:
-    """pinv(P^T) [width, embed_dim] in fp32, recomputed only when ``proj`` changes."""
-    cached = _PINV.get(proj)
+    """pinv(P^T) [width, embed_dim] in fp32, recomputed only when ``proj`` changes (a parameter;
+    a projection composed of several layers is solved every time)."""
+    cached = _PINV.get(proj) if isinstance(proj, nn.Parameter) else None
     if cached is not None and cached.device == proj.device:  # module.to() swaps .data without a new version
         return cached
     with torch.no_grad(), torch.autocast(proj.device.type, enabled=False):
@@ -98,15 +100,18 @@ def _check_gain(gamma: torch.Tensor) -> None:
 def class_vectors_in_residual(visual: nn.Module, text: torch.Tensor) -> torch.Tensor:
     """ATHA's class vectors in the residual space, [n_classes, width], fp32.
 
-    u_c is the minimum-norm solution of P^T u = t_c (P the width x embed_dim projection), then
-    the ln_post affine is undone: u~_c = (u_c - beta) / gamma. So ``u~_c * gamma + beta`` projected
-    by P gives back t_c. Computed in fp32 whatever the autocast context; differentiable in
+    u_c is the minimum-norm solution of P^T u = t_c - b (P the width x embed_dim projection of
+    the tower's read-out, b the bias after it, none for open_clip), then the read-out's layer-norm
+    affine (``ln_post``) is undone: u~_c = (u_c - beta) / gamma. So ``u~_c * gamma + beta``
+    projected by P (plus b) gives back t_c. Computed in fp32 whatever the autocast context; differentiable in
     ``text`` (the CoOp context and the text adapters train through it).
     """
-    gamma, beta = visual.ln_post.weight, visual.ln_post.bias
+    affine = vision_tower(visual).readout_affine()
+    gamma, beta = affine.gamma, affine.beta
     _check_gain(gamma)
     with torch.autocast(text.device.type, enabled=False):
-        u = text.float() @ _projection_pinv(visual.proj).T  # [n_classes, width]
+        target = text.float() if affine.bias is None else text.float() - affine.bias.float()
+        u = target @ _projection_pinv(affine.projection).T if affine.projection is not None else target
         return (u - beta.float()) / gamma.float()
 
 

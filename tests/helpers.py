@@ -14,6 +14,8 @@ from cdfsl_core.episodes import EpisodeConfig
 from cdfsl_core.lora import LoRAConfig
 from cdfsl_core.methods import MethodConfig
 from cdfsl_core.runner import DataConfig, ModelConfig, RunConfig, TrainConfig
+from cdfsl_core.towers import register_tower
+from cdfsl_core.towers.openclip import OpenCLIPVisionTower
 
 EUROSAT_FOLDERS = [
     "AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
@@ -80,3 +82,15 @@ def embedded_images(indices: tuple[int, ...]):
     dataset = load_dataset("synthetic", split="test", images_per_class=1)
     transform = protocol_transform(bundle, 1.15)
     return bundle, torch.stack([transform(dataset.load_image(i)) for i in indices])
+
+
+@register_tower
+class HandBuiltAdapter(OpenCLIPVisionTower):
+    """The tests' hand-built towers (``HandBuiltTower``: ``ln_post``, ``proj`` and identity blocks
+    under ``transformer.resblocks``) read as open_clip's: a family added the way a user adds one."""
+
+    family = "hand-built (tests)"
+
+    @classmethod
+    def matches(cls, module) -> bool:
+        return type(module).__name__ == "HandBuiltTower"

@@ -27,6 +27,7 @@ from cdfsl_core.methods import ADAPTATIONS, INTERVENTIONS, create_method
 from cdfsl_core.models import EMBEDDED_MODEL, load_clip, resolve_device, resolve_precision
 from cdfsl_core.runner import TrainConfig, protocol_transform, run, train_episode
 from cdfsl_core.token_text import project_tokens, sum_score, token_class_similarity
+from cdfsl_core.towers import vision_tower
 
 NAMES = ["striped red shape", "dotted blue shape", "plain green shape", "wavy pink shape", "checked black shape"]
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
@@ -96,9 +97,9 @@ def test_recomputed_attention_is_fp32_under_autocast(embedded):
     block = bundle.model.visual.transformer.resblocks[4]
     with torch.no_grad():
         z = block.ln_1(x)
-        fp32 = attention_pattern(block.attn, z)
+        fp32 = attention_pattern(vision_tower(bundle.model), block, z)
         with torch.autocast(**BF16):
-            proxy = attention_pattern(block.attn, z)
+            proxy = attention_pattern(vision_tower(bundle.model), block, z)
     assert proxy.dtype == torch.float32 and torch.allclose(proxy, fp32, atol=1e-6)
 
 

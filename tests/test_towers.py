@@ -156,16 +156,54 @@ def test_a_head_free_tower_reports_it_has_no_readout_and_an_unknown_module_is_re
     assert {f.family for f in tower_families()} >= {"open_clip", "timm"}
 
 
-def test_an_attention_pooling_head_is_refused_with_its_reason():
+def _map_trunk():
+    """SigLIP-style: no CLS token, an attention-pooling ('map') head with its MLP, a linear head."""
     torch.manual_seed(0)
-    trunk = TimmViT(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, class_token=False,
-                    global_pool="map", num_classes=8)
+    return TimmViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, class_token=False,
+                   global_pool="map", num_classes=8).eval()
+
+
+def test_an_attention_pooled_token_is_read_out_as_if_pooled_alone():
+    """The definition against timm's own head: token j's read-out is the model's pooled output for
+    the one-token sequence x_j (forward_features normalises, forward_head pools and projects)."""
+    trunk = _map_trunk()
     tower = vision_tower(trunk)
     assert tower.n_prefix == 0 and not tower.has_cls
-    with pytest.raises(ConfigError, match="pools with attention"):
-        tower.readout(torch.randn(1, 16, 64))
+    x = torch.randn(3, 16, 64)
+    with torch.no_grad():
+        ours = tower.readout(x)
+        theirs = torch.stack([trunk.forward_head(trunk.norm(x[:, j:j + 1])) for j in range(16)], dim=1)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="no CLS token"):
-        tower.cls(torch.randn(1, 16, 64))
+        tower.cls(x)
+
+
+def test_the_map_readouts_linear_part_and_the_uniform_attention_case():
+    """Hand-checkable: with the pool's MLP branch zeroed the read-out is affine, and its affine
+    parts give it exactly; with the latent query zeroed every token gets attention 1/16, so the
+    image's pooled output is the mean of its tokens' read-outs. With the MLP on, the affine parts
+    are marked approximate and differ."""
+    trunk = _map_trunk()
+    tower = vision_tower(trunk)
+    assert tower.readout_affine().exact is False
+    x = torch.randn(2, 16, 64)
+
+    def affine_readout(affine):
+        z = F.layer_norm(x, (64,), affine.gamma, affine.beta, trunk.norm.eps)
+        return z @ affine.projection + affine.bias
+
+    with torch.no_grad():
+        assert (affine_readout(tower.readout_affine()) - tower.readout(x)).abs().max() > 1e-3
+        pool = trunk.attn_pool
+        pool.mlp.fc2.weight.zero_()
+        pool.mlp.fc2.bias.zero_()
+        pool.q.weight.zero_()
+        pool.q.bias.zero_()
+        affine = tower.readout_affine()
+        assert affine.exact is False  # still declared: the head has an MLP branch (zero or not)
+        torch.testing.assert_close(affine_readout(affine), tower.readout(x), atol=1e-5, rtol=1e-5)
+        pooled = trunk.forward_head(trunk.norm(x))
+        torch.testing.assert_close(pooled, tower.readout(x).mean(dim=1), atol=1e-5, rtol=1e-5)
 
 
 def test_the_adapter_is_one_per_module_and_found_inside_a_clip():

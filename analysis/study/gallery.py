@@ -10,6 +10,7 @@ from analysis.domain import DEFAULT_ESTIMATOR
 from analysis.study import domains, inside, runs
 from analysis.study.context import StudyContext
 from cdfsl_core.interventions import build_intervention
+from cdfsl_core.towers import vision_tower
 
 __all__ = ["figures", "token_map_figure", "trajectory_figure"]
 
@@ -18,7 +19,7 @@ TOKEN_MAP_QUANTITIES = ("sum_score", "norm", "sink:high-norm", "head_tail", "att
 
 def token_map_block(study: StudyContext) -> int:
     """The block token maps show by default: TIR's first (round(8n / 12)), where its weights act."""
-    n_blocks = len(study.bundle.model.visual.transformer.resblocks)
+    n_blocks = vision_tower(study.bundle.model).n_blocks
     return min(n_blocks - 1, round(n_blocks * 8 / 12))
 
 
@@ -75,7 +76,7 @@ def figures(study: StudyContext, folder: str | os.PathLike[str] | None = None) -
         made["patching"] = lambda: fig.patching(inside.causal(study)["patching"])
         made["logit_attribution"] = lambda: fig.logit_attribution(inside.causal(study)["attribution"])
     stats = inside.intervention_stats(study) if any(i != "none" for _, _, i in study.grid.methods) else None
-    n_blocks = len(study.bundle.model.visual.transformer.resblocks)
+    n_blocks = vision_tower(study.bundle.model).n_blocks
     for name in dict.fromkeys(i for _, _, i in study.grid.methods if i != "none"):
         reported = build_intervention(name, n_blocks).reported_statistics
         if reported and stats is not None and (stats["intervention"] == name).any():

@@ -16,6 +16,7 @@ from analysis.trajectory import trajectory_table
 from cdfsl_core.preprocess import load_images, protocol_transform
 from cdfsl_core.run_folder import RunFolder
 from cdfsl_core.runner import RunConfig, load_run, load_state, prepare_episode, state_path
+from cdfsl_core.towers import vision_tower
 
 __all__ = ["CAUSAL_TABLES", "TABLES", "causal", "cka_finetuned", "controls", "diagnostics", "intervention_stats", "token_map_pixels", "trajectories"]
 
@@ -64,7 +65,7 @@ def controls(study: StudyContext, layer: int | None = None, images: int | None =
         method = create_method(study.bundle, episodes.class_names(episode), "zeroshot", "none").eval()
         with torch.no_grad():
             _, readout = method.text_features(readout=True)
-        block = len(study.bundle.model.visual.transformer.resblocks) // 2 if layer is None else layer
+        block = vision_tower(study.bundle.model).n_blocks // 2 if layer is None else layer
         rows = []
         for kind in ("none", *PLANTS):
             plants = [] if kind == "none" else [Plant(kind, block, token=0)]

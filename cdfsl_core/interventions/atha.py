@@ -19,6 +19,7 @@ from cdfsl_core.config import ATHAConfig
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.interventions.base import Intervention, check_blocks, register_intervention
 from cdfsl_core.token_text import TEXT_NORMS, atha_class_vectors, head_tail_sets
+from cdfsl_core.towers import vision_tower
 
 __all__ = ["ATHA", "ATHAConfig", "EDIT_STATISTICS", "TAIL_CLASS_CHOICES"]
 
@@ -80,7 +81,7 @@ class ATHA(Intervention):
         vectors = atha_class_vectors(visual, text, self.config.text_norm)  # [C, width] fp32, once per forward
         with torch.no_grad():
             unit = F.normalize(vectors.detach(), dim=-1)
-        return {"vectors": vectors, "unit": unit}
+        return {"vectors": vectors, "unit": unit, "tower": vision_tower(visual)}
 
     def selection(self, tokens: torch.Tensor, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Head and tail coefficients for ``tokens`` [B, L, width] and unit class vectors [C, width]:
@@ -104,10 +105,11 @@ class ATHA(Intervention):
             return head_coef, tail_coef * tail.unsqueeze(-1)
 
     def edit(self, block: int, x: torch.Tensor, state: dict) -> torch.Tensor:
-        start = 0 if self.config.include_cls else 1
+        # the patch tokens are ranked (and the prefix, CLS and registers, too with include_cls)
+        start = 0 if self.config.include_cls else state["tower"].n_prefix
         head_coef, tail_coef = self.selection(x[..., start:, :], state["unit"])
-        if start:  # CLS gets a zero row: one product and one add edit the whole stream, no concatenation
-            head_coef, tail_coef = F.pad(head_coef, (0, 0, 1, 0)), F.pad(tail_coef, (0, 0, 1, 0))
+        if start:  # the prefix gets zero rows: one product and one add edit the whole stream, no concatenation
+            head_coef, tail_coef = F.pad(head_coef, (0, 0, start, 0)), F.pad(tail_coef, (0, 0, start, 0))
         if self._measured is not None:
             self._measure(block, x, start, head_coef, tail_coef, state["vectors"])
         # the strengths: [n_blocks] (one episode) or [E, n_blocks] (E episodes, x [E, B, 1 + L, width])

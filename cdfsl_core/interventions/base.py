@@ -24,6 +24,7 @@ from torch import nn
 from cdfsl_core.config import NoConfig, register_intervention_config, unregister_intervention_config
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.plugins import load_plugins
+from cdfsl_core.towers import vision_tower
 
 __all__ = ["Intervention", "InterventionSpec", "NoIntervention", "build_intervention", "intervention_spec",
            "list_interventions", "register_intervention", "unregister_intervention"]
@@ -55,7 +56,7 @@ class Intervention(nn.Module):
 
     def prepare(self, visual: nn.Module, text: torch.Tensor) -> dict:
         """Per-forward state computed once (e.g. class vectors), handed to every ``edit``."""
-        return {"visual": visual, "text": text}
+        return {"visual": visual, "text": text, "tower": vision_tower(visual)}
 
     def reset_parameters(self) -> None:
         """Back to the initial state (between episodes)."""
@@ -79,7 +80,8 @@ class Intervention(nn.Module):
         parameters ``params`` ({name: [E, ...]}, stacked along the episode axis); by default one
         episode with this module's own parameters. Edits read their parameters from
         ``state["params"]``."""
-        resblocks = visual.transformer.resblocks
+        tower = vision_tower(visual)
+        resblocks = tower.blocks
         indices = self.blocks(len(resblocks))
         if not indices:
             yield
@@ -90,19 +92,18 @@ class Intervention(nn.Module):
             raise ConfigError(f"intervention {self.name!r} does not edit several episodes at once "
                               "(supports_episode_batch is False); run it with an episode batch of 1.")
         state = self.prepare(visual, text)
+        state.setdefault("tower", tower)  # the token layout (prefix tokens) and the read-out
         state["params"] = dict(self.named_parameters()) if params is None else params
         handles = []
 
         def make_hook(index: int):
             def hook(module: nn.Module, args: tuple, kwargs: dict):
-                x = args[0] if args else kwargs["q_x"]
+                x = tower.block_input(args, kwargs)
                 if episodes is None:
                     x = self.edit(index, x, state)
                 else:  # [E * batch, T, D] -> [E, batch, T, D] and back
                     x = self.edit(index, x.reshape(episodes, -1, *x.shape[1:]), state).reshape(x.shape)
-                if args:
-                    return (x, *args[1:]), kwargs
-                return args, {**kwargs, "q_x": x}
+                return tower.with_block_input(args, kwargs, x)
 
             return hook
 

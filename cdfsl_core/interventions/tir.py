@@ -12,6 +12,7 @@ import torch
 from cdfsl_core.config import TIRConfig
 from cdfsl_core.interventions.base import Intervention, check_blocks, register_intervention
 from cdfsl_core.token_text import project_tokens, sum_score, tir_weights, token_class_similarity
+from cdfsl_core.towers import vision_tower
 
 __all__ = ["TIR", "TIRConfig"]
 
@@ -34,13 +35,15 @@ class TIR(Intervention):
     def edit(self, block: int, x: torch.Tensor, state: dict) -> torch.Tensor:
         # The Sum score only selects (its counts carry no gradient): computed without autograd,
         # in fp32 whatever the autocast context.
-        # x is [batch, 1 + L, width], or [E, batch, 1 + L, width] with text [E, 1, C, dim].
+        # x is [batch, prefix + L, width], or [E, batch, prefix + L, width] with text [E, 1, C, dim];
+        # the prefix tokens (CLS, registers) are not ranked and keep weight 1.
+        tower = state["tower"] if "tower" in state else vision_tower(state["visual"])
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            projected = project_tokens(state["visual"], x[..., 1:, :].float())
+            projected = project_tokens(tower, tower.patches(x).float())
             similarity = token_class_similarity(projected, state["text"])  # [..., L, C]
             counts = sum_score(similarity.reshape(-1, *similarity.shape[-2:]), self.config.rho)
             weights = tir_weights(counts.reshape(similarity.shape[:-1]), state["text"].shape[-2], self.config.lam)
-            weights = torch.cat([weights.new_ones(*weights.shape[:-1], 1), weights], dim=-1)  # CLS keeps weight 1
+            weights = torch.cat([weights.new_ones(*weights.shape[:-1], tower.n_prefix), weights], dim=-1)
         return x * weights.unsqueeze(-1).to(x.dtype)
 
 

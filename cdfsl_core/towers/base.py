@@ -32,7 +32,22 @@ from torch import nn
 
 from cdfsl_core.errors import ConfigError
 
-__all__ = ["ReadoutAffine", "VisionTower", "register_tower", "tower_families", "vision_tower"]
+__all__ = ["LoRASite", "ReadoutAffine", "VisionTower", "register_tower", "tower_families", "vision_tower"]
+
+
+@dataclass(frozen=True)
+class LoRASite:
+    """Where LoRA adapts a block: the module ``parent.<attribute>`` (an ``nn.MultiheadAttention``,
+    adapted as a whole, or an ``nn.Linear``) and, per LoRA target, the rows of its output that
+    target's adapter adds to (None: all of them)."""
+
+    parent: nn.Module
+    attribute: str
+    targets: dict
+
+    @property
+    def module(self) -> nn.Module:
+        return getattr(self.parent, self.attribute)
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,7 @@ class ReadoutAffine:
     beta: torch.Tensor
     projection: torch.Tensor | None
     bias: torch.Tensor | None = None
+    exact: bool = True  # False: the linear part of a non-linear read-out (an attention-pooling head's MLP left out)
 
 
 class VisionTower:
@@ -124,20 +140,34 @@ class VisionTower:
     input_keyword: ClassVar[str] = "x"
 
     # -- attention ------------------------------------------------------------------------------
-    def query_key(self, block: nn.Module, x: torch.Tensor, kwargs: dict | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, float]:  # pragma: no cover - abstract
-        """Queries and keys ``[batch, heads, tokens, d_head]`` of ``block`` for its input ``x``
-        (the residual stream before the block's pre-norm), with the scale multiplying q k^T.
-        ``kwargs`` are the block's forward keyword arguments (rotary embeddings for EVA/PE)."""
+    def pre_norm(self, block: nn.Module) -> nn.Module:  # pragma: no cover - abstract
+        """The layer norm ahead of ``block``'s attention (its output is what the attention reads)."""
         raise NotImplementedError
 
-    def attention_probs(self, block: nn.Module, x: torch.Tensor, kwargs: dict | None = None) -> torch.Tensor:
-        """softmax(scale q k^T) per head ``[batch, heads, query, key]`` for the block input ``x``,
-        recomputed in fp32 whatever the autocast context (thresholds on these probabilities must not
-        depend on the forward's precision)."""
+    def query_key(self, block: nn.Module, z: torch.Tensor, kwargs: dict | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, float]:  # pragma: no cover - abstract
+        """Queries and keys ``[batch, heads, tokens, d_head]`` of ``block`` for ``z``, the output
+        of its pre-norm, with the scale multiplying q k^T. ``kwargs`` are the block's forward
+        keyword arguments (rotary embeddings for EVA/PE)."""
+        raise NotImplementedError
+
+    def attention_probs(self, block: nn.Module, x: torch.Tensor, kwargs: dict | None = None,
+                        normalised: bool = False) -> torch.Tensor:
+        """softmax(scale q k^T) per head ``[batch, heads, query, key]`` for the block input ``x``
+        (or, ``normalised=True``, its pre-norm's output), recomputed in fp32 whatever the autocast
+        context (thresholds on these probabilities must not depend on the forward's precision)."""
         with torch.autocast(x.device.type, enabled=False):
-            q, k, scale = self.query_key(block, x.float(), kwargs)
+            z = x.float() if normalised else self.pre_norm(block)(x.float())
+            q, k, scale = self.query_key(block, z.float(), kwargs)
             return torch.softmax((q.float() @ k.float().transpose(-2, -1)) * scale, dim=-1)
+
+    def attention_dropout(self, block: nn.Module) -> float:  # pragma: no cover - abstract
+        """The dropout probability on ``block``'s attention probabilities."""
+        raise NotImplementedError
+
+    def lora_sites(self, block: nn.Module, targets: Sequence[str]) -> list[LoRASite]:  # pragma: no cover
+        """Where LoRA's ``targets`` (q, k, v, o or the fused qkv) sit in ``block``."""
+        raise NotImplementedError
 
     # -- read-out into the joint space ----------------------------------------------------------
     def readout(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from cdfsl_core.errors import ConfigError
-from cdfsl_core.towers.base import ReadoutAffine, VisionTower, register_tower
+from cdfsl_core.towers.base import LoRASite, ReadoutAffine, VisionTower, register_tower
 
 __all__ = ["OpenCLIPVisionTower"]
 
@@ -50,10 +50,12 @@ class OpenCLIPVisionTower(VisionTower):
     def patch_embedding(self) -> nn.Module:
         return self.module.conv1
 
-    def query_key(self, block: nn.Module, x: torch.Tensor, kwargs: dict | None = None
+    def pre_norm(self, block: nn.Module) -> nn.Module:
+        return block.ln_1
+
+    def query_key(self, block: nn.Module, z: torch.Tensor, kwargs: dict | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
         attn = block.attn
-        z = block.ln_1(x)
         if hasattr(attn, "project_qkv"):  # a LoRA-adapted attention: the adapters count
             q, k, _ = attn.project_qkv(z)
         else:  # only q and k: v is not needed
@@ -66,6 +68,12 @@ class OpenCLIPVisionTower(VisionTower):
         q = q.reshape(batch, tokens, heads, d_head).transpose(1, 2)
         k = k.reshape(batch, tokens, heads, d_head).transpose(1, 2)
         return q, k, d_head**-0.5
+
+    def lora_sites(self, block: nn.Module, targets: Sequence[str]) -> list[LoRASite]:
+        return [LoRASite(block, "attn", {t: None for t in targets})]  # the fused attention, adapted whole
+
+    def attention_dropout(self, block: nn.Module) -> float:
+        return float(getattr(block.attn, "dropout", 0.0))
 
     def _check_linear_head(self) -> None:
         if getattr(self.module, "attn_pool", None) is not None:

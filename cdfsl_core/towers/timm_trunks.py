@@ -10,8 +10,17 @@ Read-out: a trunk that pools a token or the mean ("token", "avg") has a linear h
 norm (``norm`` or ``fc_norm``), the trunk's ``head`` and open_clip's ``head``; every token passes
 through them as if it were the pooled one (exact for the CLS token under "token" pooling; under
 "avg" the head normalises the mean, so the mean of the tokens' read-outs approximates the pooled
-one). A trunk with an attention-pooling head ("map": SigLIP, PE-Core) has no per-token read-out
-here yet.
+one).
+
+A trunk with an attention-pooling head ("map": SigLIP2, PE-Core) reads each token out *as if it
+were pooled alone*: ``norm``, then the pool on a one-token sequence (its one latent query's
+attention over one key is 1 in every head, so the pool gives ``proj(v(z))`` plus its MLP
+branch), then ``fc_norm`` and the heads. This equals the model's pooled output for an input whose
+only token is that one; for a whole image, the pooled output before the MLP branch is the
+attention-weighted mean of the tokens' ``proj(v(z_j))``, so the tokens' read-outs are the terms
+that mean is made of. Its affine parts (ATHA's inverse, ``readout_affine``) are the linear part:
+``norm``'s gain and bias, then ``v``, ``proj`` and the heads composed, the MLP branch left out
+(``exact=False``).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
 from cdfsl_core.errors import ConfigError
-from cdfsl_core.towers.base import ReadoutAffine, VisionTower, register_tower
+from cdfsl_core.towers.base import LoRASite, ReadoutAffine, VisionTower, register_tower
 
 __all__ = ["TimmVisionTower"]
 
@@ -91,10 +100,12 @@ class TimmVisionTower(VisionTower):
     def patch_embedding(self) -> nn.Module:
         return self.trunk.patch_embed
 
-    def query_key(self, block: nn.Module, x: torch.Tensor, kwargs: dict | None = None
+    def pre_norm(self, block: nn.Module) -> nn.Module:
+        return block.norm1
+
+    def query_key(self, block: nn.Module, z: torch.Tensor, kwargs: dict | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
         attn = block.attn
-        z = block.norm1(x)
         batch, tokens, _ = z.shape
         heads = attn.num_heads
         if getattr(attn, "qkv", None) is not None:
@@ -117,13 +128,61 @@ class TimmVisionTower(VisionTower):
             k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2)
         return q, k, float(attn.scale)
 
+    def lora_sites(self, block: nn.Module, targets: Sequence[str]) -> list[LoRASite]:
+        attn = block.attn
+        if getattr(attn, "q_bias", None) is not None:
+            raise ConfigError(f"{type(attn).__name__} adds separate q/v biases to its fused projection outside the "
+                              "linear layer; LoRA cannot wrap it.")
+        sites = []
+        wanted = [t for t in targets if t != "o"]
+        if getattr(attn, "qkv", None) is not None:
+            width = attn.qkv.out_features // 3
+            rows = {"q": slice(0, width), "k": slice(width, 2 * width), "v": slice(2 * width, 3 * width), "qkv": None}
+            if wanted:
+                sites.append(LoRASite(attn, "qkv", {t: rows[t] for t in wanted}))
+        else:
+            if "qkv" in wanted:
+                raise ConfigError(f"{type(attn).__name__} has separate q/k/v projections: LoRA target 'qkv' needs a "
+                                  "fused one; use targets q, k, v.")
+            sites += [LoRASite(attn, f"{t}_proj", {t: None}) for t in wanted]
+        if "o" in targets:
+            sites.append(LoRASite(attn, "proj", {"o": None}))
+        return sites
+
+    def attention_dropout(self, block: nn.Module) -> float:
+        return float(block.attn.attn_drop.p)
+
     # -- read-out -------------------------------------------------------------------------------
+    def _pool(self) -> nn.Module | None:
+        """The attention-pooling head, or None for a token / mean pool."""
+        pool = getattr(self.trunk, "attn_pool", None)
+        if pool is None:
+            return None
+        if getattr(pool, "pos_embed", None) is not None or getattr(pool, "latent_len", 1) != 1:
+            raise ConfigError("this attention-pooling head has position embeddings or several latent queries; the "
+                              "per-token read-out (a token pooled alone) is defined for one query without them.")
+        if not isinstance(getattr(self.trunk, "fc_norm", None), (nn.Identity, type(None))):
+            raise ConfigError("a layer norm after the attention-pooling head: the read-out's linear part is not defined.")
+        return pool
+
+    @staticmethod
+    def _value_rows(pool: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The value projection inside the pool's fused ``kv`` (keys first, then values)."""
+        width = pool.kv.out_features // 2
+        bias = pool.kv.bias[width:] if pool.kv.bias is not None else None
+        return pool.kv.weight[width:], bias
+
+    def _pooled_alone(self, pool: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._value_rows(pool)
+        out = pool.proj(F.linear(z, weight.float(), None if bias is None else bias.float()))
+        if getattr(pool, "mlp", None) is not None:
+            out = out + pool.mlp(pool.norm(out))
+        return out
+
     def _head(self) -> tuple[nn.LayerNorm, list[nn.Linear]]:
         trunk = self.trunk
-        if getattr(trunk, "attn_pool", None) is not None or trunk.global_pool == "map":
-            raise ConfigError(f"the {type(trunk).__name__} trunk pools with attention (a 'map' head, as SigLIP and "
-                              "PE-Core do); a per-token read-out through it is not defined yet, so TIR's Sum score, "
-                              "ATHA and the token-to-text diagnostics do not run on it.")
+        if self._pool() is None and trunk.global_pool == "map":
+            raise ConfigError(f"the {type(trunk).__name__} trunk pools with 'map' but has no attn_pool module.")
         norms = [m for m in (trunk.norm, getattr(trunk, "fc_norm", None)) if isinstance(m, nn.LayerNorm)]
         if len(norms) != 1:
             raise ConfigError(f"expected one layer norm before the head of {type(trunk).__name__}, found {len(norms)}.")
@@ -133,19 +192,28 @@ class TimmVisionTower(VisionTower):
 
     def readout(self, x: torch.Tensor) -> torch.Tensor:
         norm, linears = self._head()
+        pool = self._pool()
         with torch.autocast(x.device.type, enabled=False):
             z = norm(x.float())
+            if pool is not None:  # each token pooled alone (the module doc)
+                z = self._pooled_alone(pool, z)
             for linear in linears:
                 z = F.linear(z, linear.weight.float(), None if linear.bias is None else linear.bias.float())
             return z
 
     def readout_affine(self) -> ReadoutAffine:
         norm, linears = self._head()
+        pool = self._pool()
         projection, bias = None, None
+        if pool is not None:  # the pool's linear part first: v, then proj
+            value, value_bias = self._value_rows(pool)
+            linears = [(value, value_bias), (pool.proj.weight, pool.proj.bias)] + linears
         for linear in linears:  # z -> z W^T + b, composed
-            weight = linear.weight.T
+            linear = linear if isinstance(linear, tuple) else (linear.weight, linear.bias)
+            weight = linear[0].T
             projection = weight if projection is None else projection @ weight
             bias = None if bias is None else bias @ weight
-            if linear.bias is not None:
-                bias = linear.bias if bias is None else bias + linear.bias
-        return ReadoutAffine(norm.weight, norm.bias, projection, bias)
+            if linear[1] is not None:
+                bias = linear[1] if bias is None else bias + linear[1]
+        exact = pool is None or getattr(pool, "mlp", None) is None
+        return ReadoutAffine(norm.weight, norm.bias, projection, bias, exact=exact)
