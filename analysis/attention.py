@@ -14,24 +14,26 @@ from analysis.recorder import ActivationCache
 __all__ = ["attention_rollout", "attention_table", "cls_attention_maps"]
 
 
-def _grid(tokens: int) -> int:
-    side = math.isqrt(tokens - 1)
-    if side * side != tokens - 1:
-        raise ValueError(f"{tokens - 1} patch tokens do not form a square grid.")
+def _grid(tokens: int, prefix: int = 1) -> int:
+    side = math.isqrt(tokens - prefix)
+    if side * side != tokens - prefix:
+        raise ValueError(f"{tokens - prefix} patch tokens do not form a square grid.")
     return side
 
 
-def cls_attention_maps(cache: ActivationCache, layers: Sequence[int]) -> torch.Tensor:
-    """Attention from CLS to every patch, per head: [layer, batch, head, grid, grid]."""
+def cls_attention_maps(cache: ActivationCache, layers: Sequence[int], prefix: int = 1) -> torch.Tensor:
+    """Attention from CLS (token 0) to every patch, per head: [layer, batch, head, grid, grid];
+    ``prefix``: the tokens before the patches (CLS and registers; the tower adapter's ``n_prefix``)."""
     maps = []
     for layer in layers:
         pattern = cache[act_name("attn.pattern", layer)]  # [B, H, T, T]
-        side = _grid(pattern.shape[-1])
-        maps.append(pattern[:, :, 0, 1:].reshape(*pattern.shape[:2], side, side))
+        side = _grid(pattern.shape[-1], prefix)
+        maps.append(pattern[:, :, 0, prefix:].reshape(*pattern.shape[:2], side, side))
     return torch.stack(maps)
 
 
-def attention_rollout(cache: ActivationCache, layers: Sequence[int], residual: float = 0.5) -> torch.Tensor:
+def attention_rollout(cache: ActivationCache, layers: Sequence[int], residual: float = 0.5,
+                      prefix: int = 1) -> torch.Tensor:
     """Attention rollout (Abnar and Zuidema 2020) through ``layers`` in order: heads averaged,
     ``residual * I + (1 - residual) * A``, rows renormalised, multiplied. Returns the CLS row over
     patches as [batch, grid, grid]."""
@@ -46,8 +48,8 @@ def attention_rollout(cache: ActivationCache, layers: Sequence[int], residual: f
         result = attention if result is None else attention @ result
     if result is None:
         raise ValueError("attention_rollout needs at least one layer.")
-    side = _grid(result.shape[-1])
-    return result[:, 0, 1:].reshape(-1, side, side)
+    side = _grid(result.shape[-1], prefix)
+    return result[:, 0, prefix:].reshape(-1, side, side)
 
 
 def attention_table(maps: torch.Tensor, layers: Sequence[int], **labels: Any) -> pd.DataFrame:

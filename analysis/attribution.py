@@ -31,7 +31,8 @@ class PatchAttribution:
         self.model = model
         self.method = method
         self.n_steps = n_steps
-        layer = tower_of(model).patch_embedding
+        self.tower = tower_of(model)
+        layer = self.tower.patch_embedding
         if method == "integrated-gradients":
             self._attr = LayerIntegratedGradients(model, layer)
         else:
@@ -44,4 +45,4 @@ class PatchAttribution:
                                                 internal_batch_size=len(images))
         else:
             attributions = self._attr.attribute(images, target=target)
-        return attributions.sum(dim=1).detach()  # [B, D, g, g] -> [B, g, g]
+        return self.tower.patch_channels_summed(attributions).detach()  # -> [B, g, g]

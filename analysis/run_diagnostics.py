@@ -126,20 +126,23 @@ def _record_and_reduce(method: FewShotCLIP, images: torch.Tensor, labels: dict[s
         with record(method, layers=layers) as cache:
             method.encode_image(batch, readout)
         diagnostics.update(cache)
-        maps = cls_attention_maps(cache, layers).sum(dim=1)  # [layer, head, g, g]
-        rolled = attention_rollout(cache, layers).sum(dim=0)
+        if not visual.has_cls:  # no CLS token: no attention from it, no rollout of its row
+            continue
+        maps = cls_attention_maps(cache, layers, visual.n_prefix).sum(dim=1)  # [layer, head, g, g]
+        rolled = attention_rollout(cache, layers, prefix=visual.n_prefix).sum(dim=0)
         attention_sum = maps if attention_sum is None else attention_sum + maps
         rollout_sum = rolled if rollout_sum is None else rollout_sum + rolled
     n = len(images)
     tables = diagnostics.tables(**labels)
     attention_rows = []
-    for li, layer in enumerate(layers):
+    for li, layer in enumerate(layers if attention_sum is not None else []):
         for head in range(attention_sum.shape[1]):
             attention_rows += _grid_rows(attention_sum[li, head] / n, **labels, layer=layer, head=head,
                                          definition="attention from CLS, mean over query images")
     tables["attention"] = pd.DataFrame(attention_rows)
     tables["rollout"] = pd.DataFrame(_grid_rows(rollout_sum / n, **labels,
-                                                definition="attention rollout (residual 0.5), CLS row"))
+                                                definition="attention rollout (residual 0.5), CLS row")
+                                     if rollout_sum is not None else [])
     return tables
 
 

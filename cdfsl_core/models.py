@@ -568,6 +568,11 @@ def _main(argv: list[str] | None = None) -> int:
         for arch in names:
             local = sorted(tag for a, tag in _LOCAL_PRETRAINED if a == arch)
             print(f"{arch}\t{'shipped: ' + ', '.join(local) if local else ''}")
+        from cdfsl_core.names import TOWER_FAMILIES
+
+        print("\nvision-tower families (--model takes any open_clip architecture of these):")
+        for family, models, works in TOWER_FAMILIES:
+            print(f"  {family}: {models}\n    works: {works}")
         return 0
     check_architecture(args.name)
     _check_online(args.name, args.tag)

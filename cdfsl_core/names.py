@@ -35,3 +35,19 @@ def adaptation(name: str) -> Adaptation:
 INTERVENTIONS = ("none", "atha", "tir")  # token interventions on the visual residual stream
 PRECISIONS = ("auto", "fp32", "bf16")  # forwards in fp32, or under bf16 autocast; auto: bf16 on CUDA, fp32 on CPU
 SHORT_CLASS_POLICIES = ("error", "skip", "cycle")  # a class with fewer than shots + queries images
+
+
+# What works on each vision-tower family (cdfsl_core.towers), as its tests check it; printed by
+# `python -m cdfsl_core.models list` and tabled in the README.
+TOWER_FAMILIES: tuple[tuple[str, str, str], ...] = (
+    ("open_clip", "open_clip VisionTransformer: OpenAI CLIP ViT-B/16, L/14, the embedded CLIP",
+     "everything"),
+    ("timm (Eva)", "PE-Core-*, EVA02-* (random weights offline, CLIP's tokenizer)",
+     "the 12 methods, token diagnostics, token maps, ablation, patching, the high-norm, massive-activation and "
+     "every-class-top controls; not yet: direct logit attribution, the attention-sink plant"),
+    ("timm (VisionTransformer)", "ViT-*-SigLIP2* (a Hugging Face tokenizer: --tokenizer FOLDER or 'none'); "
+     "DINOv2 with registers (vision only)",
+     "the vision side: recording, attention, per-token read-out through the attention-pooling head, the controls "
+     "above; SigLIP2's methods with a tokenizer folder; DINOv2 in Python only (no command takes a vision-only "
+     "model yet)"),
+)

@@ -122,3 +122,26 @@ def test_a_planted_high_norm_patch_token_is_found_at_its_patch_index(bundle, ima
     found = diagnostics.sink_masks(cache)[2]["high-norm"]
     assert found.shape == (6, 16)
     assert found[:, 5].all() and found.sum() == 6
+
+
+def test_the_analysis_layer_runs_on_the_eva_trunk(bundle, images):
+    """Token maps (16 patches on a 4 x 4 grid, registers excluded), the diagnostics' tables,
+    ablation with its control, and patching between two methods; direct logit attribution says
+    it is open_clip's only."""
+    from analysis.causal import ablation_effects, logit_attribution, patch_effects
+    from analysis.run_diagnostics import diagnose_model
+    from analysis.token_maps import token_maps
+
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    method = create_method(bundle, NAMES, "zeroshot", "tir").eval()
+    maps = token_maps(method, images[:2], layers=[1])
+    assert maps["token"].nunique() == 16 and set(maps["row"]) == {0, 1, 2, 3} and maps["image"].nunique() == 2
+    tables = diagnose_model(method, images, labels, {"model": "eva"}, AnalysisConfig(attribution_steps=2))
+    assert tables["sinks"]["images"].eq(6).all()
+    effects = ablation_effects(method, images, labels, block=2, sets=("head", "all"))
+    assert set(effects["variant"]) == {"set", "control"} and effects["tokens"].max() == 16
+    other = create_method(bundle, NAMES, "zeroshot", "none").eval()
+    patched = patch_effects(other, method, images, labels, blocks=[1])
+    assert len(patched) > 0
+    with pytest.raises(ConfigError, match="open_clip's VisionTransformer only"):
+        logit_attribution(method, images)

@@ -111,6 +111,11 @@ class VisionTower:
     def patch_embedding(self) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def patch_channels_summed(self, values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """A tensor shaped like the patch embedding's output (e.g. attributions to it), summed over
+        channels: ``[batch, rows, cols]``."""
+        raise NotImplementedError
+
     # -- token layout ---------------------------------------------------------------------------
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """The patch tokens of a residual stream ``[..., tokens, width]``."""

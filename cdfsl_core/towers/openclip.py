@@ -53,6 +53,9 @@ class OpenCLIPVisionTower(VisionTower):
     def pre_norm(self, block: nn.Module) -> nn.Module:
         return block.ln_1
 
+    def patch_channels_summed(self, values: torch.Tensor) -> torch.Tensor:
+        return values.sum(dim=1)  # conv1's output [B, width, rows, cols]
+
     def query_key(self, block: nn.Module, z: torch.Tensor, kwargs: dict | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
         attn = block.attn

@@ -103,6 +103,11 @@ class TimmVisionTower(VisionTower):
     def pre_norm(self, block: nn.Module) -> nn.Module:
         return block.norm1
 
+    def patch_channels_summed(self, values: torch.Tensor) -> torch.Tensor:
+        if values.dim() == 4:  # an unflattened patch embedding: [B, rows, cols, width] (NHWC) or [B, width, ...]
+            return values.sum(dim=-1) if values.shape[1:3] == self.grid else values.sum(dim=1)
+        return values.sum(dim=-1).reshape(values.shape[0], *self.grid)  # [B, rows * cols, width]
+
     def query_key(self, block: nn.Module, z: torch.Tensor, kwargs: dict | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
         attn = block.attn
