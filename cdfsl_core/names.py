@@ -47,7 +47,7 @@ TOWER_FAMILIES: tuple[tuple[str, str, str], ...] = (
      "every-class-top controls; not yet: direct logit attribution, the attention-sink plant"),
     ("timm (VisionTransformer)", "ViT-*-SigLIP2* (a Hugging Face tokenizer: --tokenizer FOLDER or 'none'); "
      "DINOv2 with registers (vision only)",
-     "the vision side: recording, attention, per-token read-out through the attention-pooling head, the controls "
-     "above; SigLIP2's methods with a tokenizer folder; DINOv2 in Python only (no command takes a vision-only "
-     "model yet)"),
+     "the vision side: recording, attention, the per-token read-out through the attention-pooling head; SigLIP2's "
+     "methods need a tokenizer folder (untested: none offline); DINOv2 in Python only (no command takes a "
+     "vision-only model yet)"),
 )
