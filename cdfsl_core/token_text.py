@@ -69,9 +69,9 @@ _GAIN_CHECKED = _PerTensor()
 
 
 def _projection_pinv(proj: torch.Tensor) -> torch.Tensor:
-    """pinv(P^T) [width, embed_dim] in fp32, recomputed only when ``proj`` changes (a parameter;
-    a projection composed of several layers is solved every time)."""
-    cached = _PINV.get(proj) if isinstance(proj, nn.Parameter) else None
+    """pinv(P^T) [width, embed_dim] in fp32, recomputed only when ``proj`` changes (a parameter, or a
+    projection composed of several layers, which its tower adapter keeps while its weights stay)."""
+    cached = _PINV.get(proj)
     if cached is not None and cached.device == proj.device:  # module.to() swaps .data without a new version
         return cached
     with torch.no_grad(), torch.autocast(proj.device.type, enabled=False):

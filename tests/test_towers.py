@@ -210,3 +210,16 @@ def test_the_adapter_is_one_per_module_and_found_inside_a_clip():
     bundle = load_clip("cdfsl-test-vit")
     assert vision_tower(bundle.model) is vision_tower(bundle.model.visual)
     assert vision_tower(vision_tower(bundle.model)) is vision_tower(bundle.model.visual)
+
+
+def test_the_composed_readout_is_kept_until_a_weight_changes():
+    """ATHA asks for the affine parts every forward: the composition is reused while the weights stay,
+    and follows an in-place edit of the head (the cache can miss: a positive control)."""
+    tower = vision_tower(_map_trunk())
+    first = tower.readout_affine()
+    assert tower.readout_affine() is first
+    with torch.no_grad():
+        tower.trunk.head.weight.mul_(2.0)
+    second = tower.readout_affine()
+    assert second is not first
+    torch.testing.assert_close(second.projection, 2.0 * first.projection)

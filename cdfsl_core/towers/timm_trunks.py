@@ -207,11 +207,27 @@ class TimmVisionTower(VisionTower):
             return z
 
     def readout_affine(self) -> ReadoutAffine:
+        """The composed affine parts, recomputed only when a weight they come from changes (ATHA asks
+        every forward, and its projection solve is cached on the composed tensor)."""
         norm, linears = self._head()
         pool = self._pool()
+        sources = [norm.weight, norm.bias] + [p for m in linears for p in m.parameters()]
+        if pool is not None:
+            sources += [pool.kv.weight, pool.proj.weight]
+        key = tuple((id(p), p._version, p.device) for p in sources)
+        cached = getattr(self, "_affine", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():  # the frozen head's parts: no graph kept across forwards
+            affine = self._compose_affine(norm, linears, pool)
+        self._affine = (key, affine)
+        return affine
+
+    @staticmethod
+    def _compose_affine(norm: nn.LayerNorm, linears: list[nn.Linear], pool: nn.Module | None) -> ReadoutAffine:
         projection, bias = None, None
         if pool is not None:  # the pool's linear part first: v, then proj
-            value, value_bias = self._value_rows(pool)
+            value, value_bias = TimmVisionTower._value_rows(pool)
             linears = [(value, value_bias), (pool.proj.weight, pool.proj.bias)] + linears
         for linear in linears:  # z -> z W^T + b, composed
             linear = linear if isinstance(linear, tuple) else (linear.weight, linear.bias)
