@@ -47,6 +47,7 @@ __all__ = [
     "file_sha256",
     "weights_identity",
     "load_clip",
+    "load_vision",
     "register_pretrained",
     "resolve_device",
     "resolve_precision",
@@ -356,6 +357,86 @@ def load_clip(
         "quick_gelu": force_quick_gelu,
     }
     return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, info=info)
+
+
+def _vision_only_class() -> type:
+    from torch import nn
+
+    class VisionOnly(nn.Module):
+        """A vision tower without a text side (timm's DINOv2 with registers, ...), shaped like a
+        CLIP's vision half: ``.visual`` is the tower, ``encode_image`` its pooled output."""
+
+        def __init__(self, visual: nn.Module) -> None:
+            super().__init__()
+            self.visual = visual
+
+        def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+            import torch.nn.functional as F
+
+            features = self.visual(images)
+            return F.normalize(features, dim=-1) if normalize else features
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.encode_image(images)
+
+    return VisionOnly
+
+
+def load_vision(
+    name: str,
+    pretrained: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    image_size: int | None = None,
+) -> ClipBundle:
+    """The vision side of a model, for the diagnostics that need no text.
+
+    ``name`` is an open_clip architecture (its CLIP loaded with ``tokenizer="none"``; ``pretrained``
+    as in :func:`load_clip`) or a timm model name (``vit_small_patch14_reg4_dinov2``: DINOv2 with
+    registers), built with random weights, or with ``pretrained`` a local weights file, loaded
+    through timm's own checkpoint filter (position embeddings resampled to ``image_size``; no
+    download). ``image_size`` builds a timm tower at another input size (DINOv2 defaults to 518).
+    The bundle's model has ``.visual`` and ``encode_image``; its tokenizer is a
+    :class:`NoTokenizer`."""
+    open_clip = _open_clip()
+    if name in open_clip.list_models():
+        if image_size is not None:
+            raise ConfigError(f"image_size={image_size} is for timm towers; {name} is an open_clip architecture, "
+                              "whose input size its config fixes.")
+        return load_clip(name, pretrained, device, tokenizer="none")
+    import timm
+
+    if not timm.is_model(name):
+        raise CheckpointError(
+            f"Unknown vision model {name!r}. Expected an open_clip architecture (`python -m cdfsl_core.models list`) "
+            "or a timm model name (e.g. vit_small_patch14_reg4_dinov2, vit_base_patch14_reg4_dinov2).")
+    options: dict[str, Any] = {"num_classes": 0}
+    if image_size is not None:
+        options["img_size"] = int(image_size)
+    source = None
+    if pretrained is not None:
+        source = os.fspath(pretrained)
+        if not os.path.isfile(source):
+            raise CheckpointError(
+                f"pretrained={source!r} for the timm model {name!r} is not a file. timm weights are not downloaded "
+                f"here: pass the path of a local weights file ({', '.join(_CHECKPOINT_SUFFIXES)}).")
+        check_checkpoint(source)
+        options |= {"pretrained": True, "pretrained_cfg_overlay": {"file": source}}
+    try:
+        trunk = timm.create_model(name, **options)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"Weights in {source} do not fit the timm model {name!r} ({first}).") from None
+    config = timm.data.resolve_model_data_config(trunk)
+    size = trunk.patch_embed.img_size[0] if hasattr(trunk, "patch_embed") else config["input_size"][-1]
+    config["input_size"] = (3, size, size)
+    trunk.preprocess_cfg = {"size": size, "mean": tuple(config["mean"]), "std": tuple(config["std"]),
+                            "interpolation": config.get("interpolation", "bicubic"), "resize_mode": "shortest"}
+    model = _vision_only_class()(trunk).to(resolve_device(device)).eval()
+    preprocess = timm.data.create_transform(**config)
+    info = {"name": name, "pretrained": source, "checkpoint": source, "device": str(resolve_device(device)),
+            "precision": "fp32", "quick_gelu": False, "family": "timm", "image_size": size}
+    return ClipBundle(model=model, preprocess=preprocess, tokenizer=NoTokenizer(name), info=info)
 
 
 def checkpoint_file(name: str, pretrained: str | os.PathLike[str] | None) -> str | None:

@@ -43,11 +43,11 @@ TOWER_FAMILIES: tuple[tuple[str, str, str], ...] = (
     ("open_clip", "open_clip VisionTransformer: OpenAI CLIP ViT-B/16, L/14, the embedded CLIP",
      "everything"),
     ("timm (Eva)", "PE-Core-*, EVA02-* (random weights offline, CLIP's tokenizer)",
-     "the 12 methods, token diagnostics, token maps, ablation, patching, the high-norm, massive-activation and "
-     "every-class-top controls; not yet: direct logit attribution, the attention-sink plant"),
+     "the 12 methods, every diagnostic table, token maps, ablation, patching, all four controls; direct logit "
+     "attribution on EVA02 (CLS pooling), not on PE-Core (an attention-pooling head: a message)"),
     ("timm (VisionTransformer)", "ViT-*-SigLIP2* (a Hugging Face tokenizer: --tokenizer FOLDER or 'none'); "
      "DINOv2 with registers (vision only)",
-     "the vision side: recording, attention, the per-token read-out through the attention-pooling head; SigLIP2's "
-     "methods need a tokenizer folder (untested: none offline); DINOv2 in Python only (no command takes a "
-     "vision-only model yet)"),
+     "the vision side: recording, attention, the per-token read-out through the attention-pooling head, "
+     "python -m analysis.run_vision and analysis.cka (what needs no text); SigLIP2's methods need a tokenizer "
+     "folder (untested: none offline)"),
 )

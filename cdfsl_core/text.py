@@ -65,19 +65,27 @@ class PromptLearner(nn.Module):
         self.n_ctx = n_ctx if learn_context else 0
         with torch.no_grad():
             embeddings = embedding(tokens)  # [C, ctx_len, width]
+        # the tokenizer's own special tokens, read off an empty prompt: CLIP's SOT and EOT, an HF
+        # tokenizer's BOS (if any) and EOS; the context starts after the leading ones
+        empty = [int(t) for t in tokenizer([""])[0].tolist()]
+        pad = empty[-1]  # prompts are padded to the context length
+        specials = [t for t in empty if t != pad]
+        prefix_words = template.split("{}")[0].strip()
+        prefix_tokens = [int(t) for t in tokenizer([prefix_words])[0].tolist()]
+        lead = 0
+        while lead < len(specials) and lead < len(prefix_tokens) and prefix_tokens[lead] == specials[lead]:
+            lead += 1
         if learn_context:
-            prefix_words = template.split("{}")[0].strip()
-            prefix_tokens = tokenizer([prefix_words])[0]
-            n_prefix = int((prefix_tokens != 0).sum()) - 2  # minus SOT and EOT
+            n_prefix = sum(t != pad for t in prefix_tokens) - len(specials)
             if n_prefix != n_ctx:
                 raise ConfigError(
                     f"CoOp n_ctx={n_ctx} but the template's leading words {prefix_words!r} are "
                     f"{n_prefix} tokens; the context is initialised from them, so they must match."
                 )
-            self.context = nn.Parameter(embeddings[0, 1 : 1 + n_ctx].clone())  # [n_ctx, width]
+            self.context = nn.Parameter(embeddings[0, lead : lead + n_ctx].clone())  # [n_ctx, width]
             self.register_buffer("initial_context", self.context.detach().clone(), persistent=False)
-        self.register_buffer("prefix", embeddings[:, :1].clone(), persistent=False)
-        self.register_buffer("suffix", embeddings[:, 1 + self.n_ctx :].clone(), persistent=False)
+        self.register_buffer("prefix", embeddings[:, :lead].clone(), persistent=False)
+        self.register_buffer("suffix", embeddings[:, lead + self.n_ctx :].clone(), persistent=False)
 
     def embeddings(self) -> torch.Tensor:
         """[C, ctx_len, width] prompt embeddings with the current context."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cdfsl_core.errors import ConfigError
 from cdfsl_core.interventions import ATHA, TIR, ATHAConfig, TIRConfig
 from cdfsl_core.lora import LoRAAdapters, LoRAAttention, LoRAConfig
 from cdfsl_core.methods import create_method, list_methods
@@ -62,6 +63,34 @@ def test_coop_context_starts_as_the_embedding_of_a_photo_of_a(bundle):
     method = create_method(bundle, NAMES, "coop", "none")
     tokens = bundle.tokenizer(["a photo of a"])[0, 1:5]
     assert torch.equal(method.prompts.context.detach(), bundle.model.token_embedding.weight[tokens])
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_coop_context_follows_the_tokenizers_own_leading_special_tokens(bundle, bos):
+    """A Hugging-Face-style tokenizer: an optional BOS, the words, EOS, padding with 0 (SigLIP's has
+    no CLIP SOT). The context is the embedding of 'a photo of a' wherever the words start, and the
+    reassembled prompt is the tokens' own embedding (nothing shifted)."""
+    vocab = {"a": 5, "photo": 6, "of": 7, "striped": 8, "red": 9, "shape": 10, "dotted": 11, "blue": 12,
+             "plain": 13, "green": 14}
+
+    def tokenizer(texts):
+        rows = []
+        for text in texts:
+            ids = ([2] if bos else []) + [vocab[w] for w in text.replace(".", "").split()] + [1]
+            rows.append(ids + [0] * (16 - len(ids)))
+        return torch.tensor(rows)
+
+    from cdfsl_core.text import PromptLearner
+
+    names = ["striped red shape", "dotted blue shape", "plain green shape"]
+    prompts = PromptLearner(bundle.model, tokenizer, names, n_ctx=4, learn_context=True)
+    start = 1 if bos else 0
+    table = bundle.model.token_embedding.weight
+    assert torch.equal(prompts.context.detach(), table[torch.tensor([5, 6, 7, 5])])
+    assert prompts.prefix.shape[1] == start
+    torch.testing.assert_close(prompts.embeddings().detach(), table[tokenizer([f"a photo of a {n}." for n in names])])
+    with pytest.raises(ConfigError, match="n_ctx=3 but .* are 4 tokens"):
+        PromptLearner(bundle.model, tokenizer, names, n_ctx=3, learn_context=True)
 
 
 def test_lora_b_zero_leaves_both_towers_unchanged(bundle, images):

@@ -61,6 +61,7 @@ class ReadoutAffine:
     projection: torch.Tensor | None
     bias: torch.Tensor | None = None
     exact: bool = True  # False: the linear part of a non-linear read-out (an attention-pooling head's MLP left out)
+    eps: float = 1e-5  # the layer norm's epsilon
 
 
 class VisionTower:
@@ -165,6 +166,50 @@ class VisionTower:
             z = x.float() if normalised else self.pre_norm(block)(x.float())
             q, k, scale = self.query_key(block, z.float(), kwargs)
             return torch.softmax((q.float() @ k.float().transpose(-2, -1)) * scale, dim=-1)
+
+    def key_affine(self, block: nn.Module, z: torch.Tensor, position: int, kwargs: dict | None = None,
+                   chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key of token ``position`` as an affine map of that token's pre-norm output ``z_t``:
+        ``k = z_t @ weight + offset`` (``[width, heads * d_head]`` and ``[heads * d_head]``, heads
+        first), probed through :meth:`query_key` (adapters and rotary embeddings included) with
+        the first sequence of ``z`` [B, T, width] as the other tokens. Exact when a token's key is
+        affine in its own input (linear projections, rotations); a q/k norm makes it approximate,
+        which callers check. Families whose keys do not depend on the position override this with
+        a one-token probe."""
+        width = z.shape[-1]
+        with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
+            probes = torch.cat([z.new_zeros(1, width, dtype=torch.float32),
+                                torch.eye(width, device=z.device, dtype=torch.float32)])
+            rows = []
+            for part in probes.split(chunk):
+                sequence = z[:1].float().expand(len(part), -1, -1).clone()
+                sequence[:, position] = part
+                _, k, _ = self.query_key(block, sequence, kwargs)  # [n, heads, T, d_head]
+                rows.append(k[:, :, position].reshape(len(part), -1).float())
+            keys = torch.cat(rows)
+        return keys[1:] - keys[0], keys[0]
+
+    # -- the block decomposition (direct logit attribution) --------------------------------------
+    @property
+    def pools_cls(self) -> bool:  # pragma: no cover - abstract
+        """Whether the pooled image feature is the read-out of the CLS token alone (what direct
+        logit attribution decomposes)."""
+        raise NotImplementedError
+
+    def mlp_norm(self, block: nn.Module) -> nn.Module:  # pragma: no cover - abstract
+        """The layer norm ahead of ``block``'s MLP: its input is the stream after the attention."""
+        raise NotImplementedError
+
+    def head_writes(self, block: nn.Module, z: torch.Tensor, kwargs: dict | None = None,
+                    query: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover - abstract
+        """What each attention head of ``block`` writes into token ``query``'s stream for ``z``,
+        the pre-norm's output: ``[B, heads, width]`` through the output projection and the layer
+        scale (adapters included), and the output bias through the layer scale ``[width]`` (None
+        without one). The block's attention branch at ``query`` is their sum. A layer norm inside
+        the attention (EVA02's sub-LN) is linearised with its scale frozen on the joined heads, as
+        direct logit attribution freezes the final norm's, so the sum stays exact; a block whose
+        branch does not split so (a post-norm block, a gate) raises."""
+        raise NotImplementedError
 
     def attention_dropout(self, block: nn.Module) -> float:  # pragma: no cover - abstract
         """The dropout probability on ``block``'s attention probabilities."""

@@ -72,6 +72,41 @@ class OpenCLIPVisionTower(VisionTower):
         k = k.reshape(batch, tokens, heads, d_head).transpose(1, 2)
         return q, k, d_head**-0.5
 
+    def key_affine(self, block: nn.Module, z: torch.Tensor, position: int, kwargs: dict | None = None,
+                   chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        # no position-dependent part: a one-token probe gives the same map, width + 1 rows at once
+        return super().key_affine(block, z[:, position:position + 1], 0, kwargs, chunk)
+
+    @property
+    def pools_cls(self) -> bool:
+        visual = self.module
+        return getattr(visual, "attn_pool", None) is None and getattr(visual, "pool_type", "tok") == "tok"
+
+    def mlp_norm(self, block: nn.Module) -> nn.Module:
+        return block.ln_2
+
+    def head_writes(self, block: nn.Module, z: torch.Tensor, kwargs: dict | None = None,
+                    query: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn = block.attn
+        q, k, _ = self.query_key(block, z, kwargs)
+        if hasattr(attn, "project_qkv"):  # a LoRA-adapted attention: its effective projections
+            v = attn.project_qkv(z)[2]
+            weight, bias = attn.base.out_proj.weight, attn.base.out_proj.bias
+            if "o" in attn.lora_A:
+                weight = weight + attn.delta_weight("o")
+        else:
+            width = z.shape[-1]
+            v_bias = attn.in_proj_bias[2 * width:] if attn.in_proj_bias is not None else None
+            v = F.linear(z, attn.in_proj_weight[2 * width:], v_bias)
+            weight, bias = attn.out_proj.weight, attn.out_proj.bias
+        heads, d_head = q.shape[1], q.shape[-1]
+        v = v.reshape(*v.shape[:2], heads, d_head).transpose(1, 2)  # [B, H, T, dh]
+        pattern = torch.softmax(q[:, :, query:query + 1] @ k.transpose(-2, -1) * d_head**-0.5, dim=-1)  # [B, H, 1, T]
+        mixed = (pattern @ v)[:, :, 0]  # [B, H, dh]
+        w = weight.float().reshape(weight.shape[0], heads, d_head)  # out = sum_h mixed_h @ W[:, h].T
+        writes = torch.einsum("bhd,whd->bhw", mixed.float(), w)
+        return block.ls_1(writes), (block.ls_1(bias.float()) if bias is not None else None)
+
     def lora_sites(self, block: nn.Module, targets: Sequence[str]) -> list[LoRASite]:
         return [LoRASite(block, "attn", {t: None for t in targets})]  # the fused attention, adapted whole
 
@@ -93,4 +128,4 @@ class OpenCLIPVisionTower(VisionTower):
     def readout_affine(self) -> ReadoutAffine:
         self._check_linear_head()
         visual = self.module
-        return ReadoutAffine(visual.ln_post.weight, visual.ln_post.bias, visual.proj)
+        return ReadoutAffine(visual.ln_post.weight, visual.ln_post.bias, visual.proj, eps=visual.ln_post.eps)

@@ -63,6 +63,18 @@ def _linear_chain(modules: Sequence[nn.Module]) -> list[nn.Linear]:
     return out
 
 
+def _fused_qkv(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The fused q, k, v projection of ``z`` as the attention computes it: EVA's separate q/v biases
+    (k's is zero) added to the weight's product, otherwise the ``qkv`` module itself (LoRA's
+    adapters included)."""
+    if getattr(attn, "q_bias", None) is None:
+        return attn.qkv(z)
+    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    if getattr(attn, "qkv_bias_separate", False) and attn.qkv.bias is not None:
+        bias = bias + attn.qkv.bias
+    return F.linear(z, attn.qkv.weight, bias)
+
+
 @register_tower
 class TimmVisionTower(VisionTower):
     family = "timm"
@@ -114,12 +126,7 @@ class TimmVisionTower(VisionTower):
         batch, tokens, _ = z.shape
         heads = attn.num_heads
         if getattr(attn, "qkv", None) is not None:
-            bias = attn.qkv.bias
-            if getattr(attn, "q_bias", None) is not None:  # EVA's separate q/v biases (k's is zero)
-                bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-                if getattr(attn, "qkv_bias_separate", False) and attn.qkv.bias is not None:
-                    bias = bias + attn.qkv.bias
-            qkv = F.linear(z, attn.qkv.weight, bias).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
+            qkv = _fused_qkv(attn, z).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
             q, k = qkv[0], qkv[1]
         else:
             q = attn.q_proj(z).reshape(batch, tokens, heads, -1).transpose(1, 2)
@@ -132,6 +139,65 @@ class TimmVisionTower(VisionTower):
             q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2)
             k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2)
         return q, k, float(attn.scale)
+
+    def key_affine(self, block: nn.Module, z: torch.Tensor, position: int, kwargs: dict | None = None,
+                   chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        if (kwargs or {}).get("rope") is None:  # without rotary embeddings a key does not depend on its position
+            return super().key_affine(block, z[:, position:position + 1], 0, kwargs, chunk=1024)
+        return super().key_affine(block, z, position, kwargs, chunk)
+
+    @property
+    def pools_cls(self) -> bool:
+        trunk = self.trunk
+        return self.has_cls and getattr(trunk, "attn_pool", None) is None and trunk.global_pool == "token"
+
+    def mlp_norm(self, block: nn.Module) -> nn.Module:
+        return block.norm2
+
+    @staticmethod
+    def _layer_scale(block: nn.Module) -> nn.Module | torch.Tensor | None:
+        gamma = getattr(block, "gamma_1", None)  # Eva: a parameter, or None
+        return gamma if gamma is not None else getattr(block, "ls1", None)
+
+    def head_writes(self, block: nn.Module, z: torch.Tensor, kwargs: dict | None = None,
+                    query: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn = block.attn
+        if type(block).__name__ not in ("Block", "EvaBlock"):
+            raise ConfigError(f"a {type(block).__name__} block: its attention branch is not split into heads here "
+                              "(pre-norm Block and EvaBlock are).")
+        inner = getattr(attn, "norm", None)
+        if not isinstance(inner, (nn.Identity, nn.LayerNorm, type(None))):
+            raise ConfigError(f"{type(attn).__name__} normalises the heads' output with a {type(inner).__name__} "
+                              "before its projection: the branch does not split into per-head writes.")
+        if getattr(attn, "gate", None) is not None:
+            raise ConfigError(f"{type(attn).__name__} gates the heads' output by the input: the branch does not split "
+                              "into per-head writes.")
+        q, k, scale = self.query_key(block, z, kwargs)
+        batch, heads, tokens, d_head = q.shape
+        if getattr(attn, "qkv", None) is not None:
+            v = _fused_qkv(attn, z).reshape(batch, tokens, 3, heads, d_head)[:, :, 2].transpose(1, 2)
+        else:
+            v = attn.v_proj(z).reshape(batch, tokens, heads, d_head).transpose(1, 2)
+        pattern = torch.softmax(q[:, :, query:query + 1] @ k.transpose(-2, -1) * scale, dim=-1)  # [B, H, 1, T]
+        mixed = (pattern @ v)[:, :, 0]  # [B, H, dh]
+        spread = torch.einsum("bhd,hg->bhgd", mixed, torch.eye(heads, device=z.device, dtype=mixed.dtype))
+        spread = spread.reshape(batch, heads, heads * d_head)  # each head alone, in its own channels
+        zero = attn.proj(z.new_zeros(1, heads * d_head))[0]  # the output bias (LoRA adds nothing to zero)
+        if isinstance(inner, nn.LayerNorm):  # EVA02's sub-LN, linearised with its scale frozen on all heads
+            joined = spread.sum(dim=1, keepdim=True)  # [B, 1, channels]
+            sigma = (joined.var(dim=-1, unbiased=False, keepdim=True) + inner.eps).sqrt()
+            spread = (spread - spread.mean(dim=-1, keepdim=True)) / sigma
+            if inner.weight is not None:
+                spread = spread * inner.weight
+            if inner.bias is not None:
+                zero = attn.proj(inner.bias.unsqueeze(0))[0]  # the norm's bias through proj, and proj's bias
+        writes = attn.proj(spread) - attn.proj(z.new_zeros(1, heads * d_head))[0]  # proj's linear part
+        scale_of = self._layer_scale(block)
+        if isinstance(scale_of, torch.Tensor):
+            return writes * scale_of, zero * scale_of
+        if scale_of is not None:
+            return scale_of(writes), scale_of(zero)
+        return writes, zero
 
     def lora_sites(self, block: nn.Module, targets: Sequence[str]) -> list[LoRASite]:
         attn = block.attn
@@ -237,4 +303,4 @@ class TimmVisionTower(VisionTower):
             if linear[1] is not None:
                 bias = linear[1] if bias is None else bias + linear[1]
         exact = pool is None or getattr(pool, "mlp", None) is None
-        return ReadoutAffine(norm.weight, norm.bias, projection, bias, exact=exact)
+        return ReadoutAffine(norm.weight, norm.bias, projection, bias, exact=exact, eps=norm.eps)
