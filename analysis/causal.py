@@ -30,7 +30,13 @@ component has a contribution to every class logit and the contributions (with th
 ``ln_post`` bias term) sum to the logits. ``scale="batch"`` uses one scale for all images instead
 and reports what no longer adds up as the component ``residual``.
 
-These tools work on open_clip's ``VisionTransformer`` (CLS at token 0, CLS pooling after ``ln_post``).
+Every tool goes through the tower adapter (:mod:`cdfsl_core.towers`): on a timm or EVA trunk the
+embedding is the stream entering block 0, each head's write passes through the layer scale, the
+read-out is the adapter's (``ln_post``'s role is played by the trunk's final norm and head, and
+the ``ln_post bias`` component is that read-out's constant: the norm's bias through the head,
+plus the head's bias). Direct logit attribution needs the image feature to be the CLS token's
+read-out (``pools_cls``) and pre-norm blocks whose attention splits into heads; other towers
+(SigLIP's attention-pooling head, mean pooling) are refused with a message.
 """
 
 from __future__ import annotations
@@ -48,7 +54,6 @@ from analysis.diagnostics import TokenDiagnostics
 from analysis.recorder import record, vision_tower
 from analysis.token_maps import _layer_values, _tir_lam
 from cdfsl_core.errors import ConfigError
-from cdfsl_core.lora import LoRAAttention
 from cdfsl_core.stats import mean_ci95
 from cdfsl_core.towers import vision_tower as tower_of
 
@@ -308,31 +313,12 @@ def patch_effects(method_a: Any, method_b: Any, images: torch.Tensor, labels: to
 
 
 # ----------------------------------------------------------------------------------------- attribution
-def _require_open_clip(method: Any, what: str) -> None:
-    """Direct logit attribution splits open_clip's blocks into heads, layer scales and MLPs; other
-    tower families do not have that decomposition here yet."""
-    family = tower_of(method).family
-    if family != "open_clip":
-        raise ConfigError(f"{what} is defined for open_clip's VisionTransformer only; this model's vision tower is "
-                          f"of the {family!r} family.")
-
-
-def _value_and_output(attn: Any, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q, k, v) [B, T, width] and the effective output projection [width, width] of a block's
-    attention (LoRA adapters included)."""
-    if isinstance(attn, LoRAAttention):
-        q, k, v = attn.project_qkv(z)
-        weight = attn.base.out_proj.weight
-        if "o" in attn.lora_A:
-            weight = weight + attn.delta_weight("o")
-        return q, k, v, weight
-    q, k, v = F.linear(z, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    return q, k, v, attn.out_proj.weight
-
-
-def _out_bias(attn: Any) -> torch.Tensor | None:
-    base = attn.base if isinstance(attn, LoRAAttention) else attn
-    return base.out_proj.bias
+def _require_cls_pooling(tower: Any, what: str) -> None:
+    """Direct logit attribution decomposes the read-out of the CLS token; a tower pooling otherwise
+    (mean of tokens, attention pooling) has no such decomposition here."""
+    if not tower.pools_cls:
+        raise ConfigError(f"{what} decomposes the CLS token's read-out; this {tower.family} tower pools its image "
+                          "feature otherwise (mean pooling, an attention-pooling head, or no CLS token).")
 
 
 @torch.no_grad()
@@ -346,22 +332,28 @@ def logit_attribution(method: Any, images: torch.Tensor, labels: torch.Tensor | 
     if scale not in ("image", "batch"):
         raise ConfigError(f"scale={scale!r}; expected 'image' (exact) or 'batch'.")
     method.eval()
-    _require_open_clip(method, "direct logit attribution")
-    visual = vision_tower(method)
-    blocks = visual.transformer.resblocks
+    tower = tower_of(method)
+    _require_cls_pooling(tower, "direct logit attribution")
+    visual = tower.module
+    blocks = tower.blocks
     classifier, readout = method.text_features()
     n = len(images)
     captured: dict[str, torch.Tensor] = {}
+    block_kwargs: dict[int, dict] = {}
     hooks = []
 
-    def keep(name: str):
-        return lambda m, args, kwargs=None: captured.__setitem__(name, (args[0] if args else kwargs["q_x"]).detach())
+    def keep(i: int):
+        def hook(module, args, kwargs):
+            captured[f"in.{i}"] = tower.block_input(args, kwargs).detach()
+            block_kwargs[i] = {k: v for k, v in kwargs.items() if k != tower.input_keyword}
+        return hook
 
-    hooks.append(visual.ln_pre.register_forward_hook(lambda m, args, out: captured.__setitem__("embedding", out.detach())))
     for i, block in enumerate(blocks):
-        hooks.append(block.register_forward_pre_hook(keep(f"in.{i}"), with_kwargs=True, prepend=True))
-        hooks.append(block.ln_1.register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(f"pre.{i}", args[0].detach())))
-        hooks.append(block.ln_2.register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(f"mid.{i}", args[0].detach())))
+        hooks.append(block.register_forward_pre_hook(keep(i), with_kwargs=True, prepend=True))
+        hooks.append(tower.pre_norm(block).register_forward_pre_hook(
+            lambda m, args, i=i: captured.__setitem__(f"pre.{i}", args[0].detach())))
+        hooks.append(tower.mlp_norm(block).register_forward_pre_hook(
+            lambda m, args, i=i: captured.__setitem__(f"mid.{i}", args[0].detach())))
         hooks.append(block.register_forward_hook(lambda m, args, out, i=i: captured.__setitem__(f"post.{i}", out.detach())))
     try:
         with ExitStack() as stack:
@@ -370,38 +362,45 @@ def logit_attribution(method: Any, images: torch.Tensor, labels: torch.Tensor | 
                 final = visual(images.float())  # the image feature before normalisation
             # the per-head split needs the adapted attention: recompute inside the adapters
             parts: list[tuple[str, int | None, int | None, torch.Tensor]] = [
-                ("embedding", None, None, captured["embedding"][:, 0])]
+                ("embedding", None, None, captured["in.0"][:, 0])]  # the stream entering block 0, before any edit
             with method.adapted():
                 for i, block in enumerate(blocks):
                     parts.append(("edit", i, None, captured[f"pre.{i}"][:, 0] - captured[f"in.{i}"][:, 0]))
-                    heads = block.ls_1(_head_outputs(block, captured[f"pre.{i}"]))  # [B, H, width], layer scale
+                    z = tower.pre_norm(block)(captured[f"pre.{i}"].float())
+                    heads, bias = tower.head_writes(block, z, block_kwargs.get(i), query=0)  # [B, H, width]
                     for h in range(heads.shape[1]):
                         parts.append(("attention", i, h, heads[:, h]))
-                    bias = _out_bias(block.attn)
                     if bias is not None:
-                        parts.append(("attention bias", i, None, block.ls_1(bias.float().expand(n, -1))))
+                        parts.append(("attention bias", i, None, bias.float().expand(n, -1)))
                     parts.append(("mlp", i, None, captured[f"post.{i}"][:, 0] - captured[f"mid.{i}"][:, 0]))
     finally:
         for handle in hooks:
             handle.remove()
     stream = captured[f"post.{len(blocks) - 1}"][:, 0].float()  # [B, width]
-    ln = visual.ln_post
+    affine = tower.readout_affine()
     centred = stream - stream.mean(-1, keepdim=True)
-    sigma = (centred.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()  # [B, 1]
+    sigma = (centred.pow(2).mean(-1, keepdim=True) + affine.eps).sqrt()  # [B, 1]
     if scale == "batch":
         sigma = sigma.mean().expand_as(sigma)
     feature_norm = final.float().norm(dim=-1, keepdim=True)  # [B, 1], frozen likewise
     weight_text = method.log_scale.exp() * classifier.float().T  # [embed, C]
-    proj = visual.proj.float()
+    proj = affine.projection.float() if affine.projection is not None else None
+    gamma = affine.gamma.float()
+
+    def project(v: torch.Tensor) -> torch.Tensor:
+        return v @ proj if proj is not None else v
 
     def to_logits(vector: torch.Tensor, centre: bool = True) -> torch.Tensor:
         v = vector.float()
         if centre:
             v = v - v.mean(-1, keepdim=True)
-        return ((v * ln.weight.float() / sigma) @ proj / feature_norm) @ weight_text  # [B, C]
+        return (project(v * gamma / sigma) / feature_norm) @ weight_text  # [B, C]
 
     contributions = [(kind, block, head, to_logits(vector)) for kind, block, head, vector in parts]
-    contributions.append(("ln_post bias", None, None, (ln.bias.float().expand(n, -1) @ proj / feature_norm) @ weight_text))
+    bias = project(affine.beta.float().expand(n, -1))
+    if affine.bias is not None:
+        bias = bias + affine.bias.float()
+    contributions.append(("ln_post bias", None, None, (bias / feature_norm) @ weight_text))
     logits = method.log_scale.exp() * F.normalize(final.float(), dim=-1) @ classifier.float().T
     if scale == "batch":
         total = sum(c[3] for c in contributions)
@@ -421,18 +420,3 @@ def logit_attribution(method: Any, images: torch.Tensor, labels: torch.Tensor | 
         table[key] = value
     return table
 
-
-def _head_outputs(block: Any, x: torch.Tensor) -> torch.Tensor:
-    """What each attention head writes into the CLS token: [B, H, width] (through the effective
-    output projection; the projection's bias is a separate component)."""
-    attn = block.attn
-    z = block.ln_1(x.float())
-    q, k, v, out_weight = _value_and_output(attn, z)
-    heads = attn.num_heads
-    batch, tokens, width = q.shape
-    d = width // heads
-    q, k, v = (t.reshape(batch, tokens, heads, d).transpose(1, 2) for t in (q, k, v))
-    pattern = torch.softmax(q[:, :, :1] @ k.transpose(-2, -1) / d**0.5, dim=-1)  # [B, H, 1, T]: CLS's query
-    mixed = (pattern @ v)[:, :, 0]  # [B, H, d]
-    w = out_weight.float().reshape(width, heads, d)  # out = sum_h mixed_h @ W[:, h].T
-    return torch.einsum("bhd,whd->bhw", mixed, w)

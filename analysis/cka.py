@@ -47,7 +47,7 @@ With --compare-with it measures paired CKA instead: the same target images throu
     result.add_argument("--target", action="append", default=None,
                         help="target dataset; repeat for several (None: the four embedded targets)")
     result.add_argument("--data-root", default=None, help="folder holding the datasets (None: $CDFSL_DATA_ROOT)")
-    result.add_argument("--model", default="cdfsl-synth-vit", help="open_clip architecture")
+    result.add_argument("--model", default="cdfsl-synth-vit", help="open_clip architecture, or a timm model name (vit_small_patch14_reg4_dinov2) for what needs no text")
     result.add_argument("--pretrained", type=pretrained_arg, default="synthetic",
                         help="tag, weights file, or 'none' (random weights)")
     result.add_argument("--images", type=positive_int, default=500, help="images drawn per domain (then every "
@@ -276,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from analysis.domain import compare_domains
     from analysis.features import layer_features, sample_indices
+    from analysis.poolings import pooling
     from cdfsl_core.data import load_dataset
-    from cdfsl_core.models import load_clip
+    from cdfsl_core.models import load_clip, load_vision
     from cdfsl_core.runner import protocol_transform
 
     args = build_parser().parse_args(argv)
@@ -291,10 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     names = args.target or list(SYNTHETIC_TARGETS)
     targets = {name: load_dataset(name, args.data_root) for name in names}
-    bundle = load_clip(args.model, pretrained_value(args.pretrained), device=args.device)
+    # what needs no class text loads the vision side alone: timm towers too (DINOv2 with registers)
+    load = load_clip if pooling(args.pool).needs_text else load_vision
+    bundle = load(args.model, pretrained_value(args.pretrained), device=args.device)
     transform = protocol_transform(bundle, 1.15)
     if args.compare_with is not None:
-        other = load_clip(args.model, pretrained_value(args.compare_with), device=args.device)
+        other = load(args.model, pretrained_value(args.compare_with), device=args.device)
         rows = []
         for name, dataset in targets.items():
             chosen = sample_indices(len(dataset), args.images, args.seed)

@@ -7,14 +7,16 @@ says how it was measured. The Sum-score and head/tail fractions default to TIR's
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from analysis.sinks import SinkDefinition, list_sinks
 from cdfsl_core import protocol
+from cdfsl_core.cli import fraction, non_negative_int, positive_float, positive_int
 from cdfsl_core.errors import ConfigError
 
-__all__ = ["AnalysisConfig", "SPACES", "TRANSFORMS"]
+__all__ = ["AnalysisConfig", "SPACES", "TRANSFORMS", "add_analysis_arguments", "add_sink_arguments", "analysis_config"]
 
 SPACES = ("residual", "projected")
 TRANSFORMS = ("none", "log")
@@ -80,3 +82,55 @@ class AnalysisConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+# ------------------------------------------------------------------- the commands' settings flags
+def add_sink_arguments(group: Any, defaults: Any, text: bool = True) -> None:
+    """One threshold flag per registered sink definition (:mod:`analysis.sinks`), generated from its
+    entry: a plug-in's definition gets ``--<name>-tau`` (``text=False``: none for definitions that
+    need class text)."""
+    for name, spec in list_sinks().items():
+        if spec.option is None or (spec.needs_text and not text):
+            continue
+        dest = spec.tau_field or f"sink_tau__{name}"
+        default = getattr(defaults, spec.tau_field) if spec.tau_field else dict(defaults.sink_taus).get(name, spec.default_tau)
+        group.add_argument(spec.option, dest=dest, type=positive_float, default=default,
+                           help=f"{name} sink: {spec.description}")
+
+
+def analysis_config(args: argparse.Namespace) -> Any:
+    """The :class:`~analysis.config.AnalysisConfig` of parsed arguments (plug-in sink thresholds in
+    ``sink_taus``)."""
+    values = {name: getattr(args, name) for name in AnalysisConfig.field_names() if hasattr(args, name)}
+    extra = tuple((key.removeprefix("sink_tau__"), value) for key, value in vars(args).items()
+                  if key.startswith("sink_tau__"))
+    return AnalysisConfig(**values, sink_taus=extra)
+
+
+
+
+def add_analysis_arguments(parser: argparse.ArgumentParser, text: bool = True) -> None:
+    """The settings group of the diagnostics commands, one flag per :class:`AnalysisConfig` field
+    (``text=False``: without the flags of what needs class text, for a vision-only model)."""
+    defaults = AnalysisConfig()
+    settings = parser.add_argument_group("analysis settings (written into every table)")
+    settings.add_argument("--space", choices=SPACES, default=defaults.space, help="token norms in this space")
+    settings.add_argument("--transform", choices=TRANSFORMS, default=defaults.transform, help="of the token norms")
+    if text:
+        settings.add_argument("--rho", type=fraction, default=defaults.rho, help="the Sum score's top-k fraction")
+        settings.add_argument("--rho-head", type=fraction, default=defaults.rho_head, help="head fraction (head/tail)")
+        settings.add_argument("--rho-tail", type=fraction, default=defaults.rho_tail, help="tail fraction (head/tail)")
+    add_sink_arguments(settings, defaults, text)
+    settings.add_argument("--attention-source", choices=("cls", "mean"), default=defaults.attention_source,
+                          help="attention received from CLS or averaged over all queries")
+    if text:
+        settings.add_argument("--bins", type=positive_int, default=defaults.bins, help="head/tail histogram bins")
+        settings.add_argument("--no-head-tail", dest="head_tail", action="store_false",
+                              help="skip the head/tail histogram")
+        settings.add_argument("--attribution-steps", type=positive_int, default=defaults.attribution_steps,
+                              help="integrated-gradients steps")
+    settings.add_argument("--token-map-images", type=non_negative_int, default=defaults.token_map_images,
+                          help="images whose token maps are kept (token_maps.csv; 0: none)")
+    if text:
+        settings.add_argument("--text-norm", choices=("none", "unit"), default=defaults.text_norm,
+                              help="ATHA's class vectors from the read-out as it is or normalised (None: as the method's)")

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,6 @@ from analysis.recorder import vision_tower
 from analysis.sinks import list_sinks
 from cdfsl_core import protocol
 from cdfsl_core.errors import ConfigError
-from cdfsl_core.lora import LoRAAttention
 from cdfsl_core.token_text import project_tokens
 from cdfsl_core.towers import vision_tower as tower_of
 
@@ -96,47 +95,27 @@ def _median_norm(x: torch.Tensor, prefix: int = 1) -> torch.Tensor:
     return x[:, prefix:].norm(dim=-1).median(dim=-1).values  # [B]
 
 
-def _keys(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """The block's key projection of ``z`` [..., width] (adapters included)."""
-    if isinstance(attn, LoRAAttention):
-        return attn.project_qkv(z)[1]
-    width = z.shape[-1]
-    bias = attn.in_proj_bias[width:2 * width] if attn.in_proj_bias is not None else None
-    return F.linear(z, attn.in_proj_weight[width:2 * width], bias)
-
-
-def _queries(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    if isinstance(attn, LoRAAttention):
-        return attn.project_qkv(z)[0]
-    width = z.shape[-1]
-    bias = attn.in_proj_bias[:width] if attn.in_proj_bias is not None else None
-    return F.linear(z, attn.in_proj_weight[:width], bias)
-
-
 @torch.no_grad()
-def _attention_sink_inputs(attn: nn.Module, z: torch.Tensor, tokens: Sequence[int], margin: float,
-                           prefix: int = 1) -> torch.Tensor:
-    """ln_1 outputs [B, len(tokens), width] for the planted ``tokens``: each one's key is the same
-    multiple s of the CLS query, s large enough for their logit from CLS to exceed every other
-    token's by ``margin`` in every head; so they share CLS's attention equally and the rest get
-    less than exp(-margin) of it."""
+def _attention_sink_inputs(tower: Any, block: nn.Module, z: torch.Tensor, kwargs: dict, tokens: Sequence[int],
+                           margin: float, prefix: int = 1) -> torch.Tensor:
+    """Pre-norm outputs [B, len(tokens), width] for the planted ``tokens`` (patch indices): each
+    one's key is the same multiple s of the CLS query, s large enough for their logit from CLS to
+    exceed every other token's by ``margin`` in every head; so they share CLS's attention equally
+    and the rest get less than exp(-margin) of it. Keys come from the tower adapter (its q/k
+    projections, adapters and rotary embeddings included: ``key_affine`` per planted position)."""
     z = z.float()
-    width = z.shape[-1]
-    heads = attn.num_heads
-    d_head = width // heads
-    eye = torch.eye(width, device=z.device)
-    offset = _keys(attn, torch.zeros(1, width, device=z.device))  # b_k
-    weight_t = _keys(attn, eye) - offset  # [width, width]: k = z @ weight_t + b_k
-    query = _queries(attn, z[:, :1])[:, 0]  # [B, width] the CLS query
-    per_head = lambda t: t.reshape(*t.shape[:-1], heads, d_head)  # noqa: E731
-    q, k = per_head(query), per_head(_keys(attn, z))  # [B, H, dh], [B, T, H, dh]
-    others = torch.einsum("bhd,bthd->bht", q, k) / d_head**0.5
+    queries, keys, scale = tower.query_key(block, z, kwargs)  # [B, H, T, dh]
+    query = queries[:, :, 0]  # [B, H, dh] the CLS query
+    others = torch.einsum("bhd,bhtd->bht", query, keys) * scale
     others[..., [prefix + t for t in tokens]] = -torch.inf
     best_other = others.amax(dim=-1)  # [B, H]
-    own = q.pow(2).sum(dim=-1) / d_head**0.5  # logit per unit s: ||q_h||^2 / sqrt(dh)
-    scale = ((best_other + margin) / own.clamp_min(1e-12)).amax(dim=-1).clamp_min(1.0)  # [B]
-    wanted = (scale.unsqueeze(-1) * query - offset) @ torch.linalg.pinv(weight_t)  # [B, width]
-    return wanted.unsqueeze(1).expand(-1, len(tokens), -1)
+    own = query.pow(2).sum(dim=-1) * scale  # logit per unit s: ||q_h||^2 x scale
+    s = ((best_other + margin) / own.clamp_min(1e-12)).amax(dim=-1).clamp_min(1.0)  # [B]
+    wanted = []
+    for t in tokens:
+        weight, offset = tower.key_affine(block, z, prefix + t, kwargs)  # k = z_t @ weight + offset
+        wanted.append((s.unsqueeze(-1) * query.flatten(1) - offset) @ torch.linalg.pinv(weight))  # [B, width]
+    return torch.stack(wanted, dim=1)
 
 
 def _every_class_tokens(visual: nn.Module, out: torch.Tensor, tokens: Sequence[int], text: torch.Tensor, rho: float,
@@ -198,9 +177,9 @@ def planted(model: nn.Module, plants: Sequence[Plant], text: torch.Tensor | None
             raise ConfigError(f"unknown plant {plant.kind!r}; expected one of {PLANTS}.")
         if not 0 <= plant.layer < len(blocks):
             raise ConfigError(f"plant layer {plant.layer} out of range: blocks 0..{len(blocks) - 1}.")
-        if plant.kind == "attention-sink" and tower.family != "open_clip":
-            raise ConfigError(f"the attention-sink plant solves for keys through open_clip's fused attention "
-                              f"projection; this tower is of the {tower.family!r} family. Plant another kind.")
+        if plant.kind == "attention-sink" and not tower.has_cls:
+            raise ConfigError("the attention-sink plant aims the planted keys at the CLS query; this tower has no CLS "
+                              "token. Plant another kind.")
         if plant.kind == "every-class-top" and text is None:
             raise ConfigError("the every-class-top plant needs the class text features: planted(model, plants, text=...).")
 
@@ -226,13 +205,21 @@ def planted(model: nn.Module, plants: Sequence[Plant], text: torch.Tensor | None
             return out
         return hook
 
+    block_kwargs: dict[int, dict] = {}  # each planted block's keyword arguments (rotary embeddings)
+
+    def kwargs_hook(layer: int):
+        def hook(module, args, kwargs):
+            block_kwargs[layer] = {k: v for k, v in kwargs.items() if k != tower.input_keyword}
+        return hook
+
     def attention_hook(layer: int, group: list[Plant]):
         tokens = [prefix + plant.token for plant in group]
 
         def hook(module, args, out):
             out = out.clone()
-            out[:, tokens] = _attention_sink_inputs(blocks[layer].attn, out, [p.token for p in group],
-                                                    max(p.value() for p in group), prefix).to(out.dtype)
+            out[:, tokens] = _attention_sink_inputs(tower, blocks[layer], out, block_kwargs.get(layer, {}),
+                                                    [p.token for p in group], max(p.value() for p in group),
+                                                    prefix).to(out.dtype)
             return out
         return hook
 
@@ -246,6 +233,8 @@ def planted(model: nn.Module, plants: Sequence[Plant], text: torch.Tensor | None
     try:
         for (kind, layer), group in grouped.items():
             if kind == "attention-sink":
+                handles.append(blocks[layer].register_forward_pre_hook(kwargs_hook(layer), with_kwargs=True,
+                                                                       prepend=True))
                 handles.append(tower.pre_norm(blocks[layer]).register_forward_hook(attention_hook(layer, group),
                                                                                    prepend=True))
             else:

@@ -19,12 +19,17 @@ fixed-size statistics:
 
 ``tables(**labels)`` returns tidy pandas tables (one row per layer and bucket, definition or
 bin), labelled with model, dataset, episode and the definition used.
+
+Without class text (``text=None``: a vision-only model such as DINOv2 with registers, or a tower
+loaded without a tokenizer) the Sum score, the ``sum-all`` definition and the head/tail
+histogram are skipped (``skipped`` says which and why); norms are then over all patch tokens
+(``bucket`` empty) and the other sink definitions are counted as usual.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -39,7 +44,7 @@ from cdfsl_core.errors import ConfigError
 from cdfsl_core.token_text import atha_class_vectors, project_tokens, sum_score
 from cdfsl_core.towers import vision_tower
 
-__all__ = ["SinkDefinition", "TokenDiagnostics", "measure_tokens"]
+__all__ = ["ModelView", "SinkDefinition", "TokenDiagnostics", "measure_tokens", "model_view"]
 
 _row_median = row_median  # the tests' name
 
@@ -55,7 +60,8 @@ class TokenDiagnostics:
     """Streaming token statistics over the recorded layers."""
 
     visual: Any  # the vision tower (a module or its adapter, cdfsl_core.towers)
-    text: torch.Tensor  # [C, embed_dim] the text read-out the interventions use, as the tower gives it (not normalised)
+    text: torch.Tensor | None  # [C, embed_dim] the text read-out the interventions use, as the tower gives it
+    # (not normalised); None for a vision-only model: what needs class text is skipped (``skipped``)
     layers: Sequence[int]
     rho: float = AnalysisConfig.rho  # TIR's top-k fraction for the Sum score
     rho_head: float = AnalysisConfig.rho_head  # ATHA's head fraction
@@ -68,7 +74,7 @@ class TokenDiagnostics:
     text_norm: str = "none"  # ATHA's class vectors from the read-out as it is ('none') or normalised ('unit'), as ATHAConfig
 
     @classmethod
-    def from_config(cls, visual: Any, text: torch.Tensor, layers: Sequence[int], config: AnalysisConfig,
+    def from_config(cls, visual: Any, text: torch.Tensor | None, layers: Sequence[int], config: AnalysisConfig,
                     text_norm: str = "none") -> "TokenDiagnostics":
         """The diagnostics an :class:`~analysis.config.AnalysisConfig` describes (``text_norm`` when the
         config leaves it to the method)."""
@@ -86,13 +92,25 @@ class TokenDiagnostics:
             if sink.name == "attention-mass" and sink.source not in ("cls", "mean"):
                 raise ConfigError(f"attention-mass source={sink.source!r}; expected 'cls' or 'mean'.")
         self.tower = vision_tower(self.visual)
-        self.n_classes = self.text.shape[0]
+        self.skipped: dict[str, str] = {}  # what was not computed, and why (a vision-only model)
+        if self.text is None:
+            for sink in self.sinks:
+                if sink_spec(sink.name).needs_text:
+                    self.skipped[f"sink:{sink.name}"] = f"{sink.label()} needs class text (the Sum score)"
+            self.sinks = [sink for sink in self.sinks if not sink_spec(sink.name).needs_text]
+            if self.head_tail:
+                self.skipped["head_tail"] = "the head/tail histogram needs class text (ATHA's class vectors)"
+            self.head_tail = False
+        self.n_classes = 0 if self.text is None else self.text.shape[0]
         n_layers = len(self.layers)
         buckets = self.n_classes + 1
         self._norm = np.zeros((n_layers, buckets, 3))  # count, sum, sum of squares
         self._sink = np.zeros((n_layers, len(self.sinks), 3))  # images, sum of counts, sum of squares
         self._hist = np.zeros((n_layers, self.bins))
         self._cuts = np.zeros((n_layers, 3))  # images, sum of head cut, sum of tail cut
+        if self.text is None:
+            self._unit_text = self._vectors = self._unit_vectors = None
+            return
         with torch.no_grad():
             self._unit_text = F.normalize(self.text.float(), dim=-1)  # the Sum score ranks cosines
             self._vectors = atha_class_vectors(self.visual, self.text.float(), self.text_norm)
@@ -160,11 +178,14 @@ class TokenDiagnostics:
         return sink_spec(sink.name).mask(inputs, sink)
 
     def _scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sum scores, residual norms and projected norms of the patch tokens of ``x`` [B, prefix + L, D],
-        each [B, L]."""
+        """Sum scores (all 0 without text), residual norms and projected norms of the patch tokens
+        of ``x`` [B, prefix + L, D], each [B, L]."""
         p = self.tower.n_prefix
         projected = project_tokens(self.tower, x)
         projected_norms = projected.norm(dim=-1)[:, p:]
+        if self._unit_text is None:
+            return (torch.zeros(projected_norms.shape, dtype=torch.long, device=x.device), x.norm(dim=-1)[:, p:],
+                    projected_norms)
         # cosines as products divided by norms: no normalised copy of the tokens
         similarity = F.linear(projected[:, p:], self._unit_text.to(x.device)) / projected_norms.clamp_min(1e-12).unsqueeze(-1)
         return sum_score(similarity, self.rho), x.norm(dim=-1)[:, p:], projected_norms
@@ -195,7 +216,8 @@ class TokenDiagnostics:
                 n, s, ss = self._norm[li, bucket]
                 mean = s / n if n else np.nan
                 std = np.sqrt(max(ss / n - mean**2, 0.0)) if n else np.nan
-                norm_rows.append({**labels, "layer": layer, "bucket": bucket, "count": int(n), "mean": mean, "std": std,
+                norm_rows.append({**labels, "layer": layer, "bucket": bucket if self.text is not None else np.nan,
+                                  "count": int(n), "mean": mean, "std": std,
                                   "space": self.space, "transform": self.transform, "rho": self.rho})
             for si, sink in enumerate(self.sinks):
                 n, s, ss = self._sink[li, si]
@@ -216,19 +238,40 @@ class TokenDiagnostics:
         return tables
 
 
+class ModelView(NamedTuple):
+    """What the analysis needs of a model: the text read-out the interventions use (None without
+    class text), ATHA's ``text_norm``, and the image forward (with the intervention active)."""
+
+    readout: torch.Tensor | None
+    text_norm: str
+    forward: Callable[[torch.Tensor], Any]
+
+
+def model_view(method: Any) -> ModelView:
+    """A :class:`~cdfsl_core.methods.FewShotCLIP` gives its text read-out and ``encode_image`` with
+    it; anything else (a CLIP, a vision tower, a vision-only model such as DINOv2 with registers)
+    is measured on its vision side alone: no text, so what needs class text is skipped."""
+    if hasattr(method, "text_features"):
+        _, readout = method.text_features(readout=True)
+        text_norm = getattr(method.config.settings(), "text_norm", "none")
+        return ModelView(readout, text_norm, lambda images: method.encode_image(images, readout))
+    forward = method.encode_image if hasattr(method, "encode_image") else method
+    return ModelView(None, "none", forward)
+
+
 @torch.no_grad()
 def measure_tokens(method: Any, images: torch.Tensor, analysis: AnalysisConfig = AnalysisConfig(),
                    layers: Sequence[int] | None = None, batch_size: int = 64) -> TokenDiagnostics:
     """The token diagnostics of ``method`` (a FewShotCLIP, in eval mode) on ``images``, as
     :func:`analysis.run_diagnostics.diagnose_model` measures them: every model's tokens compared
-    with the text read-out the interventions use, in fp32, in batches of ``batch_size``."""
+    with the text read-out the interventions use, in fp32, in batches of ``batch_size``. Any
+    other model is measured without text (:func:`model_view`; ``skipped`` says what was left out)."""
     visual = vision_tower(method)
     layers = list(range(visual.n_blocks)) if layers is None else list(layers)
-    _, readout = method.text_features(readout=True)
-    diagnostics = TokenDiagnostics.from_config(visual, readout, layers, analysis,
-                                               getattr(method.config.settings(), "text_norm", "none"))
+    view = model_view(method)
+    diagnostics = TokenDiagnostics.from_config(visual, view.readout, layers, analysis, view.text_norm)
     for start in range(0, len(images), batch_size):
         with record(method, layers=layers) as cache:
-            method.encode_image(images[start:start + batch_size], readout)
+            view.forward(images[start:start + batch_size])
         diagnostics.update(cache)
     return diagnostics

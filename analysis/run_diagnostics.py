@@ -23,62 +23,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from analysis.config import add_analysis_arguments, add_sink_arguments, analysis_config  # noqa: F401 (re-exported)
 from cdfsl_core.atomic import write_json, write_table
-from cdfsl_core.cli import command, fraction, non_negative_int, parser, positive_float, positive_int
+from cdfsl_core.cli import command, non_negative_int, parser
 from cdfsl_core.paths import check_writable_folder
 
 
-def add_sink_arguments(group: Any, defaults: Any) -> None:
-    """One threshold flag per registered sink definition (:mod:`analysis.sinks`), generated from its
-    entry: a plug-in's definition gets ``--<name>-tau``."""
-    from analysis.sinks import list_sinks
-
-    for name, spec in list_sinks().items():
-        if spec.option is None:
-            continue
-        dest = spec.tau_field or f"sink_tau__{name}"
-        default = getattr(defaults, spec.tau_field) if spec.tau_field else dict(defaults.sink_taus).get(name, spec.default_tau)
-        group.add_argument(spec.option, dest=dest, type=positive_float, default=default,
-                           help=f"{name} sink: {spec.description}")
-
-
-def analysis_config(args: argparse.Namespace) -> Any:
-    """The :class:`~analysis.config.AnalysisConfig` of parsed arguments (plug-in sink thresholds in
-    ``sink_taus``)."""
-    from analysis.config import AnalysisConfig
-
-    values = {name: getattr(args, name) for name in AnalysisConfig.field_names() if hasattr(args, name)}
-    extra = tuple((key.removeprefix("sink_tau__"), value) for key, value in vars(args).items()
-                  if key.startswith("sink_tau__"))
-    return AnalysisConfig(**values, sink_taus=extra)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from analysis.config import SPACES, TRANSFORMS, AnalysisConfig
-
-    defaults = AnalysisConfig()
     result = parser("python -m analysis.run_diagnostics", __doc__)
     result.add_argument("run", help="a run folder written by python -m cdfsl_core.finetune")
     result.add_argument("--episodes", type=non_negative_int, nargs="+", default=[0], help="episode indices to diagnose")
     result.add_argument("--out", default=None, help="folder for the tables (None: RUN/diagnostics)")
-    settings = result.add_argument_group("analysis settings (written into every table)")
-    settings.add_argument("--space", choices=SPACES, default=defaults.space, help="token norms in this space")
-    settings.add_argument("--transform", choices=TRANSFORMS, default=defaults.transform, help="of the token norms")
-    settings.add_argument("--rho", type=fraction, default=defaults.rho, help="the Sum score's top-k fraction")
-    settings.add_argument("--rho-head", type=fraction, default=defaults.rho_head, help="head fraction (head/tail)")
-    settings.add_argument("--rho-tail", type=fraction, default=defaults.rho_tail, help="tail fraction (head/tail)")
-    add_sink_arguments(settings, defaults)
-    settings.add_argument("--attention-source", choices=("cls", "mean"), default=defaults.attention_source,
-                          help="attention received from CLS or averaged over all queries")
-    settings.add_argument("--bins", type=positive_int, default=defaults.bins, help="head/tail histogram bins")
-    settings.add_argument("--no-head-tail", dest="head_tail", action="store_false",
-                          help="skip the head/tail histogram")
-    settings.add_argument("--attribution-steps", type=positive_int, default=defaults.attribution_steps,
-                          help="integrated-gradients steps")
-    settings.add_argument("--token-map-images", type=non_negative_int, default=defaults.token_map_images,
-                          help="query images whose token maps are kept (token_maps.csv; 0: none)")
-    settings.add_argument("--text-norm", choices=("none", "unit"), default=defaults.text_norm,
-                          help="ATHA's class vectors from the read-out as it is or normalised (None: as the method's)")
+    add_analysis_arguments(result)
     return result
 
 
@@ -91,11 +47,10 @@ import torch  # noqa: E402
 from analysis.attention import attention_rollout, cls_attention_maps  # noqa: E402
 from analysis.attribution import PatchAttribution  # noqa: E402
 from analysis.config import AnalysisConfig  # noqa: E402
-from analysis.diagnostics import TokenDiagnostics  # noqa: E402
+from analysis.diagnostics import TokenDiagnostics, model_view  # noqa: E402
 from analysis.recorder import record  # noqa: E402
 from analysis.token_maps import balanced_indices, token_maps  # noqa: E402
 from cdfsl_core.errors import ConfigError  # noqa: E402
-from cdfsl_core.methods import FewShotCLIP  # noqa: E402
 from cdfsl_core.run_folder import RunFolder  # noqa: E402
 from cdfsl_core.runner import evaluate, load_run, load_state, prepare_episode, state_path, train_episode  # noqa: E402
 from cdfsl_core.towers import vision_tower
@@ -109,22 +64,22 @@ def _grid_rows(values: torch.Tensor, **labels: Any) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def _record_and_reduce(method: FewShotCLIP, images: torch.Tensor, labels: dict[str, Any], analysis: AnalysisConfig,
+def _record_and_reduce(method: Any, images: torch.Tensor, labels: dict[str, Any], analysis: AnalysisConfig,
                        batch_size: int = 64) -> dict[str, pd.DataFrame]:
     visual = vision_tower(method)
     layers = list(range(visual.n_blocks))
     # every model's tokens are compared with the text read-out the interventions use (METHODS:
-    # after text block n - 2), also for a baseline without intervention, so tables compare
-    _, readout = method.text_features(readout=True)
-    # class vectors for the head/tail histogram as the intervention builds them, if it says how
-    diagnostics = TokenDiagnostics.from_config(visual, readout, layers, analysis,
-                                               getattr(method.config.settings(), "text_norm", "none"))
+    # after text block n - 2), also for a baseline without intervention, so tables compare; class
+    # vectors for the head/tail histogram as the intervention builds them, if it says how. A model
+    # without class text is measured on its vision side alone (model_view).
+    view = model_view(method)
+    diagnostics = TokenDiagnostics.from_config(visual, view.readout, layers, analysis, view.text_norm)
     attention_sum = None
     rollout_sum = None
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
         with record(method, layers=layers) as cache:
-            method.encode_image(batch, readout)
+            view.forward(batch)
         diagnostics.update(cache)
         if not visual.has_cls:  # no CLS token: no attention from it, no rollout of its row
             continue
@@ -143,25 +98,48 @@ def _record_and_reduce(method: FewShotCLIP, images: torch.Tensor, labels: dict[s
     tables["rollout"] = pd.DataFrame(_grid_rows(rollout_sum / n, **labels,
                                                 definition="attention rollout (residual 0.5), CLS row")
                                      if rollout_sum is not None else [])
+    skipped = dict(diagnostics.skipped)
+    if not visual.has_cls:
+        skipped |= {"attention": "attention from CLS: this tower has no CLS token",
+                    "rollout": "the rollout's CLS row: this tower has no CLS token"}
+    tables["skipped"] = _skipped_table(skipped, labels)
     return tables
 
 
-def diagnose_model(method: FewShotCLIP, images: torch.Tensor, targets: torch.Tensor, labels: dict[str, Any],
+def _skipped_table(skipped: dict[str, str], labels: dict[str, Any]) -> pd.DataFrame:
+    """What was not computed for this model, and why: one row each (a vision-only model's tables say
+    so in ``skipped.csv`` rather than by being absent)."""
+    return pd.DataFrame([{**labels, "quantity": key, "reason": reason} for key, reason in skipped.items()],
+                        columns=[*labels, "quantity", "reason"])
+
+
+def diagnose_model(method: Any, images: torch.Tensor, targets: torch.Tensor | None, labels: dict[str, Any],
                    analysis: AnalysisConfig = AnalysisConfig()) -> dict[str, pd.DataFrame]:
-    """All tables for one model on ``images`` [n, 3, H, W] (true classes ``targets`` [n]); every row
-    carries ``labels`` and the analysis settings (``analysis_*`` columns)."""
+    """All tables for one model on ``images`` [n, 3, H, W] (true classes ``targets`` [n], or None);
+    every row carries ``labels`` and the analysis settings (``analysis_*`` columns). ``method`` is
+    a :class:`~cdfsl_core.methods.FewShotCLIP`, or a model without class text (a vision tower,
+    DINOv2 with registers): then what needs text (the Sum score and ``sum-all``, head/tail,
+    attribution of a class logit) is listed in the ``skipped`` table instead."""
     method.eval()
     tables = _record_and_reduce(method, images, labels, analysis)
     steps = analysis.attribution_steps
-    attribution = PatchAttribution(method, n_steps=steps)(images, target=targets).mean(dim=0)  # [grid, grid]
-    tables["attribution"] = pd.DataFrame(_grid_rows(
-        attribution, **labels, definition=f"integrated gradients ({steps} steps) of the true-class logit "
-        "w.r.t. patch embeddings, summed over channels, mean over query images"))
+    if hasattr(method, "text_features") and targets is not None:
+        attribution = PatchAttribution(method, n_steps=steps)(images, target=targets).mean(dim=0)  # [grid, grid]
+        tables["attribution"] = pd.DataFrame(_grid_rows(
+            attribution, **labels, definition=f"integrated gradients ({steps} steps) of the true-class logit "
+            "w.r.t. patch embeddings, summed over channels, mean over query images"))
+    else:
+        tables["skipped"] = pd.concat([tables["skipped"], _skipped_table(
+            {"attribution": "integrated gradients of the true-class logit need class text and labels"}, labels)],
+            ignore_index=True)
     if analysis.token_map_images:
-        shown = balanced_indices(targets.tolist(), analysis.token_map_images)  # one per class first
+        shown = (balanced_indices(targets.tolist(), analysis.token_map_images) if targets is not None
+                 else list(range(min(len(images), analysis.token_map_images))))  # one per class first
         others = {key: value for key, value in labels.items() if key != "model"}
         tables["token_maps"] = token_maps(method, images[shown], analysis=analysis, model=labels.get("model", "model"),
                                           image_ids=shown, **others)
+    if tables["skipped"].empty:  # a FewShotCLIP's tables: nothing left out
+        del tables["skipped"]
     for table in tables.values():
         for column, value in analysis.columns().items():
             table[column] = value

@@ -39,7 +39,7 @@ class SinkInputs:
     """What a definition may look at, for one recorded layer (every tensor in fp32)."""
 
     x: Any  # [B, prefix + L, D] the residual stream after the block (prefix tokens first: CLS, registers)
-    counts: Any  # [B, L] Sum scores m of the patch tokens (0..n_classes)
+    counts: Any  # [B, L] Sum scores m of the patch tokens (0..n_classes; all 0 on a vision-only model)
     norms: Any  # [B, L] residual-stream norms of the patch tokens
     n_classes: int
     cache: Any  # the recorder's ActivationCache of the forward (for attention and other keys)
@@ -73,6 +73,7 @@ class SinkSpec:
     tau_field: str | None = None  # the AnalysisConfig field of its threshold (None: AnalysisConfig.sink_taus)
     flag: str | None = None  # its threshold's command-line flag (None: --<name>-tau; '' for no threshold)
     description: str = ""
+    needs_text: bool = False  # needs the class text (the Sum score): skipped on a vision-only model
 
     @property
     def option(self) -> str | None:
@@ -169,7 +170,7 @@ def _attention_mass(inputs: SinkInputs, definition: SinkDefinition) -> Any:
 
 
 register_sink(SinkSpec("sum-all", _sum_all, "", 0.0, plant="every-class-top", flag="",
-                       description="in every class's top set (m = N, TIR's simple tokens)"))
+                       description="in every class's top set (m = N, TIR's simple tokens)", needs_text=True))
 register_sink(SinkSpec("high-norm", _high_norm, "median patch norm", 2.0, plant="high-norm", tau_field="high_norm_tau",
                        flag="--high-norm-tau", description="norm above tau x the image's median patch norm"))
 register_sink(SinkSpec("attention-mass", _attention_mass, "uniform", 5.0, plant="attention-sink",

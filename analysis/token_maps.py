@@ -31,6 +31,10 @@ quantity                 value for patch token j
                          the method does not intervene)
 =======================  ==========================================================================
 
+On a model without class text (a vision tower, DINOv2 with registers, a CLIP loaded without a
+tokenizer) the quantities of ``TEXT_QUANTITIES`` and text-based sink definitions (``sum-all``)
+are left out: the maps hold norms, attention, the other sinks and ``edit`` (0).
+
 The stream, the Sum scores, the class vectors and the sink masks are computed by
 :class:`~analysis.diagnostics.TokenDiagnostics` itself, so a map's mean over tokens equals the
 corresponding entry of the ``norms``, ``sinks`` and ``head_tail`` tables on the same images (a
@@ -48,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from analysis.config import AnalysisConfig
-from analysis.diagnostics import TokenDiagnostics
+from analysis.diagnostics import TokenDiagnostics, model_view
 from analysis.keys import act_name
 from analysis.recorder import record
 from cdfsl_core.config import TIRConfig
@@ -56,10 +60,11 @@ from cdfsl_core.errors import ConfigError
 from cdfsl_core.token_text import head_tail_sets, tir_weights
 from cdfsl_core.towers import vision_tower
 
-__all__ = ["QUANTITIES", "balanced_indices", "compare_token_maps", "display_images", "patch_grid", "token_maps"]
+__all__ = ["QUANTITIES", "TEXT_QUANTITIES", "balanced_indices", "compare_token_maps", "display_images", "patch_grid", "token_maps"]
 
 QUANTITIES = ("sum_score", "tir_weight", "norm", "max_similarity", "head_tail", "pulled_class", "pushed_class",
               "attention_from_cls", "attention_mean", "edit")  # plus one sink:<definition> per registered definition
+TEXT_QUANTITIES = ("sum_score", "tir_weight", "max_similarity", "head_tail", "pulled_class", "pushed_class")
 CATEGORICAL = ("head_tail", "pulled_class", "pushed_class")  # drawn with a discrete colour map
 
 
@@ -107,7 +112,8 @@ def _tir_lam(method: Any) -> float:
 def token_maps(method: Any, images: torch.Tensor, *, layers: Sequence[int] | None = None,
                analysis: AnalysisConfig = AnalysisConfig(), model: str = "model", image_ids: Sequence[Any] | None = None,
                batch_size: int = 32, **labels: Any) -> pd.DataFrame:
-    """Every quantity of the module doc for ``method`` (a :class:`~cdfsl_core.methods.FewShotCLIP`) on
+    """Every quantity of the module doc for ``method`` (a :class:`~cdfsl_core.methods.FewShotCLIP`,
+    or a model without class text: then those of ``TEXT_QUANTITIES`` are left out) on
     ``images`` [n, 3, H, W] at ``layers`` (default all blocks), labelled ``model`` and ``labels``;
     ``image_ids`` name the images (default 0..n-1). The method is put in eval mode."""
     method.eval()
@@ -117,9 +123,8 @@ def token_maps(method: Any, images: torch.Tensor, *, layers: Sequence[int] | Non
     image_ids = list(range(len(images))) if image_ids is None else list(image_ids)
     if len(image_ids) != len(images):
         raise ConfigError(f"{len(image_ids)} image ids for {len(images)} images.")
-    _, readout = method.text_features(readout=True)
-    text_norm = analysis.text_norm or getattr(method.config.settings(), "text_norm", "none")
-    diagnostics = TokenDiagnostics.from_config(visual, readout, layers, analysis, text_norm)
+    view = model_view(method)
+    diagnostics = TokenDiagnostics.from_config(visual, view.readout, layers, analysis, view.text_norm)
     lam = _tir_lam(method)
     parts: list[pd.DataFrame] = []
     for start in range(0, len(images), batch_size):
@@ -135,7 +140,7 @@ def token_maps(method: Any, images: torch.Tensor, *, layers: Sequence[int] | Non
         handles = [blocks[i].register_forward_pre_hook(keep(i), with_kwargs=True, prepend=True) for i in layers]
         try:
             with record(method, layers=layers) as cache:
-                method.encode_image(batch, readout)
+                view.forward(batch)
         finally:
             for handle in handles:
                 handle.remove()
@@ -157,23 +162,28 @@ def _layer_values(diagnostics: TokenDiagnostics, cache: Any, layer: int, unedite
         x = cache[act_name("resid_post", layer)].float()
         counts, residual_norms, projected_norms = diagnostics._scores(x)
         norms = projected_norms if analysis.space == "projected" else residual_norms
-        similarity = (F.linear(x, diagnostics._unit_vectors.to(x.device))[:, p:]
-                      / residual_norms.clamp_min(1e-12).unsqueeze(-1))  # [B, L, C] cosines with the class vectors
-        best, pulled = similarity.max(dim=-1)
-        head, tail = head_tail_sets(best, analysis.rho_head, analysis.rho_tail)
         pattern = cache[act_name("attn.pattern", layer)].float().mean(dim=1)  # [B, T, T], mean over heads
         entering = cache[act_name("resid_pre", layer)].float()[:, p:]
         before = unedited.float()[:, p:]
-        values = {
-            "sum_score": counts.float(),
-            "tir_weight": tir_weights(counts, diagnostics.n_classes, lam),
-            "norm": norms.log() if analysis.transform == "log" else norms,
-            "max_similarity": best,
-            "head_tail": head.float() - tail.float(),
-            "pulled_class": pulled.float(),
-            "pushed_class": similarity.argmin(dim=-1).float(),
+        norm = norms.log() if analysis.transform == "log" else norms
+        values = {"norm": norm}
+        if diagnostics.text is not None:
+            similarity = (F.linear(x, diagnostics._unit_vectors.to(x.device))[:, p:]
+                          / residual_norms.clamp_min(1e-12).unsqueeze(-1))  # [B, L, C] cosines with the class vectors
+            best, pulled = similarity.max(dim=-1)
+            head, tail = head_tail_sets(best, analysis.rho_head, analysis.rho_tail)
+            values = {
+                "sum_score": counts.float(),
+                "tir_weight": tir_weights(counts, diagnostics.n_classes, lam),
+                "norm": norm,
+                "max_similarity": best,
+                "head_tail": head.float() - tail.float(),
+                "pulled_class": pulled.float(),
+                "pushed_class": similarity.argmin(dim=-1).float(),
+            }
+        values |= {
             "attention_from_cls": (pattern[:, 0, p:] if diagnostics.tower.has_cls
-                                   else torch.full_like(best, float("nan"))),  # no CLS: no attention from it
+                                   else torch.full_like(norm, float("nan"))),  # no CLS: no attention from it
             "attention_mean": pattern[:, :, p:].mean(dim=1),
             "edit": (entering - before).norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-12),
         }

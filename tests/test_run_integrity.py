@@ -186,10 +186,12 @@ def test_every_flag_has_a_help_line_with_its_default():
     from analysis.cka import build_parser as cka_parser
     from analysis.demo import build_parser as demo_parser
     from analysis.run_diagnostics import build_parser as diagnostics_parser
+    from analysis.run_vision import build_parser as vision_parser
     from cdfsl_core.compare import build_parser as compare_parser
     from cdfsl_core.episodes import build_parser as episodes_parser
 
-    for make in (build_parser, episodes_parser, compare_parser, diagnostics_parser, cka_parser, demo_parser):
+    for make in (build_parser, episodes_parser, compare_parser, diagnostics_parser, cka_parser, demo_parser,
+                 vision_parser):
         parser = make()
         text = parser.format_help()
         for action in parser._actions:
@@ -204,7 +206,7 @@ def test_every_flag_has_a_help_line_with_its_default():
                                      ["cdfsl_core.episodes", "--help"], ["cdfsl_core.compare", "--help"],
                                      ["analysis.run_diagnostics", "--help"], ["analysis.cka", "--help"],
                                      ["analysis.demo", "--help"], ["cdfsl_core.data", "list"],
-                                     ["cdfsl_core.sweep", "--help"]])
+                                     ["cdfsl_core.sweep", "--help"], ["analysis.run_vision", "--help"]])
 def test_help_and_models_list_do_not_import_torch(command):
     # not a timed test: what makes them fast is that PyTorch and open_clip are not imported
     result = subprocess.run([sys.executable, "-X", "importtime", "-m", *command], capture_output=True, text=True,

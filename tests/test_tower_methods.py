@@ -126,8 +126,7 @@ def test_a_planted_high_norm_patch_token_is_found_at_its_patch_index(bundle, ima
 
 def test_the_analysis_layer_runs_on_the_eva_trunk(bundle, images):
     """Token maps (16 patches on a 4 x 4 grid, registers excluded), the diagnostics' tables,
-    ablation with its control, and patching between two methods; direct logit attribution says
-    it is open_clip's only."""
+    ablation with its control, patching between two methods, and direct logit attribution."""
     from analysis.causal import ablation_effects, logit_attribution, patch_effects
     from analysis.run_diagnostics import diagnose_model
     from analysis.token_maps import token_maps
@@ -143,5 +142,100 @@ def test_the_analysis_layer_runs_on_the_eva_trunk(bundle, images):
     other = create_method(bundle, NAMES, "zeroshot", "none").eval()
     patched = patch_effects(other, method, images, labels, blocks=[1])
     assert len(patched) > 0
-    with pytest.raises(ConfigError, match="open_clip's VisionTransformer only"):
+    table = logit_attribution(method, images, labels)  # rotary keys, 2 registers: still adds up to the logits
+    with torch.no_grad():
+        logits = method(images).numpy()
+    assert abs(table.groupby(["image", "class"])["value"].sum().unstack().to_numpy() - logits).max() < 1e-4
+    assert set(table[table["component"] == "attention"]["head"]) == {0, 1}
+
+
+def test_direct_logit_attribution_adds_up_through_layer_scales_and_lora_on_a_fused_qkv_trunk():
+    """A timm ViT trunk (fused qkv, layer scale, CLS pooling) in a CLIP with a trained LoRA: the
+    per-head writes (through the adapted projections and the layer scale) plus the MLPs, the
+    embedding and the read-out's constant give the logits back; the MLP's share is measured at
+    its own norm's input, so a wrong head split cannot be absorbed by it."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from analysis.causal import logit_attribution
+
+    torch.manual_seed(0)
+    bundle = load_clip("cdfsl-test-vit")
+    trunk = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, init_values=0.3,
+                              num_classes=bundle.model.text_projection.shape[1], global_pool="token")
+    trunk.preprocess_cfg = bundle.model.visual.preprocess_cfg
+    bundle.model.visual = trunk.eval()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 2, 0])
+    method = create_method(bundle, NAMES, "coop+lora", "none")
+    method.train()
+    optimiser = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=5e-2)
+    torch.nn.functional.cross_entropy(method(images), labels).backward()
+    optimiser.step()
+    method.eval()
+    table = logit_attribution(method, images, labels)
+    with torch.no_grad():
+        logits = method(images).numpy()
+    assert abs(table.groupby(["image", "class"])["value"].sum().unstack().to_numpy() - logits).max() < 1e-4
+    assert set(table[table["component"] == "attention"]["head"]) == {0, 1, 2, 3}
+    trunk.global_pool = "avg"
+    with pytest.raises(ConfigError, match="pools its image feature otherwise"):
         logit_attribution(method, images)
+
+
+def test_the_attention_sink_plant_solves_through_rotary_keys(bundle, images):
+    """The positive control of the attention-mass definition on the EVA trunk: the planted patch's
+    key is solved through the rotary embedding of its own position, so it takes CLS's attention."""
+    method = create_method(bundle, NAMES, "zeroshot", "none").eval()
+    _, readout = method.text_features(readout=True)
+    diagnostics = TokenDiagnostics(vision_tower(method), readout, [2], sinks=AnalysisConfig().sinks())
+    with torch.no_grad(), planted(method, [Plant("attention-sink", layer=2, token=9)]), \
+            record(method, layers=[2]) as cache:
+        method.encode_image(images, readout)
+    pattern = cache["blocks.2.attn.pattern"]  # [B, H, T, T], recomputed by the recorder
+    assert pattern[:, :, 0, 3 + 9].min() > 0.9  # exp(-margin) bound: the rest share < 1 - 1 / (1 + T e^-m)
+    found = diagnostics.sink_masks(cache)[2]["attention-mass"]
+    assert found[:, 9].all() and found.sum() == 6
+
+
+def test_key_affine_reproduces_the_towers_keys_at_a_rotated_position(bundle):
+    torch.manual_seed(3)
+    tower = vision_tower(bundle.model)
+    block = tower.blocks[1]
+    captured = {}
+    handle = block.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
+    with torch.no_grad():
+        bundle.model.encode_image(torch.randn(1, 3, 32, 32))
+    handle.remove()
+    kwargs = {k: v for k, v in captured.items() if k != tower.input_keyword}
+    assert kwargs.get("rope") is not None  # the rotary case: keys depend on the position
+    z = torch.randn(2, 19, 64)
+    weight, offset = tower.key_affine(block, z, 3 + 7, kwargs)
+    with torch.no_grad():
+        _, keys, _ = tower.query_key(block, z, kwargs)
+    torch.testing.assert_close(z[:, 10] @ weight + offset, keys[:, :, 10].flatten(1), atol=1e-4, rtol=1e-4)
+    other, _ = tower.key_affine(block, z, 3 + 2, kwargs)
+    assert (other - weight).abs().max() > 1e-3  # another position, another rotation (the check can fail)
+
+
+def test_direct_logit_attribution_adds_up_through_an_inner_layer_norm():
+    """EVA02's sub-LN (a layer norm on the joined heads before the output projection), linearised
+    with its scale frozen: the heads' writes still sum to the branch, so the logits come back."""
+    from analysis.causal import logit_attribution
+
+    torch.manual_seed(0)
+    bundle = load_clip("cdfsl-test-vit")
+    trunk = Eva(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, use_rot_pos_emb=True, qkv_fused=False,
+                scale_attn_inner=True, init_values=0.5, num_classes=bundle.model.text_projection.shape[1],
+                global_pool="token")
+    with torch.no_grad():
+        for block in trunk.blocks:  # a non-trivial norm: gain and bias away from (1, 0)
+            block.attn.norm.weight.uniform_(0.5, 1.5)
+            block.attn.norm.bias.normal_(0, 0.3)
+    trunk.preprocess_cfg = bundle.model.visual.preprocess_cfg
+    bundle.model.visual = trunk.eval()
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    method = create_method(bundle, NAMES, "zeroshot", "none").eval()
+    table = logit_attribution(method, images)
+    with torch.no_grad():
+        logits = method(images).numpy()
+    assert abs(table.groupby(["image", "class"])["value"].sum().unstack().to_numpy() - logits).max() < 1e-4
