@@ -17,6 +17,8 @@ Tiny architectures for tests and the embedded default are registered from the JS
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -285,6 +287,20 @@ def _tokenizer(open_clip: Any, name: str, tokenizer: str | os.PathLike[str] | No
     return open_clip.get_tokenizer(name, cache_dir=cache_dir)
 
 
+class _QuietRandomInit(logging.Filter):
+    """Drops open_clip's "initialized randomly" warning while a model whose weights are loaded
+    afterwards (a register tower) is built."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    def __enter__(self) -> None:
+        logging.getLogger().addFilter(self)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeFilter(self)
+
+
 def load_clip(
     name: str,
     pretrained: str | os.PathLike[str] | None = None,
@@ -313,6 +329,8 @@ def load_clip(
     """
     open_clip = _open_clip()
     check_architecture(name)
+    from cdfsl_core.registers import add_registers, registers_in_name
+
     torch_device = resolve_device(device)  # a device that cannot be had fails here, before any weights
     pretrained_str = None if pretrained is None else os.fspath(pretrained)
     source: str | None = None
@@ -324,20 +342,28 @@ def load_clip(
         force_quick_gelu = bool(open_clip.get_pretrained_cfg(name, pretrained_str).get("quick_gelu", False))
         if source is not None and os.path.isfile(source):
             check_checkpoint(source)
+    registers = registers_in_name(name)  # "...-reg4": built with 4 register tokens, then the weights go in
+    quiet = _QuietRandomInit() if registers and source is not None else contextlib.nullcontext()
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name,
-            pretrained=source,
-            device=torch_device,
-            precision=precision,
-            force_quick_gelu=force_quick_gelu,
-            image_mean=preprocess_cfg.get("mean"),
-            image_std=preprocess_cfg.get("std"),
-            image_interpolation=preprocess_cfg.get("interpolation"),
-            image_resize_mode=preprocess_cfg.get("resize_mode"),
-            cache_dir=cache_dir,
-            weights_only=True,
-        )
+        with quiet:  # open_clip would say "initialized randomly" before the weights below go in
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name,
+                pretrained=None if registers else source,
+                device=torch_device,
+                precision=precision,
+                force_quick_gelu=force_quick_gelu,
+                image_mean=preprocess_cfg.get("mean"),
+                image_std=preprocess_cfg.get("std"),
+                image_interpolation=preprocess_cfg.get("interpolation"),
+                image_resize_mode=preprocess_cfg.get("resize_mode"),
+                cache_dir=cache_dir,
+                weights_only=True,
+            )
+        if registers:
+            add_registers(model.visual, registers)
+            model.to(torch_device)
+            if source is not None:
+                open_clip.load_checkpoint(model, source, strict=True, weights_only=True, device=str(torch_device))
     except RuntimeError as err:
         if source is not None and os.path.isfile(source):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

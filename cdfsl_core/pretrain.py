@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cdfsl_core.atomic import atomic_path, write_text
-from cdfsl_core.cli import command, parser, positive_float, positive_int
+from cdfsl_core.cli import command, non_negative_int, parser, positive_float, positive_int
 from cdfsl_core.errors import ConfigError
 
 TEMPLATES = (
@@ -56,6 +56,7 @@ class PretrainConfig:
     warmup: int = 100  # warm-up steps
     weight_decay: float = 0.05  # AdamW weight decay
     threads: int = 2  # torch CPU threads
+    checkpoint_every: int = 500  # also save the weights at step 0 and every this many steps (0: only the end)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     result.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="images per step")
     result.add_argument("--lr", type=positive_float, default=defaults.lr, help="AdamW peak learning rate")
     result.add_argument("--seed", type=int, default=defaults.seed, help="world seed and torch seed")
-    result.add_argument("--arch", default=defaults.arch, help="registered architecture (model_configs/*.json)")
+    result.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                        help="AdamW weight decay on matrices (not on embeddings, norms, biases)")
+    result.add_argument("--arch", default=defaults.arch,
+                        help="registered architecture (model_configs/*.json); a name ending in -reg<k> adds k "
+                             "register tokens to the vision tower")
+    result.add_argument("--checkpoint-every", type=non_negative_int, default=defaults.checkpoint_every,
+                        help="save the weights at step 0 and every this many steps into <out>/checkpoints "
+                             "(0: only the final weights); python -m analysis.organism measures them")
+    result.add_argument("--threads", type=positive_int, default=defaults.threads, help="torch CPU threads")
     result.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the weights (created)")
     result.add_argument("--force", action="store_true",
                         help="replace weights already in --out (also needed to write into the package's own weights/)")
@@ -121,6 +130,22 @@ def render_split(domain: str, n_classes: int, images_per_class: int, seed: int, 
     return torch.from_numpy(out)
 
 
+def checkpoint_path(out_dir: Path, step: int) -> Path:
+    """Where the weights after ``step`` optimiser steps are saved (``checkpoints/step_00500.safetensors``)."""
+    return out_dir / "checkpoints" / f"step_{step:05d}.safetensors"
+
+
+def save_weights(model: torch.nn.Module, path: Path, config: PretrainConfig, step: int) -> None:
+    """The model's weights in fp16 safetensors, written atomically (a killed run leaves no half file),
+    with the recipe and the step in the metadata."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"config": json.dumps(asdict(config)), "step": str(step)})
+
+
 def pretrain(config: PretrainConfig, out_dir: Path) -> Path:
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
@@ -133,8 +158,11 @@ def pretrain(config: PretrainConfig, out_dir: Path) -> Path:
     labels = torch.tensor(source.targets)
     prompts = [tokenizer([t.format(c) for c in source.classes]) for t in TEMPLATES]  # [T][C, ctx]
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    def decays(name: str, parameter: torch.Tensor) -> bool:  # matrices, not embeddings or register tokens
+        return parameter.ndim >= 2 and "embedding" not in name and "register_tokens" not in name
+
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
     optimiser = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
@@ -146,6 +174,11 @@ def pretrain(config: PretrainConfig, out_dir: Path) -> Path:
         progress = (step - config.warmup) / max(1, config.steps - config.warmup)
         return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command_line = " ".join(["python -m cdfsl_core.pretrain", *sys.argv[1:]])
+    # the recipe first: checkpoints of a run that is stopped or killed can still be measured
+    write_text(out_dir / "pretrain_config.json",
+               json.dumps({**asdict(config), "command": command_line, "finished": False}, indent=2) + "\n")
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
     start = time.perf_counter()
@@ -153,6 +186,8 @@ def pretrain(config: PretrainConfig, out_dir: Path) -> Path:
     history: list[dict[str, float]] = []  # running means, every 25 steps
     bar = tqdm(range(config.steps), desc="pretraining", mininterval=5)
     for step in bar:
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            save_weights(model, checkpoint_path(out_dir, step), config, step)
         for group in optimiser.param_groups:
             group["lr"] = lr_at(step)
         index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
@@ -177,15 +212,12 @@ def pretrain(config: PretrainConfig, out_dir: Path) -> Path:
     minutes = (time.perf_counter() - start) / 60
     model.eval()
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"{config.arch}_synthetic.safetensors"
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata={"config": json.dumps(asdict(config))})
+    save_weights(model, weights, config, config.steps)
+    if config.checkpoint_every:
+        save_weights(model, checkpoint_path(out_dir, config.steps), config, config.steps)
     write_text(out_dir / "pretrain_config.json",
-        json.dumps({**asdict(config), "train_minutes": round(minutes, 2), "command": " ".join(["python -m cdfsl_core.pretrain", *sys.argv[1:]]),
+        json.dumps({**asdict(config), "train_minutes": round(minutes, 2), "command": command_line, "finished": True,
                     "history": history}, indent=2)
         + "\n"
     )
@@ -205,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        weight_decay=args.weight_decay,
+        threads=args.threads,
+        checkpoint_every=args.checkpoint_every,
     )
     pretrain(config, args.out)
     return 0

@@ -2,7 +2,7 @@
 
 Blocks: ``transformer.resblocks`` of ``ResidualAttentionBlock`` (input keyword ``q_x``, pre-norm
 ``ln_1``, attention ``nn.MultiheadAttention`` with a fused ``in_proj_weight``); one CLS token at
-index 0 and no registers; read-out ``ln_post(x) @ proj``; patch embedding ``conv1``.
+index 0, then the register tokens of ``cdfsl_core.registers`` if any; read-out ``ln_post(x) @ proj``; patch embedding ``conv1``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ class OpenCLIPVisionTower(VisionTower):
     @property
     def has_cls(self) -> bool:
         return True
+
+    @property
+    def n_registers(self) -> int:  # cdfsl_core.registers.RegisterVisionTransformer
+        return int(getattr(self.module, "n_registers", 0))
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -1,0 +1,354 @@
+"""Is the embedded CLIP a model organism? ``python -m analysis.organism RUN [RUN ...] --out FOLDER``.
+
+Measures, with the suite's own detectors, the statistics that say whether the phenomena of the
+papers (TIR's simple tokens, high-norm attention sinks, massive activations, CLIP's text geometry)
+exist in a model, at every checkpoint a pretraining run saved, so that their emergence can be
+drawn. ``RUN`` is a folder ``python -m cdfsl_core.pretrain --out RUN`` wrote (its
+``pretrain_config.json`` names the architecture; ``checkpoints/step_*.safetensors`` are measured
+in step order), or ``ARCH=WEIGHTS`` for one model (``cdfsl-synth-vit=synthetic``: the shipped
+model under its tag). Every model sees the same images: held-out (``test`` split) images of the
+source and of each target, ``--subsets`` random 5-class subsets per domain with ``--per-class``
+images of each class.
+
+Statistics (``organism.csv``: one row per run, step, domain, block and statistic; blocks are the
+vision blocks' outputs, the residual stream the sink detectors see):
+
+``zero_shot``           64-way zero-shot accuracy on 2 held-out source images per class (source only)
+``text_cosine``         mean pairwise cosine of the domain's class prompts ("a photo of a {}.")
+``simple_tokens``       tokens per image with Sum score m = N (in the top floor(rho L) of all N = 5
+                        classes of the image's subset, TIR's simple tokens), read out by the tower
+``simple_tokens_chance`` rho^N L: what independent rankings would give
+``high_norm``           patch tokens per image with norm > tau x the image's median patch norm
+``max_over_median``     the image's largest patch norm over its median, mean over images
+``high_norm_low_info``  share of high-norm tokens on low-information patches (NaN without any):
+                        a patch whose pixel standard deviation (over its pixels, mean over
+                        channels) is below the image's median patch's; chance is 0.5
+``high_norm_attention`` attention the CLS token of the *next* block pays a high-norm token, over
+                        the mean it pays a patch token (mean over heads; NaN at the last block)
+``massive``             largest |activation| of the image's patch tokens over their median
+                        |activation|, mean over images
+``register_norm``       (towers with registers) mean register-token norm over the median patch norm
+``register_attention``  share of the next block's CLS attention on the registers over their
+                        uniform share k / T
+
+``emergence.png``/``.pdf`` draws them against the pretraining step, one line per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from cdfsl_core import protocol
+from cdfsl_core.atomic import write_table
+from cdfsl_core.cli import command, parser, positive_int
+from cdfsl_core.errors import ConfigError
+from cdfsl_core.paths import check_writable_folder
+
+STATISTICS = ("zero_shot", "text_cosine", "simple_tokens", "simple_tokens_chance", "high_norm", "max_over_median",
+              "high_norm_low_info", "high_norm_attention", "massive", "register_norm", "register_attention")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    result = parser("python -m analysis.organism", __doc__)
+    result.add_argument("runs", nargs="+",
+                        help="pretraining folders (with checkpoints/) or ARCH=WEIGHTS (a tag or a file), "
+                             "optionally NAME:... to label it")
+    result.add_argument("--out", type=Path, required=True, help="folder for organism.csv and the emergence figure")
+    result.add_argument("--subsets", type=positive_int, default=6, help="random 5-class subsets per domain")
+    result.add_argument("--per-class", type=positive_int, default=3, help="held-out images per class of a subset")
+    result.add_argument("--high-norm-tau", type=float, default=2.0, help="high-norm: norm above tau x the median")
+    result.add_argument("--seed", type=int, default=0, help="draws the subsets and images")
+    result.add_argument("--domains", nargs="+", default=None,
+                        help="synthetic domains (default: the source and every target)")
+    return result
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad arguments answer here, before PyTorch is imported
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from analysis.keys import act_name  # noqa: E402
+from analysis.recorder import record  # noqa: E402
+from analysis.sinks import row_median  # noqa: E402
+from cdfsl_core.token_text import sum_score  # noqa: E402
+from cdfsl_core.towers import vision_tower  # noqa: E402
+
+
+# ------------------------------------------------------------------ statistics on tensors
+def mean_pairwise_cosine(features: torch.Tensor) -> float:
+    """The mean cosine over the distinct pairs of rows of ``features`` [C, d]."""
+    unit = F.normalize(features.float(), dim=-1)
+    gram = unit @ unit.T
+    c = len(unit)
+    if c < 2:
+        raise ConfigError("the mean pairwise cosine needs at least two classes")
+    return float((gram.sum() - gram.diagonal().sum()) / (c * (c - 1)))
+
+
+def low_information_patches(images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Which patches of ``images`` [B, C, H, W] carry little information, [B, rows * cols] bool
+    (row-major, the tower's token order): pixel standard deviation inside the patch (mean over
+    channels) below the image's median patch's."""
+    b, c, h, w = images.shape
+    rows, cols = grid
+    if h % rows or w % cols:
+        raise ConfigError(f"images of {h}x{w} pixels do not split into a {rows}x{cols} patch grid")
+    patches = images.float().reshape(b, c, rows, h // rows, cols, w // cols)
+    spread = patches.std(dim=(3, 5), unbiased=False).mean(dim=1).reshape(b, -1)  # [B, L]
+    return spread < row_median(spread).unsqueeze(-1)
+
+
+@dataclass
+class HighNorm:
+    """High-norm patch tokens of one batch at one block."""
+
+    per_image: float  # tokens per image above tau x the median
+    max_over_median: float  # mean over images of the largest norm over the median
+    low_info_share: float  # share of the high-norm tokens on low-information patches (NaN: none)
+    attention_ratio: float  # CLS attention on a high-norm token over its mean on a patch (NaN: none)
+
+
+def high_norm_tokens(norms: torch.Tensor, tau: float, low_info: torch.Tensor,
+                     cls_attention: torch.Tensor | None) -> HighNorm:
+    """``norms`` [B, L] patch-token norms; ``low_info`` [B, L] bool; ``cls_attention`` [B, L] the
+    attention the CLS token pays each patch (mean over heads), or None."""
+    median = row_median(norms.float()).unsqueeze(-1)
+    high = norms > tau * median
+    count = int(high.sum())
+    share = float((high & low_info).sum() / count) if count else float("nan")
+    ratio = float("nan")
+    if cls_attention is not None and count:
+        ratio = float(cls_attention[high].mean() / cls_attention.mean())
+    return HighNorm(count / len(norms), float((norms.amax(dim=-1) / median.squeeze(-1)).mean()), share, ratio)
+
+
+def massive_ratio(patches: torch.Tensor) -> float:
+    """Mean over images of the largest |activation| of the patch tokens [B, L, D] over their median."""
+    flat = patches.float().abs().flatten(1)
+    return float((flat.amax(dim=-1) / row_median(flat)).mean())
+
+
+def simple_token_count(projected: torch.Tensor, text: torch.Tensor, rho: float) -> float:
+    """Tokens per image with Sum score m = N: ``projected`` [B, L, E] the tokens' read-out, ``text``
+    [N, E] the classes' text features."""
+    similarity = F.normalize(projected.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
+    counts = sum_score(similarity, rho)
+    return float((counts == text.shape[0]).sum() / len(projected))
+
+
+# ------------------------------------------------------------------ one model
+@dataclass(frozen=True)
+class Sample:
+    """The images every model is measured on: per domain, subsets of classes with their images."""
+
+    domain: str
+    classes: list[str]
+    subsets: list[list[int]]  # class indices of each subset
+    images: list[torch.Tensor]  # [subset_size * per_class, 3, H, W] per subset, normalised
+
+
+def draw_sample(domain: str, subsets: int, per_class: int, seed: int, preprocess: Any) -> Sample:
+    from cdfsl_core.data.synthetic import SyntheticDataset, SyntheticSpec
+
+    dataset = SyntheticDataset(SyntheticSpec(domain, per_class, seed, "test"), transform=preprocess)
+    rng = np.random.default_rng([seed, len(domain)])
+    n = len(dataset.classes)
+    ways = min(protocol.WAYS, n)
+    drawn = [sorted(rng.choice(n, ways, replace=False).tolist()) for _ in range(subsets)]
+    images = [torch.stack([dataset[c * per_class + i][0] for c in subset for i in range(per_class)])
+              for subset in drawn]
+    return Sample(domain, list(dataset.classes), drawn, images)
+
+
+@torch.no_grad()
+def measure_model(model: Any, tokenizer: Any, samples: Sequence[Sample], source_images: torch.Tensor,
+                  source_labels: torch.Tensor, tau: float = 2.0, rho: float = protocol.TIR_RHO) -> list[dict]:
+    """Every statistic of the module doc for one model, as rows (domain, block, statistic, value)."""
+    model.eval()
+    tower = vision_tower(model)
+    p, k = tower.n_prefix, tower.n_registers
+    rows: list[dict] = []
+
+    def add(domain: str, block: float, statistic: str, value: float) -> None:
+        rows.append({"domain": domain, "block": block, "statistic": statistic, "value": value})
+
+    source_text = model.encode_text(tokenizer([protocol.PROMPT.format(c) for c in samples[0].classes]))
+    if source_labels is not None:
+        features = F.normalize(model.encode_image(source_images).float(), dim=-1)
+        accuracy = (features @ F.normalize(source_text.float(), dim=-1).T).argmax(-1).eq(source_labels).float().mean()
+        add(samples[0].domain, np.nan, "zero_shot", float(accuracy))
+    for sample in samples:
+        text = model.encode_text(tokenizer([protocol.PROMPT.format(c) for c in sample.classes]))
+        add(sample.domain, np.nan, "text_cosine", mean_pairwise_cosine(text))
+        per_block: dict[tuple[int, str], list[float]] = {}
+        for subset, images in zip(sample.subsets, sample.images):
+            low_info = low_information_patches(images, tower.grid)
+            with record(model, what=("resid_post", "attn.pattern")) as cache:
+                model.encode_image(images)
+            for block in range(tower.n_blocks):
+                x = cache[act_name("resid_post", block)].float()
+                patches = tower.patches(x)
+                norms = patches.norm(dim=-1)
+                attention = None
+                if block + 1 < tower.n_blocks and tower.has_cls:
+                    attention = cache[act_name("attn.pattern", block + 1)].float().mean(dim=1)[:, 0]  # [B, T] from CLS
+                stats = high_norm_tokens(norms, tau, low_info, None if attention is None else attention[:, p:])
+                values = {"high_norm": stats.per_image, "max_over_median": stats.max_over_median,
+                          "high_norm_low_info": stats.low_info_share, "high_norm_attention": stats.attention_ratio,
+                          "massive": massive_ratio(patches),
+                          "simple_tokens": simple_token_count(tower.patches(tower.readout(x)), text[subset], rho),
+                          "simple_tokens_chance": rho ** len(subset) * norms.shape[1]}
+                if k:
+                    values["register_norm"] = float((tower.registers(x).norm(dim=-1).mean(dim=-1)
+                                                     / row_median(norms)).mean())
+                    if attention is not None:
+                        values["register_attention"] = float(attention[:, 1:p].sum(dim=-1).mean() * x.shape[1] / k)
+                for name, value in values.items():
+                    per_block.setdefault((block, name), []).append((value, len(images)))
+        for (block, name), parts in per_block.items():
+            kept = [(v, n) for v, n in parts if not np.isnan(v)]
+            value = sum(v * n for v, n in kept) / sum(n for _, n in kept) if kept else float("nan")
+            add(sample.domain, block, name, value)
+    return rows
+
+
+# ------------------------------------------------------------------ runs and checkpoints
+@dataclass(frozen=True)
+class Checkpoint:
+    run: str
+    arch: str
+    weights: str  # a file or a tag
+    step: int | None
+
+
+def checkpoints_of(spec: str) -> list[Checkpoint]:
+    """The models a RUN argument names (see the module doc)."""
+    head, colon, tail = spec.partition(":")
+    labelled = colon and head and not any(c in head for c in "=/\\")
+    name, rest = (head, tail) if labelled else ("", spec)
+    if "=" in rest:
+        arch, weights = rest.split("=", 1)
+        return [Checkpoint(name or arch, arch, weights, None)]
+    folder = Path(rest)
+    config = folder / "pretrain_config.json"
+    if not config.is_file():
+        raise ConfigError(f"{folder}: no pretrain_config.json; pass a folder python -m cdfsl_core.pretrain --out "
+                          "wrote, or ARCH=WEIGHTS for one model.")
+    arch = json.loads(config.read_text())["arch"]
+    files = sorted((folder / "checkpoints").glob("step_*.safetensors"))
+    if not files:
+        raise ConfigError(f"{folder}/checkpoints holds no step_*.safetensors; pretrain with --checkpoint-every N.")
+    return [Checkpoint(name or folder.name, arch, str(f), int(f.stem.split("_")[1])) for f in files]
+
+
+def measure_runs(specs: Sequence[str], subsets: int = 6, per_class: int = 3, tau: float = 2.0, seed: int = 0,
+                 domains: Sequence[str] | None = None, progress: bool = True) -> pd.DataFrame:
+    from tqdm import tqdm
+
+    from cdfsl_core.data.synthetic import SYNTHETIC_TARGETS, SyntheticDataset, SyntheticSpec
+    from cdfsl_core.models import load_clip
+
+    checkpoints = [c for spec in specs for c in checkpoints_of(spec)]
+    domains = list(domains or ["synthetic", *SYNTHETIC_TARGETS])
+    rows: list[dict] = []
+    samples = source = labels = None
+    for checkpoint in tqdm(checkpoints, desc="measuring checkpoints", disable=not progress):
+        bundle = load_clip(checkpoint.arch, checkpoint.weights)
+        if samples is None:  # the same images for every model (the preprocess of the first)
+            samples = [draw_sample(d, subsets, per_class, seed, bundle.preprocess) for d in domains]
+            if domains[0] == "synthetic":
+                held_out = SyntheticDataset(SyntheticSpec("synthetic", 2, seed, "test"), transform=bundle.preprocess)
+                source = torch.stack([held_out[i][0] for i in range(len(held_out))])
+                labels = torch.tensor(held_out.targets)
+        torch.manual_seed(seed)
+        for row in measure_model(bundle.model, bundle.tokenizer, samples, source, labels, tau):
+            rows.append({"run": checkpoint.run, "arch": checkpoint.arch, "step": checkpoint.step, **row})
+    return pd.DataFrame(rows)
+
+
+def summary(table: pd.DataFrame, blocks: str = "max") -> pd.DataFrame:
+    """One value per run, step, domain and statistic: per-block statistics reduced over blocks
+    (``max``, the block where a phenomenon is strongest; simple tokens at TIR's blocks, averaged)."""
+    from cdfsl_core.interventions.tir import TIR, TIRConfig
+
+    parts = []
+    for (run, step), group in table.groupby(["run", "step"], dropna=False):
+        n_blocks = int(group["block"].max()) + 1
+        tir_inputs = [b - 1 for b in TIR(TIRConfig()).blocks(n_blocks)]  # TIR edits these blocks' outputs
+        for (domain, statistic), rows in group.groupby(["domain", "statistic"]):
+            if rows["block"].isna().all():
+                value = rows["value"].iloc[0]
+            elif statistic.startswith("simple_tokens"):
+                value = rows[rows["block"].isin(tir_inputs)]["value"].mean()
+            else:
+                value = getattr(rows["value"], blocks)()
+            parts.append({"run": run, "step": step, "domain": domain, "statistic": statistic, "value": value})
+    return pd.DataFrame(parts)
+
+
+def emergence_figure(table: pd.DataFrame) -> Any:
+    """The statistics of :func:`summary` against the pretraining step, one line per run (source
+    solid, the targets thinner)."""
+    import matplotlib.pyplot as plt
+
+    reduced = summary(table.dropna(subset=["step"]))
+    shown = [s for s in ("zero_shot", "text_cosine", "high_norm", "max_over_median", "high_norm_low_info",
+                         "high_norm_attention", "massive", "simple_tokens", "register_norm") if s in set(reduced["statistic"])]
+    columns = 3
+    figure, axes = plt.subplots((len(shown) + columns - 1) // columns, columns,
+                                figsize=(4.2 * columns, 3.0 * ((len(shown) + columns - 1) // columns)), squeeze=False)
+    runs = list(dict.fromkeys(reduced["run"]))
+    colours = dict(zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, statistic in zip(axes.flat, shown):
+        for (run, domain), rows in reduced[reduced["statistic"] == statistic].groupby(["run", "domain"]):
+            rows = rows.sort_values("step")
+            source = domain == "synthetic"
+            ax.plot(rows["step"], rows["value"], marker="o" if source else None, lw=2 if source else 0.8,
+                    alpha=1 if source else 0.6, color=colours[run], label=f"{run}" if source else None)
+        if statistic == "simple_tokens":
+            chance = reduced[reduced["statistic"] == "simple_tokens_chance"]["value"]
+            if len(chance):
+                ax.axhline(float(chance.iloc[0]), color="grey", ls="--", lw=0.8)
+        if statistic == "high_norm_low_info":
+            ax.axhline(0.5, color="grey", ls="--", lw=0.8)
+        ax.set_title(statistic.replace("_", " "))
+        ax.set_xlabel("pretraining step")
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(runs), frameon=False)
+    figure.suptitle("emergence over pretraining (thick: source; thin: targets; block with the largest value; "
+                    "simple tokens at TIR's blocks, dashed: chance)", fontsize=9)
+    figure.tight_layout(rect=(0, 0.05, 1, 0.97))
+    return figure
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_writable_folder(args.out, "--out")
+    for spec in args.runs:
+        checkpoints_of(spec)  # a bad RUN fails here, before any model is measured
+    table = measure_runs(args.runs, args.subsets, args.per_class, args.high_norm_tau, args.seed, args.domains)
+    write_table(table, args.out / "organism.csv")
+    reduced = summary(table)
+    write_table(reduced, args.out / "organism_summary.csv")
+    if table["step"].notna().any():
+        from analysis.figures import save_figure
+
+        save_figure(emergence_figure(table), args.out, "emergence")
+    last = reduced.sort_values("step").groupby(["run", "domain", "statistic"], dropna=False).tail(1)
+    print(last.pivot_table(index=["domain", "statistic"], columns="run", values="value").round(3).to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
