@@ -32,6 +32,18 @@ vision blocks' outputs, the residual stream the sink detectors see):
                         uniform share k / T
 
 ``emergence.png``/``.pdf`` draws them against the pretraining step, one line per run.
+
+**What fine-tuning does** (``--finetune RUN [RUN ...]``: run folders of ``python -m
+cdfsl_core.finetune --trajectory-steps 0 S`` over the same episode file, one per method; no model
+arguments needed): ``finetune_effects.csv`` holds paired differences over episodes, mean and 95%
+CI, per target and shot setting (:func:`finetune_effects`):
+
+- ``coop+lora - pretrained``: the baseline's last trajectory point minus its step 0 (the
+  pretrained model with CoOp's context at its initial words), for simple tokens (``sinks:sum-all``),
+  high-norm, attention-mass and massive-activation tokens per image at TIR's blocks, and accuracy;
+- ``tir - coop+lora`` and ``atha - coop+lora``: the methods' last points paired by episode;
+- ``atha learned``: ATHA's strengths and edit sizes at the last point minus step 0, at the block
+  where its alpha starts.
 """
 
 from __future__ import annotations
@@ -54,9 +66,12 @@ STATISTICS = ("zero_shot", "text_cosine", "simple_tokens", "simple_tokens_chance
 
 def build_parser() -> argparse.ArgumentParser:
     result = parser("python -m analysis.organism", __doc__)
-    result.add_argument("runs", nargs="+",
+    result.add_argument("runs", nargs="*",
                         help="pretraining folders (with checkpoints/) or ARCH=WEIGHTS (a tag or a file), "
                              "optionally NAME:... to label it")
+    result.add_argument("--finetune", nargs="+", default=[], metavar="RUN",
+                        help="fine-tuning run folders with trajectories (finetune --trajectory-steps 0 S): "
+                             "paired effects of the methods into finetune_effects.csv")
     result.add_argument("--out", type=Path, required=True, help="folder for organism.csv and the emergence figure")
     result.add_argument("--subsets", type=positive_int, default=6, help="random 5-class subsets per domain")
     result.add_argument("--per-class", type=positive_int, default=3, help="held-out images per class of a subset")
@@ -331,12 +346,115 @@ def emergence_figure(table: pd.DataFrame) -> Any:
     return figure
 
 
+# ------------------------------------------------------------------ what fine-tuning does
+EFFECT_STATISTICS = ("sinks:sum-all", "sinks:high-norm", "sinks:attention-mass", "sinks:massive-activation")
+
+
+def _tir_blocks(table: pd.DataFrame) -> list[int]:
+    from cdfsl_core.interventions.tir import TIR, TIRConfig
+
+    blocks = table["block"].dropna()
+    n_blocks = int(blocks.max()) + 1
+    return [b - 1 for b in TIR(TIRConfig()).blocks(n_blocks)]
+
+
+def _per_episode(table: pd.DataFrame, step: str) -> pd.DataFrame:
+    """One value per (domain, shots, method, episode, statistic) at the first or last point:
+    token statistics averaged over TIR's blocks, ATHA's strengths at the block where alpha starts
+    (the block with the largest |alpha| at step 0), accuracy as it is."""
+    points = table.groupby(["domain", "shots", "method", "episode"])["step"].transform(step)
+    at = table[table["step"] == points]
+    tir_blocks = _tir_blocks(table)
+    rows = []
+    for keys, group in at.groupby(["domain", "shots", "method", "episode"]):
+        for statistic, part in group.groupby("statistic"):
+            if statistic == "accuracy":
+                value = part["value"].mean()
+            elif statistic in EFFECT_STATISTICS:
+                value = part[part["block"].isin(tir_blocks)]["value"].mean()
+            elif statistic in ("alpha", "beta", "head_edit", "tail_edit"):
+                value = part.sort_values("block")["value"].to_numpy()
+            else:
+                continue
+            rows.append(dict(zip(["domain", "shots", "method", "episode"], keys), statistic=statistic, value=value))
+    return pd.DataFrame(rows)
+
+
+def finetune_effects(table: pd.DataFrame, baseline: str = "coop+lora/none") -> pd.DataFrame:
+    """Paired effects of fine-tuning and of the methods (module doc), from the concatenated
+    trajectory tables (:func:`analysis.trajectory.trajectory_table` with ``method``, ``domain``,
+    ``shots`` labels): rows ``domain, shots, comparison, statistic, mean, ci95, episodes``."""
+    from cdfsl_core.stats import mean_ci95
+
+    first, last = _per_episode(table, "min"), _per_episode(table, "max")
+    keys = ["domain", "shots", "episode", "statistic"]
+    rows: list[dict] = []
+
+    def add(comparison: str, difference: pd.DataFrame) -> None:
+        for (domain, shots, statistic), part in difference.groupby(["domain", "shots", "statistic"]):
+            values = part["value"].astype(float).dropna()
+            mean, ci = mean_ci95(values.to_numpy())
+            rows.append({"domain": domain, "shots": int(shots), "comparison": comparison, "statistic": statistic,
+                         "mean": mean, "ci95": ci, "episodes": len(values)})
+
+    scalar = [*EFFECT_STATISTICS, "accuracy"]
+    base_last = last[(last["method"] == baseline) & last["statistic"].isin(scalar)].set_index(keys)["value"]
+    base_first = first[(first["method"] == baseline) & first["statistic"].isin(scalar)].set_index(keys)["value"]
+    joined = pd.concat({"a": base_last, "b": base_first}, axis=1).dropna()
+    add(f"{baseline.split('/')[0]} - pretrained", (joined["a"] - joined["b"]).rename("value").reset_index())
+    for method in sorted(set(last["method"]) - {baseline}):
+        other = last[(last["method"] == method) & last["statistic"].isin(scalar)].set_index(keys)["value"]
+        joined = pd.concat({"a": other, "b": base_last}, axis=1).dropna()
+        add(f"{method.split('/')[-1]} - {baseline.split('/')[0]}",
+            (joined["a"] - joined["b"]).rename("value").reset_index())
+        strengths = ["alpha", "beta", "head_edit", "tail_edit"]
+        start = first[(first["method"] == method) & first["statistic"].isin(strengths)]
+        end = last[(last["method"] == method) & last["statistic"].isin(strengths)]
+        if start.empty:
+            continue
+        merged = start.merge(end, on=keys, suffixes=("_0", "_1"))
+        episode = ["domain", "shots", "episode"]
+        alpha = merged[merged["statistic"] == "alpha"].set_index(episode)["value_0"]
+        init_block = alpha.map(lambda values: int(np.argmax(np.abs(values))))  # where alpha starts
+        learned = [{**{k: row[k] for k in keys},
+                    "value": float(row["value_1"][init_block[tuple(row[k] for k in episode)]]
+                                   - row["value_0"][init_block[tuple(row[k] for k in episode)]])}
+                   for _, row in merged.iterrows()]
+        add(f"{method.split('/')[-1]} learned", pd.DataFrame(learned))
+    return pd.DataFrame(rows)
+
+
+def finetune_table(runs: Sequence[str]) -> pd.DataFrame:
+    """The trajectory tables of fine-tuning run folders, labelled by method, domain and shots."""
+    from analysis.trajectory import trajectory_table
+    from cdfsl_core.config import RunConfig
+    from cdfsl_core.run_folder import RunFolder
+
+    parts = []
+    for run in runs:
+        config = RunConfig.from_dict(RunFolder(run).config_dict())
+        parts.append(trajectory_table(run, method=f"{config.method.adaptation}/{config.method.intervention}",
+                                      domain=config.data.dataset, shots=config.episodes.k_shot))
+    table = pd.concat(parts, ignore_index=True)
+    if table.empty or not (table["step"] == 0).any():
+        raise ConfigError(f"{', '.join(runs)}: no trajectory from step 0; run finetune with --trajectory-steps 0 S.")
+    return table
+
+
 @command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_writable_folder(args.out, "--out")
+    if not args.runs and not args.finetune:
+        raise ConfigError("nothing to measure: pass pretraining runs (or ARCH=WEIGHTS), --finetune run folders, or both.")
     for spec in args.runs:
         checkpoints_of(spec)  # a bad RUN fails here, before any model is measured
+    if args.finetune:
+        effects = finetune_effects(finetune_table(args.finetune))
+        write_table(effects, args.out / "finetune_effects.csv")
+        print(effects.round(4).to_string(index=False))
+    if not args.runs:
+        return 0
     table = measure_runs(args.runs, args.subsets, args.per_class, args.high_norm_tau, args.seed, args.domains)
     write_table(table, args.out / "organism.csv")
     reduced = summary(table)

@@ -216,3 +216,77 @@ def test_the_command_measures_a_run_and_draws_the_emergence(tmp_path):
     assert set(table["domain"]) == {"synthetic", "synthetic-crops"}
     assert {"zero_shot", "register_norm", "simple_tokens"} <= set(table["statistic"])
     assert (out / "emergence.png").stat().st_size > 0
+
+
+def _trajectory_rows(method: str, episode: int, step: int, sum_all: float, accuracy: float,
+                     alpha: list[float] | None = None) -> list[dict]:
+    rows = [{"method": method, "domain": "d", "shots": 1, "episode": episode, "step": step, "statistic": "accuracy",
+             "block": None, "value": accuracy}]
+    for block in range(8):  # TIR's blocks on 8 blocks read the outputs of blocks 4 and 6
+        value = sum_all if block in (4, 6) else 100.0  # other blocks must not enter
+        rows.append({"method": method, "domain": "d", "shots": 1, "episode": episode, "step": step,
+                     "statistic": "sinks:sum-all", "block": block, "value": value})
+        if alpha is not None:
+            rows.append({"method": method, "domain": "d", "shots": 1, "episode": episode, "step": step,
+                         "statistic": "alpha", "block": block, "value": alpha[block]})
+    return rows
+
+
+def test_finetune_effects_are_paired_differences_by_hand():
+    import pandas as pd
+
+    from analysis.organism import finetune_effects
+
+    rows = []
+    for episode, (pre, base, tir, acc_base, acc_atha) in enumerate([(1.0, 3.0, 0.5, 0.6, 0.7), (2.0, 2.0, 1.0, 0.5, 0.8)]):
+        rows += _trajectory_rows("coop+lora/none", episode, 0, pre, 0.4)
+        rows += _trajectory_rows("coop+lora/none", episode, 60, base, acc_base)
+        rows += _trajectory_rows("coop+lora/tir", episode, 0, pre, 0.4)
+        rows += _trajectory_rows("coop+lora/tir", episode, 60, tir, 0.55)
+        start = [0.0] * 8
+        start[4] = 0.8  # alpha starts at block n // 2
+        end = list(start)
+        end[4] = 0.8 + 0.1 * (episode + 1)
+        rows += _trajectory_rows("coop+lora/atha", episode, 0, pre, 0.4, alpha=start)
+        rows += _trajectory_rows("coop+lora/atha", episode, 60, base, acc_atha, alpha=end)
+    effects = finetune_effects(pd.DataFrame(rows)).set_index(["comparison", "statistic"])
+    # coop+lora minus pretrained: simple tokens +2 and 0, mean 1, population std 1, CI 1.96 / sqrt(2)
+    assert effects.loc[("coop+lora - pretrained", "sinks:sum-all"), "mean"] == pytest.approx(1.0)
+    assert effects.loc[("coop+lora - pretrained", "sinks:sum-all"), "ci95"] == pytest.approx(1.96 / 2**0.5)
+    assert effects.loc[("coop+lora - pretrained", "accuracy"), "mean"] == pytest.approx((0.2 + 0.1) / 2)
+    assert effects.loc[("tir - coop+lora", "sinks:sum-all"), "mean"] == pytest.approx((-2.5 - 1.0) / 2)
+    assert effects.loc[("atha - coop+lora", "accuracy"), "mean"] == pytest.approx((0.1 + 0.3) / 2)
+    assert effects.loc[("atha learned", "alpha"), "mean"] == pytest.approx((0.1 + 0.2) / 2)
+    assert set(effects["episodes"]) == {2}
+
+
+@pytest.mark.slow
+def test_finetune_effects_from_real_runs(tmp_path):
+    from dataclasses import replace
+
+    from helpers import TINY
+
+    from cdfsl_core.config import MethodConfig
+    from cdfsl_core.runner import run
+
+    folders = []
+    for intervention in ("none", "atha"):
+        config = replace(TINY, train=replace(TINY.train, trajectory_steps=(0, 2)),
+                         method=MethodConfig(adaptation="coop+lora", intervention=intervention))
+        folder = tmp_path / intervention
+        run(config, folder, progress=False)
+        folders.append(str(folder))
+    out = tmp_path / "out"
+    assert main(["--finetune", *folders, "--out", str(out)]) == 0
+    import pandas as pd
+
+    effects = pd.read_csv(out / "finetune_effects.csv")
+    assert {"coop+lora - pretrained", "atha - coop+lora", "atha learned"} <= set(effects["comparison"])
+    episodes = len(_finished(folders[0]))
+    assert (effects["episodes"] == episodes).all()
+
+
+def _finished(folder: str) -> dict:
+    from cdfsl_core.run_folder import RunFolder
+
+    return RunFolder(folder).finished()
