@@ -28,6 +28,7 @@ __all__ = [
     "head_tail_similarity",
     "intervention_strengths",
     "logit_attribution",
+    "organism_emergence",
     "patching",
     "paired_differences",
     "positive_controls",
@@ -870,4 +871,48 @@ def logit_attribution(summary: pd.DataFrame, value: str = "to_margin") -> plt.Fi
         "logit contribution" + (": true class - mean of others" if value == "to_margin" else ": true class"), fontsize=7)
     figure.suptitle("Direct logit attribution of the CLS token (ln_post's scale frozen per image): mean over query "
                     "images", fontsize=9)
+    return figure
+
+
+ORGANISM_PANELS = ("zero_shot", "text_cosine", "high_norm", "max_over_median", "high_norm_low_info",
+                   "high_norm_attention", "massive", "simple_tokens", "register_norm")
+
+
+def organism_emergence(summary: pd.DataFrame, statistics: Sequence[str] = ORGANISM_PANELS) -> plt.Figure:
+    """The model-organism statistics against the pretraining step, one panel per statistic, one
+    colour per run; the source thick with markers, the four targets thin.
+
+    Args:
+        summary: :func:`analysis.organism.summary` rows (``run``, ``step``, ``domain``, ``statistic``,
+            ``value``): per-block statistics already reduced (the block where a phenomenon is
+            strongest; simple tokens at TIR's blocks). Dashed lines: the independence rate of simple
+            tokens (``simple_tokens_chance``) and the chance share 0.5 of low-information patches.
+    """
+    _require(summary, {"run", "step", "domain", "statistic", "value"}, "organism_emergence")
+    present = set(summary["statistic"])
+    shown = [s for s in statistics if s in present]
+    columns = 3
+    rows = max(1, (len(shown) + columns - 1) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    runs = list(dict.fromkeys(summary["run"]))
+    colours = _palette(runs)
+    for ax, statistic in zip(axes.flat, shown):
+        part = summary[summary["statistic"] == statistic]
+        for (run, domain), line in part.groupby(["run", "domain"], sort=False):
+            line = line.sort_values("step")
+            source = domain == "synthetic"
+            ax.plot(line["step"], line["value"], marker="o" if source else None, lw=2 if source else 0.8,
+                    alpha=1 if source else 0.5, color=colours[run], label=run if source else None)
+        if statistic == "simple_tokens" and "simple_tokens_chance" in present:
+            chance = summary[summary["statistic"] == "simple_tokens_chance"]["value"].iloc[0]
+            ax.axhline(float(chance), color="grey", ls="--", lw=0.8)
+        if statistic == "high_norm_low_info":
+            ax.axhline(0.5, color="grey", ls="--", lw=0.8)
+        ax.set_title(statistic.replace("_", " "), fontsize=10)
+        ax.set_xlabel("pretraining step")
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    _legend_below(figure, list(axes.flat[:len(shown)]), title="run")
+    figure.suptitle("emergence over pretraining (thick: source, thin: targets; per-block statistics at the "
+                    "block where largest, simple tokens at TIR's blocks; dashed: chance)", fontsize=9)
     return figure

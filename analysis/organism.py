@@ -309,43 +309,6 @@ def summary(table: pd.DataFrame, blocks: str = "max") -> pd.DataFrame:
     return pd.DataFrame(parts)
 
 
-def emergence_figure(table: pd.DataFrame) -> Any:
-    """The statistics of :func:`summary` against the pretraining step, one line per run (source
-    solid, the targets thinner)."""
-    import matplotlib.pyplot as plt
-
-    reduced = summary(table.dropna(subset=["step"]))
-    shown = [s for s in ("zero_shot", "text_cosine", "high_norm", "max_over_median", "high_norm_low_info",
-                         "high_norm_attention", "massive", "simple_tokens", "register_norm") if s in set(reduced["statistic"])]
-    columns = 3
-    figure, axes = plt.subplots((len(shown) + columns - 1) // columns, columns,
-                                figsize=(4.2 * columns, 3.0 * ((len(shown) + columns - 1) // columns)), squeeze=False)
-    runs = list(dict.fromkeys(reduced["run"]))
-    colours = dict(zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for ax, statistic in zip(axes.flat, shown):
-        for (run, domain), rows in reduced[reduced["statistic"] == statistic].groupby(["run", "domain"]):
-            rows = rows.sort_values("step")
-            source = domain == "synthetic"
-            ax.plot(rows["step"], rows["value"], marker="o" if source else None, lw=2 if source else 0.8,
-                    alpha=1 if source else 0.6, color=colours[run], label=f"{run}" if source else None)
-        if statistic == "simple_tokens":
-            chance = reduced[reduced["statistic"] == "simple_tokens_chance"]["value"]
-            if len(chance):
-                ax.axhline(float(chance.iloc[0]), color="grey", ls="--", lw=0.8)
-        if statistic == "high_norm_low_info":
-            ax.axhline(0.5, color="grey", ls="--", lw=0.8)
-        ax.set_title(statistic.replace("_", " "))
-        ax.set_xlabel("pretraining step")
-    for ax in list(axes.flat)[len(shown):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=len(runs), frameon=False)
-    figure.suptitle("emergence over pretraining (thick: source; thin: targets; block with the largest value; "
-                    "simple tokens at TIR's blocks, dashed: chance)", fontsize=9)
-    figure.tight_layout(rect=(0, 0.05, 1, 0.97))
-    return figure
-
-
 # ------------------------------------------------------------------ what fine-tuning does
 EFFECT_STATISTICS = ("sinks:sum-all", "sinks:high-norm", "sinks:attention-mass", "sinks:massive-activation")
 
@@ -460,9 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     reduced = summary(table)
     write_table(reduced, args.out / "organism_summary.csv")
     if table["step"].notna().any():
-        from analysis.figures import save_figure
+        from analysis.figures import organism_emergence, save_figure
 
-        save_figure(emergence_figure(table), args.out, "emergence")
+        save_figure(organism_emergence(summary(table.dropna(subset=["step"]))), args.out, "emergence")
     last = reduced.sort_values("step").groupby(["run", "domain", "statistic"], dropna=False).tail(1)
     print(last.pivot_table(index=["domain", "statistic"], columns="run", values="value").round(3).to_string())
     return 0

@@ -290,3 +290,24 @@ def _finished(folder: str) -> dict:
     from cdfsl_core.run_folder import RunFolder
 
     return RunFolder(folder).finished()
+
+
+def test_the_emergence_figure_draws_every_run_and_domain_with_its_chance_lines():
+    import pandas as pd
+
+    from analysis.figures import organism_emergence
+
+    rows = [{"run": run, "step": step, "domain": domain, "statistic": statistic, "value": step / 1000 + offset}
+            for offset, run in enumerate(["l8", "l8-reg4"]) for step in (0, 500, 1000)
+            for domain in ("synthetic", "synthetic-crops")
+            for statistic in ("zero_shot", "simple_tokens", "simple_tokens_chance", "high_norm_low_info")]
+    figure = organism_emergence(pd.DataFrame(rows))
+    titles = [ax.get_title() for ax in figure.axes if ax.get_visible() and ax.axison]
+    assert titles == ["zero shot", "high norm low info", "simple tokens"]
+    panel = {ax.get_title(): ax for ax in figure.axes}
+    simple = panel["simple tokens"]
+    drawn = [line for line in simple.get_lines() if len(line.get_xdata()) == 3]
+    assert len(drawn) == 4  # 2 runs x 2 domains
+    chance = [line for line in simple.get_lines() if line.get_linestyle() == "--"]
+    assert len(chance) == 1 and chance[0].get_ydata()[0] == pytest.approx(0.0)  # l8's chance row at step 0
+    assert [line for line in panel["high norm low info"].get_lines() if line.get_linestyle() == "--"][0].get_ydata()[0] == 0.5
