@@ -875,7 +875,7 @@ def logit_attribution(summary: pd.DataFrame, value: str = "to_margin") -> plt.Fi
 
 
 ORGANISM_PANELS = ("zero_shot", "text_cosine", "high_norm", "max_over_median", "high_norm_low_info",
-                   "high_norm_attention", "massive", "simple_tokens", "register_norm")
+                   "high_norm_attention", "massive", "simple_tokens", "register_norm", "register_attention")
 
 
 def organism_emergence(summary: pd.DataFrame, statistics: Sequence[str] = ORGANISM_PANELS) -> plt.Figure:
@@ -912,6 +912,7 @@ def organism_emergence(summary: pd.DataFrame, statistics: Sequence[str] = ORGANI
         ax.set_xlabel("pretraining step")
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
+    figure.tight_layout(rect=(0, 0, 1, 0.96))
     _legend_below(figure, list(axes.flat[:len(shown)]), title="run")
     figure.suptitle("emergence over pretraining (thick: source, thin: targets; per-block statistics at the "
                     "block where largest, simple tokens at TIR's blocks; dashed: chance)", fontsize=9)

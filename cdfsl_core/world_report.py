@@ -111,6 +111,9 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+ORGANISM_SECTION = "## As a model organism"  # written by hand from python -m analysis.organism; kept on rewrite
+
+
 def write_card(report: dict[str, Any], card: Path) -> None:
     """The model card: provenance from pretrain_config.json beside it, and the measured numbers."""
     config_path = card.parent / "pretrain_config.json"
@@ -160,7 +163,8 @@ seen in pretraining. Domain similarity is `1 - MMD^2/2` of image features (see `
    lesions dilute the pattern to 20% under pigment and skin; xray raised the grey-level
    contrast of the pattern. Only the target renderers changed, so the weights did not.
 """
-    write_text(card, text)
+    kept = card.read_text().partition(ORGANISM_SECTION)[1:] if card.exists() else ("", "")
+    write_text(card, text + ("\n" + "".join(kept) if kept[0] else ""))  # the organism section is measured elsewhere
 
 
 @command

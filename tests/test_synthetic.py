@@ -118,3 +118,19 @@ def test_zero_shot_accuracy_and_similarity_fall_with_the_designed_shift():
     assert targets[order[0]]["zero_shot_5way_accuracy"] > targets[order[-1]]["zero_shot_5way_accuracy"]
     similarity = [targets[d]["domain_similarity"] for d in order]
     assert similarity == sorted(similarity, reverse=True)
+
+
+def test_rewriting_the_model_card_keeps_its_organism_section(tmp_path):
+    from cdfsl_core.world_report import ORGANISM_SECTION, write_card
+
+    report = {"model": "cdfsl-synth-vit", "pretrained": "synthetic", "source_zero_shot_accuracy": 0.9,
+              "source_classes": 64, "source_test_images": 640, "episodes": 1,
+              "targets": {"synthetic-crops": {"zero_shot_5way_accuracy": 0.9, "ci95": 0.01, "domain_similarity": 0.98}}}
+    card = tmp_path / "MODEL_CARD.md"
+    write_card(report, card)
+    first = card.read_text()
+    assert ORGANISM_SECTION not in first
+    card.write_text(first + f"\n{ORGANISM_SECTION}: measured\n| a | table |\n")
+    write_card(report, card)
+    again = card.read_text()
+    assert again.startswith(first) and again.count(ORGANISM_SECTION) == 1 and again.endswith("| a | table |\n")
