@@ -195,13 +195,12 @@ def measure_model(model: Any, tokenizer: Any, samples: Sequence[Sample], source_
     def add(domain: str, block: float, statistic: str, value: float) -> None:
         rows.append({"domain": domain, "block": block, "statistic": statistic, "value": value})
 
-    source_text = model.encode_text(tokenizer([protocol.PROMPT.format(c) for c in samples[0].classes]))
-    if source_labels is not None:
-        features = F.normalize(model.encode_image(source_images).float(), dim=-1)
-        accuracy = (features @ F.normalize(source_text.float(), dim=-1).T).argmax(-1).eq(source_labels).float().mean()
-        add(samples[0].domain, np.nan, "zero_shot", float(accuracy))
-    for sample in samples:
+    for index, sample in enumerate(samples):
         text = model.encode_text(tokenizer([protocol.PROMPT.format(c) for c in sample.classes]))
+        if index == 0 and source_labels is not None:  # the first sample is the source: its 64 prompts
+            features = F.normalize(model.encode_image(source_images).float(), dim=-1)
+            accuracy = (features @ F.normalize(text.float(), dim=-1).T).argmax(-1).eq(source_labels).float().mean()
+            add(sample.domain, np.nan, "zero_shot", float(accuracy))
         add(sample.domain, np.nan, "text_cosine", mean_pairwise_cosine(text))
         per_block: dict[tuple[int, str], list[float]] = {}
         for subset, images in zip(sample.subsets, sample.images):
@@ -289,15 +288,21 @@ def measure_runs(specs: Sequence[str], subsets: int = 6, per_class: int = 3, tau
     return pd.DataFrame(rows)
 
 
+def _tir_blocks(table: pd.DataFrame) -> list[int]:
+    """The blocks whose outputs TIR edits (it edits the inputs of its blocks), for the depth the
+    table's ``block`` column shows."""
+    from cdfsl_core.interventions.tir import TIR, TIRConfig
+
+    n_blocks = int(table["block"].dropna().max()) + 1
+    return [b - 1 for b in TIR(TIRConfig()).blocks(n_blocks)]
+
+
 def summary(table: pd.DataFrame, blocks: str = "max") -> pd.DataFrame:
     """One value per run, step, domain and statistic: per-block statistics reduced over blocks
     (``max``, the block where a phenomenon is strongest; simple tokens at TIR's blocks, averaged)."""
-    from cdfsl_core.interventions.tir import TIR, TIRConfig
-
     parts = []
     for (run, step), group in table.groupby(["run", "step"], dropna=False):
-        n_blocks = int(group["block"].max()) + 1
-        tir_inputs = [b - 1 for b in TIR(TIRConfig()).blocks(n_blocks)]  # TIR edits these blocks' outputs
+        tir_inputs = _tir_blocks(group)
         for (domain, statistic), rows in group.groupby(["domain", "statistic"]):
             if rows["block"].isna().all():
                 value = rows["value"].iloc[0]
@@ -313,12 +318,6 @@ def summary(table: pd.DataFrame, blocks: str = "max") -> pd.DataFrame:
 EFFECT_STATISTICS = ("sinks:sum-all", "sinks:high-norm", "sinks:attention-mass", "sinks:massive-activation")
 
 
-def _tir_blocks(table: pd.DataFrame) -> list[int]:
-    from cdfsl_core.interventions.tir import TIR, TIRConfig
-
-    blocks = table["block"].dropna()
-    n_blocks = int(blocks.max()) + 1
-    return [b - 1 for b in TIR(TIRConfig()).blocks(n_blocks)]
 
 
 def _per_episode(table: pd.DataFrame, step: str) -> pd.DataFrame:
