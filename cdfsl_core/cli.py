@@ -75,6 +75,11 @@ def non_negative_float(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
+def share(text: str) -> float:
+    """A number in [0, 1] (a probability, a share)."""
+    return _number(text, float, lambda v: 0 <= v <= 1, "a share between 0 and 1 (both included)")
+
+
 def fraction(text: str) -> float:
     """A number strictly between 0 and 1."""
     return _number(text, float, lambda v: 0 < v < 1, "a fraction between 0 and 1")

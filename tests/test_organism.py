@@ -117,7 +117,7 @@ def test_pretraining_saves_checkpoints_and_register_weights_reload(tmp_path):
     config = PretrainConfig(arch="cdfsl-synth-vit-l8-reg4", steps=3, images_per_class=1, batch_size=4, warmup=1,
                             checkpoint_every=2, threads=1)
     weights = pretrain(config, tmp_path)
-    steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
     assert steps == ["step_00000.safetensors", "step_00002.safetensors", "step_00003.safetensors"]
     recorded = json.loads((tmp_path / "pretrain_config.json").read_text())
     assert recorded["finished"] is True and recorded["checkpoint_every"] == 2

@@ -32,7 +32,7 @@ def test_same_seed_same_pixels_other_seed_other_pixels(domain):
 def test_class_counts_and_names():
     counts = {d: len(load_dataset(d, images_per_class=1).classes) for d in DOMAINS}
     assert counts == {"synthetic": 64, "synthetic-crops": 12, "synthetic-satellite": 10,
-                      "synthetic-lesions": 7, "synthetic-xray": 7}
+                      "synthetic-lesions": 7, "synthetic-xray": 7, "synthetic-organism": 64}
     source = load_dataset("synthetic", images_per_class=2)
     assert len(source) == 128 and source.targets[:3] == [0, 0, 1]
     assert source.classes[0] == "grid red shape"

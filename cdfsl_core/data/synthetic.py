@@ -23,7 +23,20 @@ synthetic-crops        12          mottled, spotted natural texture on a soil ba
 synthetic-satellite    10          top-down tiles: many small copies, finer pattern, striped field
 synthetic-lesions      7           one irregular, blurred blob blended into skin tones
 synthetic-xray         7           grey, low contrast, heavy noise (colour is gone)
+synthetic-organism     64          (source of the model organism) the source's classes as one
+                                   small object on a constant light-grey background, with small
+                                   distractor objects of other classes on some images
 =====================  ==========  =======================================================
+
+``synthetic-organism`` is a second rendering of the source classes, built for pretraining a model
+in which attention sinks can form (the model organism, :mod:`cdfsl_core.data.organism`): the
+background is one constant grey (pixel noise of 0.004), so most patches carry no information and
+every image has tokens that are the same everywhere, the setting in which small transformers park
+attention on a fixed token; the object is small (radius 10 to 13 pixels: about 80% of the 8 x 8
+patches are pure background) and placed anywhere; about 30% of images carry one or two small
+distractor objects (radius 4.5 to 6) of other source classes, which the pretraining captions name,
+so heads that read the distractors have images where they have nothing to do. The target domains
+are unchanged.
 
 Images are 64 x 64 RGB, deterministic: image ``i`` of class ``c`` uses the random stream
 ``SeedSequence([seed, domain, c, i + split offset])``. Rendering is vectorised numpy
@@ -83,7 +96,7 @@ def _held_out() -> dict[str, list[Combo]]:
 TARGET_COMBOS: dict[str, list[Combo]] = _held_out()
 _HELD = {combo for combos in TARGET_COMBOS.values() for combo in combos}
 SOURCE_COMBOS: list[Combo] = [(c, s) for c in range(10) for s in range(10) if (c, s) not in _HELD]
-DOMAINS = ("synthetic", *TARGET_COMBOS)  # index = domain id in the seed
+DOMAINS = ("synthetic", *TARGET_COMBOS, "synthetic-organism")  # index = domain id in the seed
 SPLIT_OFFSETS = {"train": 0, "test": 1_000_000}  # held-out source images use another index range
 
 
@@ -269,23 +282,72 @@ def _render_xray(rng: np.random.Generator, combo: Combo) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
+ORGANISM_GREY = 0.82  # the organism source's constant background level
+ORGANISM_DISTRACTOR_RATE = 0.3  # share of organism images with distractors
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One rendered organism image with what its caption may name."""
+
+    image: np.ndarray  # float [64, 64, 3] in [0, 1]
+    mask: np.ndarray  # float [64, 64]: the union of the objects' soft masks (0: pure background)
+    centre: tuple[float, float]  # the main object's centre, pixels from the image centre (x right, y down)
+    distractors: tuple[Combo, ...]  # the combinations of the small distractor objects
+
+
+def render_scene(rng: np.random.Generator, combo: Combo, distractor_rate: float = ORGANISM_DISTRACTOR_RATE) -> Scene:
+    """An organism source image: one small object of ``combo`` on the constant grey background,
+    and on a share ``distractor_rate`` of images one or two small objects of other source classes."""
+    background = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), ORGANISM_GREY, dtype=np.float32)
+    background += rng.normal(0, 0.004, (IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
+    cx, cy = rng.uniform(-18, 18, 2)
+    mask, u, v = _object(rng, rng.uniform(10, 13), cx, cy, softness=1.0)
+    image = _compose(background, _patterned_fill(rng, combo, u, v, 0.06), mask)
+    distractors: list[Combo] = []
+    if rng.random() < distractor_rate:
+        for _ in range(int(rng.integers(1, 3))):
+            other = SOURCE_COMBOS[int(rng.integers(len(SOURCE_COMBOS)))]
+            dx, dy = rng.uniform(-26, 26, 2)
+            small, du, dv = _object(rng, rng.uniform(4.5, 6), dx, dy, softness=1.0)
+            small = small * (mask < 0.05)  # never drawn over the main object
+            image = _compose(image, _patterned_fill(rng, other, du, dv, 0.06), small)
+            mask = np.maximum(mask, small)
+            distractors.append(other)
+    return Scene(image, mask, (float(cx), float(cy)), tuple(distractors))
+
+
+def _render_organism(rng: np.random.Generator, combo: Combo) -> np.ndarray:
+    return render_scene(rng, combo).image
+
+
 RENDERERS: dict[str, Callable[[np.random.Generator, Combo], np.ndarray]] = {
     "synthetic": _render_source,
     "synthetic-crops": _render_crops,
     "synthetic-satellite": _render_satellite,
     "synthetic-lesions": _render_lesions,
     "synthetic-xray": _render_xray,
+    "synthetic-organism": _render_organism,
 }
-DOMAIN_COMBOS: dict[str, list[Combo]] = {"synthetic": SOURCE_COMBOS, **TARGET_COMBOS}
+DOMAIN_COMBOS: dict[str, list[Combo]] = {"synthetic": SOURCE_COMBOS, **TARGET_COMBOS,
+                                         "synthetic-organism": SOURCE_COMBOS}
+
+
+def image_rng(domain: str, class_index: int, index: int, seed: int = 0, split: str = "train") -> np.random.Generator:
+    """The random stream of one image: ``SeedSequence([seed, domain id, class, index + split offset])``."""
+    stream = np.random.SeedSequence([seed, DOMAINS.index(domain), class_index, index + SPLIT_OFFSETS[split]])
+    return np.random.Generator(np.random.PCG64(stream))
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """float [H, W, 3] in [0, 1] -> uint8, rounded."""
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def render(domain: str, class_index: int, index: int, seed: int = 0, split: str = "train") -> np.ndarray:
     """One image as uint8 [64, 64, 3]; the same arguments always give the same pixels."""
-    combos = DOMAIN_COMBOS[domain]
-    stream = np.random.SeedSequence([seed, DOMAINS.index(domain), class_index, index + SPLIT_OFFSETS[split]])
-    rng = np.random.Generator(np.random.PCG64(stream))
-    image = RENDERERS[domain](rng, combos[class_index])
-    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+    image = RENDERERS[domain](image_rng(domain, class_index, index, seed, split), DOMAIN_COMBOS[domain][class_index])
+    return to_uint8(image)
 
 
 @dataclass(frozen=True)
@@ -349,4 +411,6 @@ _register("synthetic-crops", "embedded target like CropDiseases: natural texture
 _register("synthetic-satellite", "embedded target like EuroSAT: top-down tiles of small copies")
 _register("synthetic-lesions", "embedded target like ISIC: blurred irregular blobs on skin tones")
 _register("synthetic-xray", "embedded target like ChestX: grey, low contrast, noisy; farthest")
+_register("synthetic-organism", "the source classes as small objects on a constant grey background, with distractors "
+          "(the model organism's pretraining world)")
 SYNTHETIC_TARGETS = tuple(TARGET_COMBOS)
