@@ -886,7 +886,9 @@ def organism_emergence(summary: pd.DataFrame, statistics: Sequence[str] = ORGANI
         summary: :func:`analysis.organism.summary` rows (``run``, ``step``, ``domain``, ``statistic``,
             ``value``): per-block statistics already reduced (the block where a phenomenon is
             strongest; simple tokens at TIR's blocks). Dashed lines: the independence rate of simple
-            tokens (``simple_tokens_chance``) and the chance share 0.5 of low-information patches.
+            tokens (``simple_tokens_chance``) and the chance share 0.5 of low-information patches,
+            or, where the summary has a ``gaussian`` column, each statistic's Gaussian null (its mean
+            over domains).
     """
     _require(summary, {"run", "step", "domain", "statistic", "value"}, "organism_emergence")
     present = set(summary["statistic"])
@@ -900,13 +902,15 @@ def organism_emergence(summary: pd.DataFrame, statistics: Sequence[str] = ORGANI
         part = summary[summary["statistic"] == statistic]
         for (run, domain), line in part.groupby(["run", "domain"], sort=False):
             line = line.sort_values("step")
-            source = domain == "synthetic"
+            source = domain in ("synthetic", "synthetic-organism")
             ax.plot(line["step"], line["value"], marker="o" if source else None, lw=2 if source else 0.8,
                     alpha=1 if source else 0.5, color=colours[run], label=run if source else None)
-        if statistic == "simple_tokens" and "simple_tokens_chance" in present:
+        if "gaussian" in part and part["gaussian"].notna().any():  # the structureless null
+            ax.axhline(float(part["gaussian"].mean()), color="grey", ls="--", lw=0.8)
+        elif statistic == "simple_tokens" and "simple_tokens_chance" in present:
             chance = summary[summary["statistic"] == "simple_tokens_chance"]["value"].iloc[0]
             ax.axhline(float(chance), color="grey", ls="--", lw=0.8)
-        if statistic == "high_norm_low_info":
+        elif statistic == "high_norm_low_info":
             ax.axhline(0.5, color="grey", ls="--", lw=0.8)
         ax.set_title(statistic.replace("_", " "), fontsize=10)
         ax.set_xlabel("pretraining step")

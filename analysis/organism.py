@@ -31,7 +31,19 @@ vision blocks' outputs, the residual stream the sink detectors see):
 ``register_attention``  share of the next block's CLS attention on the registers over their
                         uniform share k / T
 
-``emergence.png``/``.pdf`` draws them against the pretraining step, one line per run.
+**Nulls.** Every row carries two references beside its ``value``, so that a number can be read
+against what no phenomenon would give:
+
+- ``gaussian``: the same statistic on data with no structure: patch tokens drawn from a standard
+  normal of the tokens' shape [B, L, D] (``max_over_median`` about 1.15, ``massive`` about 5.9 for
+  64 x 128 values, ``high_norm`` 0), uniform attention (``high_norm_attention`` 1), independent
+  rankings (``simple_tokens``: rho^N L), the chance share 0.5 (``high_norm_low_info``), random
+  Gaussian class prompts (``text_cosine`` about 0) and chance (``zero_shot``: 1 / classes);
+- ``init``: the same statistic of the same run at step 0 (random initialisation), filled in for
+  pretraining folders (empty for ``ARCH=WEIGHTS``).
+
+``emergence.png``/``.pdf`` draws them against the pretraining step, one line per run, with the
+Gaussian null dashed.
 
 **What fine-tuning does** (``--finetune RUN [RUN ...]``: run folders of ``python -m
 cdfsl_core.finetune --trajectory-steps 0 S`` over the same episode file, one per method; no model
@@ -60,6 +72,7 @@ from cdfsl_core.cli import command, parser, positive_int
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.paths import check_writable_folder
 
+SOURCE_DOMAINS = ("synthetic", "synthetic-organism")  # the first domain measured gets the 64-way zero-shot
 STATISTICS = ("zero_shot", "text_cosine", "simple_tokens", "simple_tokens_chance", "high_norm", "max_over_median",
               "high_norm_low_info", "high_norm_attention", "massive", "register_norm", "register_attention")
 
@@ -145,6 +158,21 @@ def high_norm_tokens(norms: torch.Tensor, tau: float, low_info: torch.Tensor,
     return HighNorm(count / len(norms), float((norms.amax(dim=-1) / median.squeeze(-1)).mean()), share, ratio)
 
 
+def gaussian_null(shape: tuple[int, int, int], tau: float, n_classes: int, rho: float, text_dim: int,
+                  generator: torch.Generator) -> dict[str, float]:
+    """Every statistic on structureless data of the measured shape: patch tokens [B, L, D] from a
+    standard normal, uniform attention, independent rankings, random prompts (module doc)."""
+    b, length, width = shape
+    patches = torch.randn(shape, generator=generator)
+    norms = patches.norm(dim=-1)
+    stats = high_norm_tokens(norms, tau, torch.zeros_like(norms, dtype=torch.bool), None)
+    text = torch.randn(n_classes, text_dim, generator=generator)
+    return {"high_norm": stats.per_image, "max_over_median": stats.max_over_median, "massive": massive_ratio(patches),
+            "high_norm_low_info": 0.5, "high_norm_attention": 1.0, "simple_tokens": rho ** n_classes * length,
+            "simple_tokens_chance": rho ** n_classes * length, "register_norm": 1.0, "register_attention": 1.0,
+            "text_cosine": mean_pairwise_cosine(text)}
+
+
 def massive_ratio(patches: torch.Tensor) -> float:
     """Mean over images of the largest |activation| of the patch tokens [B, L, D] over their median."""
     flat = patches.float().abs().flatten(1)
@@ -192,17 +220,21 @@ def measure_model(model: Any, tokenizer: Any, samples: Sequence[Sample], source_
     p, k = tower.n_prefix, tower.n_registers
     rows: list[dict] = []
 
-    def add(domain: str, block: float, statistic: str, value: float) -> None:
-        rows.append({"domain": domain, "block": block, "statistic": statistic, "value": value})
+    generator = torch.Generator().manual_seed(0)  # the same null draws for every model
+
+    def add(domain: str, block: float, statistic: str, value: float, null: float = float("nan")) -> None:
+        rows.append({"domain": domain, "block": block, "statistic": statistic, "value": value, "gaussian": null})
 
     for index, sample in enumerate(samples):
         text = model.encode_text(tokenizer([protocol.PROMPT.format(c) for c in sample.classes]))
         if index == 0 and source_labels is not None:  # the first sample is the source: its 64 prompts
             features = F.normalize(model.encode_image(source_images).float(), dim=-1)
             accuracy = (features @ F.normalize(text.float(), dim=-1).T).argmax(-1).eq(source_labels).float().mean()
-            add(sample.domain, np.nan, "zero_shot", float(accuracy))
-        add(sample.domain, np.nan, "text_cosine", mean_pairwise_cosine(text))
-        per_block: dict[tuple[int, str], list[float]] = {}
+            add(sample.domain, np.nan, "zero_shot", float(accuracy), 1.0 / len(text))
+        text_null = gaussian_null((1, 2, 2), tau, len(text), rho, text.shape[-1], generator)["text_cosine"]
+        add(sample.domain, np.nan, "text_cosine", mean_pairwise_cosine(text), text_null)
+        per_block: dict[tuple[int, str], list[tuple[float, int]]] = {}
+        nulls: dict[tuple[int, str], list[tuple[float, int]]] = {}
         for subset, images in zip(sample.subsets, sample.images):
             low_info = low_information_patches(images, tower.grid)
             with record(model, what=("resid_post", "attn.pattern")) as cache:
@@ -225,12 +257,17 @@ def measure_model(model: Any, tokenizer: Any, samples: Sequence[Sample], source_
                                                      / row_median(norms)).mean())
                     if attention is not None:
                         values["register_attention"] = float(attention[:, 1:p].sum(dim=-1).mean() * x.shape[1] / k)
+                null = gaussian_null(tuple(patches.shape), tau, len(subset), rho, text.shape[-1], generator)
                 for name, value in values.items():
                     per_block.setdefault((block, name), []).append((value, len(images)))
-        for (block, name), parts in per_block.items():
+                    nulls.setdefault((block, name), []).append((null.get(name, float("nan")), len(images)))
+
+        def weighted(parts: list[tuple[float, int]]) -> float:
             kept = [(v, n) for v, n in parts if not np.isnan(v)]
-            value = sum(v * n for v, n in kept) / sum(n for _, n in kept) if kept else float("nan")
-            add(sample.domain, block, name, value)
+            return sum(v * n for v, n in kept) / sum(n for _, n in kept) if kept else float("nan")
+
+        for (block, name), parts in per_block.items():
+            add(sample.domain, block, name, weighted(parts), weighted(nulls[(block, name)]))
     return rows
 
 
@@ -278,14 +315,22 @@ def measure_runs(specs: Sequence[str], subsets: int = 6, per_class: int = 3, tau
         bundle = load_clip(checkpoint.arch, checkpoint.weights)
         if samples is None:  # the same images for every model (the preprocess of the first)
             samples = [draw_sample(d, subsets, per_class, seed, bundle.preprocess) for d in domains]
-            if domains[0] == "synthetic":
-                held_out = SyntheticDataset(SyntheticSpec("synthetic", 2, seed, "test"), transform=bundle.preprocess)
+            if domains[0] in SOURCE_DOMAINS:
+                held_out = SyntheticDataset(SyntheticSpec(domains[0], 2, seed, "test"), transform=bundle.preprocess)
                 source = torch.stack([held_out[i][0] for i in range(len(held_out))])
                 labels = torch.tensor(held_out.targets)
         torch.manual_seed(seed)
         for row in measure_model(bundle.model, bundle.tokenizer, samples, source, labels, tau):
             rows.append({"run": checkpoint.run, "arch": checkpoint.arch, "step": checkpoint.step, **row})
-    return pd.DataFrame(rows)
+    return with_init(pd.DataFrame(rows))
+
+
+def with_init(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with an ``init`` column: each row's statistic at its run's step 0 (NaN for runs
+    without a step 0)."""
+    keys = ["run", "domain", "block", "statistic"]
+    start = table[table["step"] == 0][keys + ["value"]].rename(columns={"value": "init"})
+    return table.merge(start, on=keys, how="left")
 
 
 def _tir_blocks(table: pd.DataFrame) -> list[int]:
@@ -304,13 +349,17 @@ def summary(table: pd.DataFrame, blocks: str = "max") -> pd.DataFrame:
     for (run, step), group in table.groupby(["run", "step"], dropna=False):
         tir_inputs = _tir_blocks(group)
         for (domain, statistic), rows in group.groupby(["domain", "statistic"]):
-            if rows["block"].isna().all():
-                value = rows["value"].iloc[0]
-            elif statistic.startswith("simple_tokens"):
-                value = rows[rows["block"].isin(tir_inputs)]["value"].mean()
-            else:
-                value = getattr(rows["value"], blocks)()
-            parts.append({"run": run, "step": step, "domain": domain, "statistic": statistic, "value": value})
+            reduced = {}
+            for column in ("value", "gaussian", "init"):
+                if column not in rows:
+                    continue
+                if rows["block"].isna().all():
+                    reduced[column] = rows[column].iloc[0]
+                elif statistic.startswith("simple_tokens"):
+                    reduced[column] = rows[rows["block"].isin(tir_inputs)][column].mean()
+                else:
+                    reduced[column] = getattr(rows[column], blocks)()
+            parts.append({"run": run, "step": step, "domain": domain, "statistic": statistic, **reduced})
     return pd.DataFrame(parts)
 
 

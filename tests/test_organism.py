@@ -8,6 +8,8 @@ import itertools
 import json
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -311,3 +313,28 @@ def test_the_emergence_figure_draws_every_run_and_domain_with_its_chance_lines()
     chance = [line for line in simple.get_lines() if line.get_linestyle() == "--"]
     assert len(chance) == 1 and chance[0].get_ydata()[0] == pytest.approx(0.0)  # l8's chance row at step 0
     assert [line for line in panel["high norm low info"].get_lines() if line.get_linestyle() == "--"][0].get_ydata()[0] == 0.5
+
+
+def test_gaussian_null_matches_the_known_values_of_structureless_data():
+    from analysis.organism import gaussian_null
+
+    generator = torch.Generator().manual_seed(0)
+    null = gaussian_null((200, 64, 128), 2.0, 5, 0.3, 64, generator)
+    # 64 x 128 standard normal values: max/median |x| about 5.9 (5-95%: 5.2-6.6); chi(128) norms of
+    # 64 tokens: the largest about 1.15 x the median; no token twice the median
+    assert 5.2 < null["massive"] < 6.6
+    assert 1.10 < null["max_over_median"] < 1.22
+    assert null["high_norm"] == 0.0
+    assert null["simple_tokens"] == pytest.approx(0.3**5 * 64)
+    assert abs(null["text_cosine"]) < 0.1
+
+
+def test_init_column_is_the_step_zero_value_of_the_same_run():
+    from analysis.organism import with_init
+
+    table = pd.DataFrame({"run": ["a", "a", "b", "b", "c"], "step": [0, 100, 0, 100, None],
+                          "domain": ["s"] * 5, "block": [1.0] * 5, "statistic": ["massive"] * 5,
+                          "value": [2.0, 5.0, 3.0, 4.0, 7.0]})
+    result = with_init(table).set_index(["run", "step"], drop=False)
+    assert result["init"].tolist()[:4] == [2.0, 2.0, 3.0, 3.0]
+    assert np.isnan(result["init"].tolist()[4])  # ARCH=WEIGHTS: no step 0
