@@ -330,6 +330,7 @@ def load_clip(
     open_clip = _open_clip()
     check_architecture(name)
     from cdfsl_core.registers import add_registers, registers_in_name
+    from cdfsl_core.softmax_one import softmax_one_in_name, to_softmax_one
 
     torch_device = resolve_device(device)  # a device that cannot be had fails here, before any weights
     pretrained_str = None if pretrained is None else os.fspath(pretrained)
@@ -364,6 +365,8 @@ def load_clip(
             model.to(torch_device)
             if source is not None:
                 open_clip.load_checkpoint(model, source, strict=True, weights_only=True, device=str(torch_device))
+        if softmax_one_in_name(name):  # "...-softmax1": the same weights, attention that need not sum to one
+            to_softmax_one(model.visual)
     except RuntimeError as err:
         if source is not None and os.path.isfile(source):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -308,3 +308,57 @@ def test_force_removes_the_checkpoints_of_the_run_it_replaces(tmp_path):
     assert main([*args, "--steps", "2", "--force"]) == 0
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [
         "step_00000.safetensors", "step_00002.safetensors"]
+
+
+# ------------------------------------------------------------------ the softmax-plus-one control
+def test_softmax1_is_a_softmax_with_a_zero_logit_appended_and_dropped():
+    from cdfsl_core.softmax_one import softmax1
+
+    logits = torch.randn(3, 4, 7) * 5
+    padded = torch.cat([logits, torch.zeros(3, 4, 1)], dim=-1)
+    assert torch.allclose(softmax1(logits), torch.softmax(padded, dim=-1)[..., :-1], atol=1e-6)
+    assert torch.allclose(softmax1(torch.full((5,), -50.0)).sum(), torch.tensor(0.0), atol=1e-12)
+    big = softmax1(torch.tensor([1000.0, 1000.0]))  # stable where exp overflows
+    assert torch.allclose(big, torch.tensor([0.5, 0.5]))
+
+
+def test_softmax_one_model_loads_plain_weights_and_its_adapter_sees_its_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from cdfsl_core.softmax_one import SoftmaxOneAttention
+    from cdfsl_core.towers import vision_tower
+
+    torch.manual_seed(0)
+    plain = load_clip(TINY).model
+    weights = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(weights))
+    # the -softmax1 name of the tiny config: the same JSON under another name
+    import shutil
+    from importlib import resources
+
+    import open_clip
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    shutil.copy(resources.files("cdfsl_core") / "model_configs" / f"{TINY}.json", configs / f"{TINY}-softmax1.json")
+    open_clip.add_model_config(configs)
+    converted = load_clip(f"{TINY}-softmax1", weights).model
+    block = converted.visual.transformer.resblocks[0]
+    assert isinstance(block.attn, SoftmaxOneAttention)
+    assert not isinstance(converted.transformer.resblocks[0].attn, SoftmaxOneAttention)  # text tower kept
+    x = torch.randn(2, 17, 64)
+    z = block.ln_1(x)
+    out, probs = block.attn(z, z, z, need_weights=True, average_attn_weights=False)
+    # by hand: softmax with a zero logit, then values and the output projection
+    q, k, v = F.linear(z, block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(2, 17, 2, 32).transpose(1, 2) for t in (q, k, v))
+    logits = q @ k.transpose(-2, -1) / math.sqrt(32)
+    expected = torch.softmax(torch.cat([logits, torch.zeros(2, 2, 17, 1)], -1), -1)[..., :-1]
+    assert torch.allclose(probs, expected, atol=1e-6)
+    mixed = (expected @ v).transpose(1, 2).reshape(2, 17, 64)
+    assert torch.allclose(out, block.attn.out_proj(mixed), atol=1e-5)
+    adapter = vision_tower(converted)
+    assert torch.allclose(adapter.attention_probs(block, x), expected, atol=1e-5)
+    assert (adapter.attention_probs(block, x).sum(-1) < 1).all()  # weights need not sum to one
+    images = torch.randn(2, 3, 64, 64)
+    assert not torch.allclose(converted.encode_image(images), plain.encode_image(images))  # it does act

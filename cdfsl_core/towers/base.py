@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from cdfsl_core.errors import ConfigError
+from cdfsl_core.softmax_one import attention_weights
 
 __all__ = ["LoRASite", "ReadoutAffine", "VisionTower", "register_tower", "tower_families", "vision_tower"]
 
@@ -165,7 +166,7 @@ class VisionTower:
         with torch.autocast(x.device.type, enabled=False):
             z = x.float() if normalised else self.pre_norm(block)(x.float())
             q, k, scale = self.query_key(block, z.float(), kwargs)
-            return torch.softmax((q.float() @ k.float().transpose(-2, -1)) * scale, dim=-1)
+            return attention_weights(getattr(block, "attn", None), (q.float() @ k.float().transpose(-2, -1)) * scale)
 
     def key_affine(self, block: nn.Module, z: torch.Tensor, position: int, kwargs: dict | None = None,
                    chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

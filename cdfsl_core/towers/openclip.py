@@ -15,6 +15,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from cdfsl_core.errors import ConfigError
+from cdfsl_core.softmax_one import attention_weights
 from cdfsl_core.towers.base import LoRASite, ReadoutAffine, VisionTower, register_tower
 
 __all__ = ["OpenCLIPVisionTower"]
@@ -105,7 +106,7 @@ class OpenCLIPVisionTower(VisionTower):
             weight, bias = attn.out_proj.weight, attn.out_proj.bias
         heads, d_head = q.shape[1], q.shape[-1]
         v = v.reshape(*v.shape[:2], heads, d_head).transpose(1, 2)  # [B, H, T, dh]
-        pattern = torch.softmax(q[:, :, query:query + 1] @ k.transpose(-2, -1) * d_head**-0.5, dim=-1)  # [B, H, 1, T]
+        pattern = attention_weights(attn, q[:, :, query:query + 1] @ k.transpose(-2, -1) * d_head**-0.5)  # [B, H, 1, T]
         mixed = (pattern @ v)[:, :, 0]  # [B, H, dh]
         w = weight.float().reshape(weight.shape[0], heads, d_head)  # out = sum_h mixed_h @ W[:, h].T
         writes = torch.einsum("bhd,whd->bhw", mixed.float(), w)
