@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     result.add_argument("--per-class", type=positive_int, default=3, help="held-out images per class of a subset")
     result.add_argument("--high-norm-tau", type=float, default=2.0, help="high-norm: norm above tau x the median")
     result.add_argument("--seed", type=int, default=0, help="draws the subsets and images")
+    result.add_argument("--monitors", action="store_true",
+                        help="also measure the pretraining monitors (cdfsl_core.monitors: attention inflow, where "
+                             "it lands, background mass, sink norms) at every checkpoint into monitors.csv")
+    result.add_argument("--monitor-images", type=positive_int, default=128,
+                        help="held-out synthetic-organism images for --monitors")
     result.add_argument("--domains", nargs="+", default=None,
                         help="synthetic domains (default: the source and every target)")
     return result
@@ -333,6 +338,27 @@ def with_init(table: pd.DataFrame) -> pd.DataFrame:
     return table.merge(start, on=keys, how="left")
 
 
+def monitor_runs(specs: Sequence[str], n_images: int = 128, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+    """The pretraining monitors (:mod:`cdfsl_core.monitors`) of every checkpoint of ``specs``, one
+    row per run, step, tower, block, head and statistic: what ``pretrain --monitor-every`` logs,
+    measured afterwards on the same held-out images (a run made before a monitor existed gets it)."""
+    from tqdm import tqdm
+
+    from cdfsl_core.models import load_clip
+    from cdfsl_core.monitors import measure, monitor_set
+
+    rows = []
+    for checkpoint in tqdm([c for spec in specs for c in checkpoints_of(spec)], desc="monitors",
+                           disable=not progress):
+        bundle = load_clip(checkpoint.arch, checkpoint.weights)
+        config = bundle.model.visual.preprocess_cfg
+        data = monitor_set(bundle.model, bundle.tokenizer, n_images, seed, config["mean"], config["std"])
+        for tower, block, head, statistic, value in measure(bundle.model, data):
+            rows.append({"run": checkpoint.run, "step": checkpoint.step, "tower": tower, "block": block,
+                         "head": head, "statistic": statistic, "value": value})
+    return pd.DataFrame(rows)
+
+
 def _tir_blocks(table: pd.DataFrame) -> list[int]:
     """The blocks whose outputs TIR edits (it edits the inputs of its blocks), for the depth the
     table's ``block`` column shows."""
@@ -466,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         print(effects.round(4).to_string(index=False))
     if not args.runs:
         return 0
+    if args.monitors:
+        monitors = monitor_runs(args.runs, args.monitor_images, args.seed)
+        write_table(monitors, args.out / "monitors.csv")
     table = measure_runs(args.runs, args.subsets, args.per_class, args.high_norm_tau, args.seed, args.domains)
     write_table(table, args.out / "organism.csv")
     reduced = summary(table)

@@ -16,6 +16,11 @@ Vision tower, per block (its input, the residual stream the block's attention re
                       ``lands_object``)
 ``background_sink``   share of images whose top-inflow token is a background patch receiving at
                       least 0.2 of the attention (R3's early check)
+``background_mass``   the attention all background patches receive together, over their uniform
+                      share (their number over T), mean over queries and images: a sink spread over
+                      the identical background tokens (their positions differ, so the top token
+                      alone may hold little) shows here; 1 is uniform
+``cls_mass``          the same for the CLS token (uniform share 1 / T)
 ``value_ratio``       what the top-inflow token writes when attended (its value through the output
                       projection, this head's part) over the median token's, median over images:
                       a sink's write is small (the "value drain")
@@ -146,6 +151,10 @@ def vision_rows(model: nn.Module, data: MonitorSet) -> Iterator[tuple[str, int, 
         inflow = probs.mean(dim=2)  # [B, H, T]: mean over the queries
         top_value, top = inflow.max(dim=-1)  # [B, H]
         where = data.categories.gather(1, top)  # [B, H]
+        background = (data.categories == CATEGORIES.index("background")).float()  # [B, T]
+        share = background.sum(dim=-1, keepdim=True) / x.shape[1]  # [B, 1] uniform share
+        background_mass = ((inflow * background.unsqueeze(1)).sum(dim=-1) / share.clamp_min(1e-12)).mean(dim=0)
+        cls_mass = (inflow[..., 0] * x.shape[1]).mean(dim=0) if tower.has_cls else None
         writes = head_value_writes(block, tower.pre_norm(block)(x))
         resid = x.norm(dim=-1).unsqueeze(1).expand_as(inflow)  # [B, H, T]
         value_ratio = _median_ratio(writes, top).median(dim=0).values
@@ -156,6 +165,9 @@ def vision_rows(model: nn.Module, data: MonitorSet) -> Iterator[tuple[str, int, 
                 yield "vision", b, h, f"lands_{name}", float((where[:, h] == c).float().mean())
             sink = (where[:, h] == CATEGORIES.index("background")) & (top_value[:, h] >= SINK_INFLOW)
             yield "vision", b, h, "background_sink", float(sink.float().mean())
+            yield "vision", b, h, "background_mass", float(background_mass[h])
+            if cls_mass is not None:
+                yield "vision", b, h, "cls_mass", float(cls_mass[h])
             yield "vision", b, h, "value_ratio", float(value_ratio[h])
             yield "vision", b, h, "resid_ratio", float(resid_ratio[h])
         yield "vision", b, -1, "uniform_inflow", 1.0 / x.shape[1]
@@ -247,4 +259,5 @@ def headline(rows: list[tuple[str, int, int, str, float]]) -> dict[str, float]:
         return max(values) if values else float("nan")
 
     return {"zs": best("zero_shot", -1), "cos": best("prompt_cosine", -1), "bg_sink": best("background_sink", 3),
+            "bg_mass": best("background_mass", 3),
             "inflow": best("max_inflow", 3), "bos": best("start_inflow")}

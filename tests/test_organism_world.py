@@ -189,6 +189,12 @@ def test_a_planted_background_sink_is_found_and_uniform_attention_is_the_null(ti
     # head 1 is uniform: its inflow is the null 1 / T, and no sink is reported
     assert rows[(0, 1, "max_inflow")] == pytest.approx(1 / tokens) == rows[(0, -1, "uniform_inflow")]
     assert rows[(0, 1, "background_sink")] == 0.0
+    # background mass: 15 background patches of 17 tokens; head 0 gives them 15 * 0.5 / 17 + 0.5 of
+    # each query's attention, head 1 (uniform) exactly their share
+    share = 15 / tokens
+    assert rows[(0, 0, "background_mass")] == pytest.approx((15 * 0.5 / tokens + 0.5) / share)
+    assert rows[(0, 1, "background_mass")] == pytest.approx(1.0)
+    assert rows[(0, 1, "cls_mass")] == pytest.approx(1.0)
     assert sum(rows[(0, 0, f"lands_{c}")] for c in CATEGORIES) == 1.0
 
 
@@ -362,3 +368,19 @@ def test_softmax_one_model_loads_plain_weights_and_its_adapter_sees_its_weights(
     assert (adapter.attention_probs(block, x).sum(-1) < 1).all()  # weights need not sum to one
     images = torch.randn(2, 3, 64, 64)
     assert not torch.allclose(converted.encode_image(images), plain.encode_image(images))  # it does act
+
+
+def test_monitors_of_every_checkpoint_afterwards_equal_the_logged_ones(tmp_path):
+    from analysis.organism import monitor_runs
+    from cdfsl_core.pretrain import pretrain
+
+    pretrain(_config(steps=2, monitor_images=8), tmp_path / "run")
+    table = monitor_runs([str(tmp_path / "run")], n_images=8, progress=False)
+    assert sorted(table["step"].unique()) == [0, 2]
+    with (tmp_path / "run" / "monitors.csv").open() as handle:
+        logged = {(int(r["step"]), r["tower"], int(r["block"]), int(r["head"]), r["statistic"]): float(r["value"])
+                  for r in csv.DictReader(handle)}
+    # step 0 was measured by the run on the same images and the same weights (fp16 checkpoint: 1e-2)
+    for _, row in table[(table["step"] == 0) & (table["statistic"] == "max_inflow")].iterrows():
+        assert row["value"] == pytest.approx(logged[(0, "vision", row["block"], row["head"], "max_inflow")], rel=1e-2)
+    assert {"background_mass", "cls_mass"} <= set(table["statistic"])
