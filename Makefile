@@ -5,10 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CLUSTER := $(VENV)/.cluster
+DOCS := $(VENV)/.docs
 CONSTRAINTS := requirements/constraints.txt
 OUT ?= outputs/demo
 
-.PHONY: demo figures gpu-check lint test test-fast clean-venv
+.PHONY: demo docs figures gpu-check lint test test-fast clean-venv
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,10 +19,14 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
 
-# Ray for the sweep: the tests need it, the demo does not
+# Ray for the sweep and MkDocs for the site: the tests need them, the demo does not
 $(CLUSTER): $(STAMP)
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev,cluster]'
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev,cluster,docs]'
 	touch $(CLUSTER)
+
+$(DOCS): $(STAMP)
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev,docs]'
+	touch $(DOCS)
 
 demo: $(STAMP)
 	$(PY) -m analysis.demo --out $(OUT)
@@ -29,6 +34,10 @@ demo: $(STAMP)
 # every figure into figures/ (PNG + PDF), from the runs in $(OUT), running what is missing
 figures: $(STAMP)
 	$(PY) -m analysis.demo --out $(OUT) --figures figures
+
+# the documentation site into site/ (offline; strict: a broken link or reference fails)
+docs: $(DOCS)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # the layers contract (pyproject.toml) and the linter come first: a change that breaks either fails fast
 lint: $(STAMP)

@@ -3,7 +3,7 @@ and decompose the logits into the contributions of each block and head.
 
 Every tool runs the same images through the same model with and without the change and reports
 the query accuracy and the true-class margin (the logit of the true class minus the largest other
-logit, with the method's logit scale). See the README's section on causal tools and METHODS.md.
+logit, with the method's logit scale). See docs/concepts/diagnostics.md, Causal tools.
 
 **Token ablation** (:func:`ablated`, :func:`ablation_effects`). The patch tokens of a set S entering
 vision block b are replaced by ``zero``, by the ``mean`` of the image's other patch tokens at that

@@ -46,7 +46,7 @@ __all__ = ["COMPARISONS", "DEFAULT_ESTIMATOR", "DomainEstimator", "DomainPlan", 
            "list_domain_estimators", "plan_comparisons", "random_pairing_prediction", "register_domain_estimator"]
 
 COMPARISONS = ("target", "within-source", "class-disjoint", "permutation-null")  # not a bare "null": pandas reads it as missing
-# Chosen by measurement on the embedded world (README, Domain similarity): it ranks the four
+# Chosen by measurement on the embedded world (docs/concepts/diagnostics.md, Domain similarity): it ranks the four
 # targets in the order of their zero-shot accuracy at every block, puts the most of them outside
 # the class-disjoint band, sees any kind of difference and comes with a permutation p-value.
 DEFAULT_ESTIMATOR = "mmd"

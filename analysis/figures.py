@@ -514,8 +514,8 @@ def attention_maps(attention: pd.DataFrame, rollout: pd.DataFrame | None = None,
 
     Args:
         attention: the ``attention`` table: ``model``, ``layer``, ``head``, ``row``, ``col``, ``value``.
-        rollout, attribution: the ``rollout`` and ``attribution`` tables (``model``, ``row``,
-            ``col``, ``value``, ``definition``).
+        rollout: the ``rollout`` table (``model``, ``row``, ``col``, ``value``, ``definition``).
+        attribution: the ``attribution`` table (the same columns).
         layers: the attention layers to draw (default: the first, middle and last).
     """
     _require(attention, {"model", "layer", "head", "row", "col", "value"}, "attention_maps")
@@ -597,11 +597,12 @@ def token_maps(table: pd.DataFrame, pixels: np.ndarray | Mapping[object, np.ndar
     Args:
         table: a token-map table (:func:`analysis.token_maps.token_maps`): ``image``, ``row``,
             ``col``, ``block``, ``model``, ``quantity``, ``value``.
-        pixels: RGB images in [0, 1] [n, H, W, 3] indexed by the table's image ids (a sequence when
+        pixels: RGB images in [0, 1], shape ``(n, H, W, 3)``, indexed by the table's image ids (a sequence when
             the ids are 0..n-1, or a mapping id -> image), e.g. :func:`analysis.token_maps.display_images`.
         block: the vision block to draw.
         quantities: the columns after the image.
-        images, models: which images and models (default: up to 3 images, every model).
+        images: which images (default: up to 3).
+        models: which models (default: every model).
     """
     _require(table, {"image", "row", "col", "block", "model", "quantity", "value"}, "token_maps")
     part = table[table["block"] == block]

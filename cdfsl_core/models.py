@@ -134,7 +134,7 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     ``"auto"`` is bf16 autocast on CUDA and fp32 on the CPU (the runner's default). ``"bf16"``
     asks for bf16 autocast on any device (on the CPU it is the GPU proxy the tests use). Whatever
     the precision, selections and rankings (similarities, Sum scores, head/tail sets, the
-    projection solve, recomputed attention) run in fp32: see the README's precision contract.
+    projection solve, recomputed attention) run in fp32: see docs/concepts/methods.md, Precision and devices.
     """
     import torch
 

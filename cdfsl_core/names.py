@@ -38,7 +38,7 @@ SHORT_CLASS_POLICIES = ("error", "skip", "cycle")  # a class with fewer than sho
 
 
 # What works on each vision-tower family (cdfsl_core.towers), as its tests check it; printed by
-# `python -m cdfsl_core.models list` and tabled in the README.
+# `python -m cdfsl_core.models list` and tabled in docs/how-to/backbones.md.
 TOWER_FAMILIES: tuple[tuple[str, str, str], ...] = (
     ("open_clip", "open_clip VisionTransformer: OpenAI CLIP ViT-B/16, L/14, the embedded CLIP",
      "everything"),

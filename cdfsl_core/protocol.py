@@ -5,7 +5,7 @@ ATHA and TIR (and BSCD-FSL before them) evaluate on 5-way episodes with 15 queri
 CoOp (4 context vectors from "a photo of a") and LoRA (rank 16, alpha 8, dropout 0.25) for 100
 full-batch steps (AdamW 2e-4 for LoRA; SGD 2e-3, momentum 0.9, weight decay 5e-4 for the context;
 SGD 1e-3 for intervention parameters), with logits s * cos, s = 2 for 1-shot and 4 otherwise, on
-images resized to 1.15 x the input size and centre-cropped (METHODS.md, Protocol).
+images resized to 1.15 x the input size and centre-cropped (docs/concepts/methods.md, The protocol).
 
 The config dataclasses (:mod:`cdfsl_core.config`) take their defaults from these constants, and
 its factories (:func:`cdfsl_core.config.run_config`, :func:`cdfsl_core.config.episode_config`)

@@ -4,7 +4,7 @@
    vectors are u~_c = (t_c - b) / gamma = 3 e_c; ten patch tokens whose cosines, head and tail sets
    and edited values are written out below by hand. Swapping argmax and argmin, flipping the tail
    sign, pushing the wrong class or normalising the read-out each changes an expected number.
-2. The whole method on the test CLIP against a loop-by-loop transcription of METHODS.md (ATHA
+2. The whole method on the test CLIP against a loop-by-loop transcription of docs/concepts/methods.md (ATHA
    steps 1-4), whose text read-out comes from open_clip's own ``encode_text`` on a copy of the
    model cut after text block n - 2, and whose minimum-norm solve is ``torch.linalg.lstsq``.
 """
@@ -165,7 +165,7 @@ NAMES = ["red circle", "blue square", "green star", "pink ring", "black bar"]
 
 
 def _reference_logits(bundle, images, alpha, beta, text_norm="none", scale=4.0, rho_head=0.3, rho_tail=0.2):
-    """METHODS.md's ATHA, written out token by token with open_clip's own text tower."""
+    """docs/concepts/methods.md's ATHA, written out token by token with open_clip's own text tower."""
     model = bundle.model
     tokens = bundle.tokenizer([f"a photo of a {name}." for name in NAMES])
     with torch.no_grad():

@@ -139,7 +139,7 @@ class ImageListDataset(FewShotDataset):
         if not paths:
             raise DatasetError(
                 f"{name}: no images found under {root}. Expected the layout documented in the "
-                "README (section Real data); check the data root."
+                "documentation (docs/how-to/real-data.md); check the data root."
             )
         bad = sorted({t for t in targets if not 0 <= t < len(classes)})
         if bad:

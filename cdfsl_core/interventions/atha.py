@@ -3,7 +3,7 @@
 Before every vision block, the patch tokens most similar to a class vector (the head) are pulled
 toward it and the least similar (the tail) pushed away, with learnable per-block strengths alpha
 and beta. The class vectors solve P^T u = t_c for the text read-out t_c as the text tower gives it
-(the authors' scale). See METHODS.md, ATHA.
+(the authors' scale). See docs/concepts/methods.md, ATHA.
 """
 
 from __future__ import annotations

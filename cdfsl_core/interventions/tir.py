@@ -2,7 +2,7 @@
 
 Before vision blocks 8 and 10 of 12 (``round(8n/12)``, ``round(10n/12)`` for other depths), each
 patch token is scaled by the number m of classes whose top-k tokens contain it (the Sum score):
-w(m) = 2, 1.5, 1, 0.5, 0 for m = 1..5 (5-way), w(0) = 1. See METHODS.md, TIR.
+w(m) = 2, 1.5, 1, 0.5, 0 for m = 1..5 (5-way), w(0) = 1. See docs/concepts/methods.md, TIR.
 """
 
 from __future__ import annotations
