@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from cdfsl_core import protocol
-from cdfsl_core.cli import command, parser, positive_int
+from cdfsl_core.cli import command, non_negative_int, parser, positive_int
 from cdfsl_core.paths import check_writable_folder
 from cdfsl_core.stats import format_mean_ci
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="episodes per target, shot setting and method")
     result.add_argument("--steps", type=positive_int, default=protocol.DEMO_STEPS,
                         help=f"training steps per episode (fewer than the protocol's {protocol.STEPS}, to finish within 15 min)")
-    result.add_argument("--seed", type=int, default=0, help="episode seed")
+    result.add_argument("--seed", type=non_negative_int, default=0, help="episode seed")
     return result
 
 

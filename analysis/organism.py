@@ -61,16 +61,15 @@ CI, per target and shot setting (:func:`finetune_effects`):
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from cdfsl_core import protocol
 from cdfsl_core.atomic import write_table
-from cdfsl_core.cli import command, parser, positive_int
+from cdfsl_core.cli import command, non_negative_int, parser, positive_float, positive_int
 from cdfsl_core.errors import ConfigError
-from cdfsl_core.paths import check_writable_folder
+from cdfsl_core.paths import check_writable_folder, read_json_file
 
 SOURCE_DOMAINS = ("synthetic", "synthetic-organism")  # the first domain measured gets the 64-way zero-shot
 STATISTICS = ("zero_shot", "text_cosine", "simple_tokens", "simple_tokens_chance", "high_norm", "max_over_median",
@@ -88,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     result.add_argument("--out", type=Path, required=True, help="folder for organism.csv and the emergence figure")
     result.add_argument("--subsets", type=positive_int, default=6, help="random 5-class subsets per domain")
     result.add_argument("--per-class", type=positive_int, default=3, help="held-out images per class of a subset")
-    result.add_argument("--high-norm-tau", type=float, default=2.0, help="high-norm: norm above tau x the median")
-    result.add_argument("--seed", type=int, default=0, help="draws the subsets and images")
+    result.add_argument("--high-norm-tau", type=positive_float, default=2.0, help="high-norm: norm above tau x the median")
+    result.add_argument("--seed", type=non_negative_int, default=0, help="draws the subsets and images")
     result.add_argument("--monitors", action="store_true",
                         help="also measure the pretraining monitors (cdfsl_core.monitors: attention inflow, where "
                              "it lands, background mass, sink norms) at every checkpoint into monitors.csv")
@@ -298,7 +297,10 @@ def checkpoints_of(spec: str) -> list[Checkpoint]:
     if not config.is_file():
         raise ConfigError(f"{folder}: no pretrain_config.json; pass a folder python -m cdfsl_core.pretrain --out "
                           "wrote, or ARCH=WEIGHTS for one model.")
-    arch = json.loads(config.read_text())["arch"]
+    recipe = read_json_file(config, "a pretraining recipe (an object)", "Restore it, or pretrain again with --force.")
+    if "arch" not in recipe:
+        raise ConfigError(f"{config} names no architecture ('arch'); restore it, or pretrain again with --force.")
+    arch = recipe["arch"]
     files = sorted((folder / "checkpoints").glob("step_*.safetensors"))
     if not files:
         raise ConfigError(f"{folder}/checkpoints holds no step_*.safetensors; pretrain with --checkpoint-every N.")

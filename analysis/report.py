@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cdfsl_core.atomic import write_text
-from cdfsl_core.cli import command, parser
+from cdfsl_core.cli import command, parser, positive_int
 from cdfsl_core.errors import ConfigError
-from cdfsl_core.paths import check_writable_folder
+from cdfsl_core.paths import check_writable_folder, read_json_file
 
 NOTEBOOK_FOLDER = Path(__file__).resolve().parent.parent / "notebooks"
 _EXTERNAL = re.compile(r"""<(script|link)\b[^>]*(src|href)=["']https?://[^>]*>(\s*</script>)?""", re.IGNORECASE)
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     result.add_argument("--out", type=Path, default=None, help="the report folder (default STUDY/report)")
     result.add_argument("--notebooks", nargs="+", default=None,
                         help="notebook names or prefixes to include (default: all), e.g. 01 02")
-    result.add_argument("--timeout", type=int, default=1800, help="seconds a notebook cell may take")
+    result.add_argument("--timeout", type=positive_int, default=1800, help="seconds a notebook cell may take")
     return result
 
 
@@ -46,7 +46,7 @@ def notebook_parameters(study: Path) -> dict[str, Any]:
     path = study / "study.json"
     if not path.is_file():
         raise ConfigError(f"{study} has no study.json: expected a study folder (make demo writes outputs/demo).")
-    saved = json.loads(path.read_text())
+    saved = read_json_file(path, "a study's settings (an object)", "Restore it, or run the study into a new folder.")
     parameters = {
         "OUT": str(study.resolve()), "MODEL": saved["model"]["name"],
         "CHECKPOINT": "none" if saved["model"]["pretrained"] is None else saved["model"]["pretrained"],
@@ -110,7 +110,7 @@ def write_report(study: Path, out: Path, notebooks: Sequence[Path], timeout: int
         pages.append((page.name, title, time.perf_counter() - start))
         print(f"{page} ({pages[-1][2]:.0f} s)")
     items = "\n".join(f'<li><a href="{html.escape(name)}">{html.escape(title)}</a></li>' for name, title, _ in pages)
-    settings = html.escape(json.dumps(json.loads((study / "study.json").read_text()), indent=2))
+    settings = html.escape(json.dumps(read_json_file(study / "study.json", "a study's settings (an object)", "Restore it, or run the study into a new folder."), indent=2))
     index = out / "index.html"
     write_text(index, f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Study report: {html.escape(study.name)}</title>

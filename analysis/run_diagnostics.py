@@ -51,6 +51,7 @@ from analysis.diagnostics import TokenDiagnostics, model_view  # noqa: E402
 from analysis.recorder import record  # noqa: E402
 from analysis.token_maps import balanced_indices, token_maps  # noqa: E402
 from cdfsl_core.errors import ConfigError  # noqa: E402
+from cdfsl_core.paths import read_json_file
 from cdfsl_core.run_folder import RunFolder  # noqa: E402
 from cdfsl_core.runner import evaluate, load_run, load_state, prepare_episode, state_path, train_episode  # noqa: E402
 from cdfsl_core.towers import vision_tower
@@ -206,7 +207,8 @@ def _check_settings(target: Path, settings: dict[str, Any]) -> None:
     path = target / SETTINGS
     if not path.is_file():
         return
-    saved = json.loads(path.read_text())
+    saved = read_json_file(path, "the diagnostics' settings (an object)", "Remove it with the tables beside it, or "
+                           "pass --out for another folder.")
     differ = [f"{key}: {saved.get(key)!r} (the tables there) vs {settings.get(key)!r} (now)"
               for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)]
     if differ:

@@ -245,7 +245,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     """``python -m cdfsl_core.episodes --dataset eurosat --data-root DIR --shots 1 --out FILE``."""
     from cdfsl_core.data import load_dataset
 
+    from cdfsl_core.paths import check_writable_file
+
     args = build_parser().parse_args(argv)
+    check_writable_file(args.out, "--out")  # before the data are read
     dataset = load_dataset(args.dataset, args.data_root)
     config = episode_config(args.shots, args.episodes, args.seed, args.ways, args.queries,
                                      args.short_class_policy)

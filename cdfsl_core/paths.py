@@ -8,13 +8,14 @@ do not count. Nothing is created for a folder that does not exist yet.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 
-from cdfsl_core.errors import ConfigError
+from cdfsl_core.errors import CDFSLError, ConfigError
 
-__all__ = ["check_writable_file", "check_writable_folder"]
+__all__ = ["check_writable_file", "check_writable_folder", "read_json_file"]
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -59,3 +60,16 @@ def check_writable_file(path: str | os.PathLike[str], flag: str) -> Path:
         raise ConfigError(f"{flag} {path} exists and is not writable. Pass another path, or make it writable.")
     check_writable_folder(path.parent, flag)
     return path
+
+
+def read_json_file(path: Path, what: str, fix: str, error: type[CDFSLError] = ConfigError,
+                   kind: type = dict) -> object:
+    """The JSON value in ``path``, of type ``kind``; a file that does not parse, or holds another kind
+    of value, is ``error`` naming the file, ``what`` it should be and the ``fix``."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path} is not valid JSON ({err}); expected {what}. {fix}") from None
+    if not isinstance(value, kind):
+        raise error(f"{path} holds a JSON {type(value).__name__}, not {what}. {fix}")
+    return value

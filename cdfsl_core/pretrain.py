@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training images per source class")
     result.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="images per step")
     result.add_argument("--lr", type=positive_float, default=defaults.lr, help="AdamW peak learning rate")
-    result.add_argument("--seed", type=int, default=defaults.seed, help="world seed and torch seed")
+    result.add_argument("--seed", type=non_negative_int, default=defaults.seed, help="world seed and torch seed")
     result.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
                         help="AdamW weight decay on matrices (not on embeddings, norms, biases)")
     result.add_argument("--arch", default=defaults.arch,
@@ -402,8 +402,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.force and args.resume:
         raise ConfigError("--force starts the run again and --resume continues it: pass one of them.")
-    if args.seed < 0:
-        raise ConfigError(f"--seed {args.seed}: expected an integer >= 0.")
     check_out(args.out, args.arch, args.force, args.resume)
     check_architecture(args.arch)
     config = PretrainConfig(

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 from cdfsl_core.atomic import write_json
 from cdfsl_core.errors import DeviceError, RunFolderError
+from cdfsl_core.paths import read_json_file
 
 __all__ = ["RunFolder", "config_differences", "short_identity"]
 
@@ -45,6 +46,10 @@ def config_differences(saved: Any, new: Any, prefix: str = "") -> list[str]:
             found += config_differences(saved.get(key), new.get(key), f"{prefix}{key}.")
         return found
     return [] if saved == new else [f"{prefix.rstrip('.')}: {saved!r} (the run) vs {new!r} (now)"]
+
+
+_DAMAGED_FIX = "run the command into a new --out folder."
+_DAMAGED = "The run folder is damaged: restore the file, or " + _DAMAGED_FIX
 
 
 class RunFolder:
@@ -93,11 +98,13 @@ class RunFolder:
         if not self.config_file.is_file():
             raise RunFolderError(f"{self.path} is not a run folder: config.json is missing. Pass the --out folder of "
                                  "python -m cdfsl_core.finetune.")
-        return json.loads(self.config_file.read_text())
+        return read_json_file(self.config_file, "a run's config (an object)", _DAMAGED, RunFolderError)
 
     def manifest(self) -> dict[str, Any]:
         """The manifest, or ``{}`` when none was written yet."""
-        return json.loads(self.manifest_file.read_text()) if self.manifest_file.is_file() else {}
+        if not self.manifest_file.is_file():
+            return {}
+        return read_json_file(self.manifest_file, "a run's manifest (an object)", _DAMAGED, RunFolderError)
 
     def lines(self) -> tuple[list[dict[str, Any]], bool]:
         """Every episode line in file order, and whether a torn line (a write killed midway) was
@@ -105,13 +112,22 @@ class RunFolder:
         if not self.results.is_file():
             return [], False
         rows, torn = [], False
-        for line in self.results.read_text().splitlines():
+        for number, line in enumerate(self.results.read_text(errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                torn = True
+                if line.lstrip().startswith("{"):  # a line cut short by a writer killed midway
+                    torn = True
+                    continue
+                raise RunFolderError(f"{self.results}, line {number}: not an episode line ({line[:40]!r}). "
+                                     f"Remove that line, or {_DAMAGED_FIX}") from None
+            if not isinstance(row, dict) or type(row.get("episode")) is not int or "status" not in row:
+                raise RunFolderError(f"{self.results}, line {number}: a JSON line that is not an episode line "
+                                     f"(an episode line has an integer 'episode' and a 'status'). Remove that line, "
+                                     f"or {_DAMAGED_FIX}")
+            rows.append(row)
         return rows, torn
 
     def finished(self) -> dict[int, dict[str, Any]]:
@@ -151,7 +167,7 @@ class RunFolder:
         accepts any (a corrected command after a failed start)."""
         if not finished or not self.config_file.is_file():
             return
-        differences = config_differences(json.loads(self.config_file.read_text()), config)
+        differences = config_differences(self.config_dict(), config)
         if differences:
             raise RunFolderError(
                 f"{self.path} holds {len(finished)} finished episode(s) of a run with another config: "

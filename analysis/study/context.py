@@ -24,7 +24,7 @@ from cdfsl_core.config import ModelConfig, RunConfig, episode_config, episode_fi
 from cdfsl_core.data import load_dataset
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.models import EMBEDDED_MODEL, ClipBundle, load_clip
-from cdfsl_core.paths import check_writable_folder
+from cdfsl_core.paths import check_writable_folder, read_json_file
 from cdfsl_core.preprocess import protocol_transform
 from cdfsl_core.run_folder import RunFolder
 
@@ -93,7 +93,9 @@ class StudyContext:
             return
         path = self.out / "study.json"
         if path.exists():
-            saved, now = json.loads(path.read_text()), self.settings()
+            saved = read_json_file(path, "a study's settings (an object)",
+                                   "Restore it, or run the study into a new folder (nothing in it is reused then).")
+            now = self.settings()
             differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             if differ and self.has_results():
                 raise ConfigError(f"{self.out} holds a study with other settings (differs in {differ}: "

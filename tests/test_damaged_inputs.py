@@ -1,0 +1,131 @@
+"""Damaged run folders and out-of-range values are named in one line (exit 1, no traceback) by
+every command that meets them, and nothing is changed; each case is a finding of a probe through
+the real commands (``main(argv)``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from test_reliability import RANDOM_TINY, _error, eurosat  # noqa: F401 - the fixture is used by name
+
+from analysis.organism import main as organism_main
+from analysis.report import main as report_main
+from analysis.run_diagnostics import main as diagnostics_main
+from cdfsl_core.compare import main as compare_main
+from cdfsl_core.episodes import main as episodes_main
+from cdfsl_core.finetune import main as finetune_main
+from cdfsl_core.pretrain import main as pretrain_main
+from cdfsl_core.run_folder import RunFolder
+
+
+@pytest.fixture
+def finished(tmp_path, eurosat):  # noqa: F811 - the fixture of test_reliability
+    """A finished 2-episode run of the random test architecture."""
+    out = tmp_path / "run"
+    assert finetune_main([*RANDOM_TINY, "--episodes", "2", "--data-root", str(eurosat),
+                          "--episode-file", str(tmp_path / "ep.json"), "--out", str(out)]) == 0
+    return out
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+
+
+@pytest.mark.parametrize("damage", ["manifest", "config", "foreign-line", "junk-line"])
+def test_a_damaged_run_folder_is_named_by_every_reader(finished, eurosat, tmp_path, capsys, damage):  # noqa: F811
+    if damage == "manifest":
+        (finished / "manifest.json").write_text("{not json")
+        expected = "manifest.json is not valid JSON"
+    elif damage == "config":
+        (finished / "config.json").write_text("[1, 2]")
+        expected = "config.json holds a JSON list"
+    elif damage == "foreign-line":
+        with (finished / "episodes.jsonl").open("a") as handle:
+            handle.write('{"hello": 1}\n')
+        expected = "episodes.jsonl, line 3: a JSON line that is not an episode line"
+    else:
+        with (finished / "episodes.jsonl").open("a") as handle:
+            handle.write("appended by hand\n")
+        expected = "episodes.jsonl, line 3: not an episode line"
+    before = _snapshot(finished)
+    capsys.readouterr()
+    commands = [
+        lambda: finetune_main([*RANDOM_TINY, "--episodes", "2", "--data-root", str(eurosat),
+                               "--episode-file", str(tmp_path / "ep.json"), "--out", str(finished)]),
+        lambda: diagnostics_main([str(finished), "--episodes", "0"]),
+    ]
+    if damage != "config":  # compare reads the lines and the manifest, not the config
+        commands.append(lambda: compare_main([str(finished), str(finished)]))
+    for run in commands:
+        assert run() == 1
+        message = _error(capsys)
+        assert expected in message and str(finished) in message, message
+    assert _snapshot(finished) == before  # nothing changed
+
+
+def test_a_torn_last_line_is_still_tolerated(finished):
+    """The control: a line cut short by a killed writer is skipped, not refused."""
+    with (finished / "episodes.jsonl").open("a") as handle:
+        handle.write('{"episode": 2, "classes": ["a", "b')
+    rows, torn = RunFolder(finished).lines()
+    assert torn and [r["episode"] for r in rows] == [0, 1]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["pretrain", "--seed", "-1"], "--seed"),
+    (["organism", "--seed", "-1"], "--seed"),
+    (["organism", "--high-norm-tau", "-1"], "--high-norm-tau"),
+    (["organism", "--high-norm-tau", "0"], "--high-norm-tau"),
+    (["report", "--timeout", "0"], "--timeout"),
+    (["report", "--timeout", "-5"], "--timeout"),
+])
+def test_out_of_range_values_fail_in_argparse(argv, flag, tmp_path, capsys):
+    mains = {"pretrain": pretrain_main, "organism": organism_main, "report": report_main}
+    extra = {"pretrain": ["--out", str(tmp_path / "p")], "organism": ["--out", str(tmp_path / "o"), "x"],
+             "report": [str(tmp_path)]}[argv[0]]
+    with pytest.raises(SystemExit) as exit_:
+        mains[argv[0]]([*argv[1:], *extra])
+    assert exit_.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing created
+
+
+def test_episodes_out_an_existing_folder_is_named_before_the_data(tmp_path, capsys):
+    (tmp_path / "a_folder").mkdir()
+    assert episodes_main(["--dataset", "eurosat", "--data-root", str(tmp_path / "missing"), "--shots", "1",
+                          "--out", str(tmp_path / "a_folder")]) == 1
+    assert "--out" in (message := _error(capsys)) and "is a folder" in message
+
+
+@pytest.mark.parametrize("content, expected", [("{broken", "is not valid JSON"), ('"a string"', "holds a JSON str")])
+def test_report_names_a_corrupt_study_file(tmp_path, capsys, content, expected):
+    (tmp_path / "study.json").write_text(content)
+    assert report_main([str(tmp_path)]) == 1
+    message = _error(capsys)
+    assert "study.json" in message and expected in message
+
+
+def test_organism_names_a_corrupt_recipe(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "pretrain_config.json").write_text("{}")
+    assert organism_main([str(run), "--out", str(tmp_path / "out")]) == 1
+    assert "names no architecture" in _error(capsys)
+    (run / "pretrain_config.json").write_text("nope")
+    assert organism_main([str(run), "--out", str(tmp_path / "out")]) == 1
+    assert "is not valid JSON" in _error(capsys)
+
+
+def test_a_study_folder_with_a_corrupt_settings_file_is_named(tmp_path):
+    from analysis.study import Study
+    from cdfsl_core.errors import ConfigError
+
+    (tmp_path / "study.json").write_text(json.dumps([1]))
+    study = Study.create(tmp_path, targets=("synthetic-crops",), shots=(1,), diagnose_shots=1, episodes=1, steps=1,
+                         progress=False)
+    with pytest.raises(ConfigError, match="study.json holds a JSON list"):
+        study.check_folder()
