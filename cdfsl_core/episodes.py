@@ -244,7 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Sequence[str] | None = None) -> int:
     """``python -m cdfsl_core.episodes --dataset eurosat --data-root DIR --shots 1 --out FILE``."""
     from cdfsl_core.data import load_dataset
-
     from cdfsl_core.paths import check_writable_file
 
     args = build_parser().parse_args(argv)
