@@ -118,6 +118,27 @@ def token_sets(method: Any, images: torch.Tensor, block: int, names: Sequence[st
     return {name: _named_set(values, name).cpu() for name in names}
 
 
+def check_set_names(names: Sequence[str], n_classes: int) -> None:
+    """Every token-set name can exist for episodes of ``n_classes`` ways (checked before any work):
+    ``bucket:<m>`` with 0 <= m <= n_classes, ``sink:<definition>`` a registered definition, or
+    ``head``, ``tail``, ``all``."""
+    from analysis.sinks import list_sinks
+
+    for name in names:
+        if name.startswith("bucket:"):
+            m = name.split(":", 1)[1]
+            if not m.isdigit() or int(m) > n_classes:
+                raise ConfigError(f"token set {name!r}: the Sum score of a {n_classes}-way episode is 0..{n_classes}; "
+                                  f"pass bucket:0 to bucket:{n_classes}.")
+        elif name.startswith("sink:"):
+            if name[5:] not in list_sinks():
+                raise ConfigError(f"token set {name!r}: no such sink definition; expected one of "
+                                  f"{['sink:' + k for k in list_sinks()]}.")
+        elif name not in ("head", "tail", "all"):
+            raise ConfigError(f"token set {name!r}: expected 'sink:<definition>', 'bucket:<m>', 'head', 'tail' or "
+                              "'all'.")
+
+
 def _named_set(values: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     if name == "all":
         return torch.ones_like(values["sum_score"], dtype=torch.bool)

@@ -24,9 +24,9 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from cdfsl_core.atomic import write_table
+from cdfsl_core.atomic import write_json, write_table
 from cdfsl_core.cli import command, non_negative_int, parser
-from cdfsl_core.paths import check_writable_folder
+from cdfsl_core.paths import check_settings, check_writable_folder
 
 DEFAULT_SETS = ("sink:high-norm", "sink:attention-mass", "bucket:5", "head", "tail")
 
@@ -52,7 +52,13 @@ if __name__ == "__main__":
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from analysis.causal import ablation_effects, logit_attribution, patch_effects, summarize_effects  # noqa: E402
+from analysis.causal import (  # noqa: E402
+    ablation_effects,
+    check_set_names,
+    logit_attribution,
+    patch_effects,
+    summarize_effects,
+)
 from analysis.token_maps import balanced_indices  # noqa: E402
 from cdfsl_core.errors import ConfigError  # noqa: E402
 from cdfsl_core.runner import load_run, load_state, prepare_episode, state_path, train_episode  # noqa: E402
@@ -93,6 +99,14 @@ def causal_run(folder: str | Path, episodes: Sequence[int] = (0,), block: int | 
     block = default_block(n_blocks) if block is None else block
     if not 1 <= block < n_blocks:
         raise ConfigError(f"--block {block}: expected 1..{n_blocks - 1} for this model.")
+    check_set_names(sets, config.episodes.n_way)
+    for index in episodes:
+        if not 0 <= index < len(episode_file):
+            raise ConfigError(f"episode {index} out of range: {folder} has episodes 0..{len(episode_file) - 1}.")
+    settings = {"run": str(folder.resolve()), "episodes": [int(i) for i in episodes], "block": block,
+                "sets": list(sets), "ablation": ablation, "patch_tokens": list(patch_tokens), "queries": queries,
+                "label": label}
+    check_settings(target / SETTINGS, settings, "causal tables")  # nothing of other settings is replaced
     label = label or f"fine-tuned {config.method.adaptation}/{config.method.intervention}"
     parts: dict[str, list[pd.DataFrame]] = {"ablation": [], "patching": [], "attribution": []}
     for index in episodes:
@@ -123,7 +137,11 @@ def causal_run(folder: str | Path, episodes: Sequence[int] = (0,), block: int | 
                                             for value in ("d_margin", "d_accuracy")], ignore_index=True)
     for name, table in tables.items():
         write_table(table, target / f"{name}.csv")
+    write_json(target / SETTINGS, settings)  # last: the tables beside it are complete
     return tables
+
+
+SETTINGS = "settings.json"
 
 
 @command

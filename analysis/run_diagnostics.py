@@ -26,7 +26,7 @@ from typing import Any, Sequence
 from analysis.config import add_analysis_arguments, add_sink_arguments, analysis_config  # noqa: F401 (re-exported)
 from cdfsl_core.atomic import write_json, write_table
 from cdfsl_core.cli import command, non_negative_int, parser
-from cdfsl_core.paths import check_writable_folder
+from cdfsl_core.paths import check_settings, check_writable_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,6 @@ from analysis.diagnostics import TokenDiagnostics, model_view  # noqa: E402
 from analysis.recorder import record  # noqa: E402
 from analysis.token_maps import balanced_indices, token_maps  # noqa: E402
 from cdfsl_core.errors import ConfigError  # noqa: E402
-from cdfsl_core.paths import read_json_file
 from cdfsl_core.run_folder import RunFolder  # noqa: E402
 from cdfsl_core.runner import evaluate, load_run, load_state, prepare_episode, state_path, train_episode  # noqa: E402
 from cdfsl_core.towers import vision_tower
@@ -159,7 +158,7 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
     target = Path(out) if out is not None else RunFolder(folder).diagnostics
     settings = json.loads(json.dumps({"run": str(folder.resolve()), "episodes": [int(i) for i in episodes],
                                       "pretrained": pretrained, "model_label": model_label, **asdict(analysis)}))
-    _check_settings(target, settings)
+    check_settings(target / SETTINGS, settings, "diagnostics tables")
     check_writable_folder(target, "--out" if out is not None else "the run's diagnostics folder (pass --out elsewhere)")
     config, bundle, dataset, episode_file = load_run(folder, bundle)
     recorded = RunFolder(folder).finished()  # tolerant of a torn last line
@@ -199,21 +198,6 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
 
 
 SETTINGS = "settings.json"
-
-
-def _check_settings(target: Path, settings: dict[str, Any]) -> None:
-    """Tables of other settings are never replaced silently: a folder whose ``settings.json``
-    differs is refused, naming each difference."""
-    path = target / SETTINGS
-    if not path.is_file():
-        return
-    saved = read_json_file(path, "the diagnostics' settings (an object)", "Remove it with the tables beside it, or "
-                           "pass --out for another folder.")
-    differ = [f"{key}: {saved.get(key)!r} (the tables there) vs {settings.get(key)!r} (now)"
-              for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)]
-    if differ:
-        raise ConfigError(f"{target} holds diagnostics tables of other settings ({'; '.join(differ)}); they would be "
-                          "replaced. Pass --out for another folder, or the same settings to recompute them.")
 
 
 @command

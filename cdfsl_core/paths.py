@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cdfsl_core.errors import CDFSLError, ConfigError
 
-__all__ = ["check_writable_file", "check_writable_folder", "read_json_file"]
+__all__ = ["check_settings", "check_writable_file", "check_writable_folder", "read_json_file"]
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -73,3 +73,19 @@ def read_json_file(path: Path, what: str, fix: str, error: type[CDFSLError] = Co
     if not isinstance(value, kind):
         raise error(f"{path} holds a JSON {type(value).__name__}, not {what}. {fix}")
     return value
+
+
+def check_settings(path: Path, settings: dict, what: str) -> None:
+    """Tables of other settings are never replaced silently: when ``path`` (the ``settings.json``
+    written beside a command's tables, last, once they are complete) holds other settings than
+    ``settings``, refuse, naming each difference. ``what`` names the tables ("diagnostics tables")."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    saved = read_json_file(path, f"the settings of the {what} beside it (an object)",
+                           "Remove it with the tables beside it, or pass --out for another folder.")
+    differ = [f"{key}: {saved.get(key)!r} (the tables there) vs {settings.get(key)!r} (now)"
+              for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)]
+    if differ:
+        raise ConfigError(f"{path.parent} holds {what} of other settings ({'; '.join(differ)}); they would be "
+                          "replaced. Pass --out for another folder, or the same settings to recompute them.")

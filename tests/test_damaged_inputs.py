@@ -129,3 +129,40 @@ def test_a_study_folder_with_a_corrupt_settings_file_is_named(tmp_path):
                          progress=False)
     with pytest.raises(ConfigError, match="study.json holds a JSON list"):
         study.check_folder()
+
+
+def test_run_causal_never_replaces_tables_of_other_settings(tmp_path, capsys):
+    """The data-loss finding: --sets tail after --sets head replaced ablation.csv without a word."""
+    from helpers import TINY
+
+    from analysis.run_causal import main as causal_main
+    from cdfsl_core.runner import run
+
+    folder = tmp_path / "run"
+    run(TINY, folder, progress=False, save_states=True)
+    common = [str(folder), "--episodes", "0", "--block", "1", "--queries", "2"]
+    assert causal_main([*common, "--sets", "head"]) == 0
+    before = _snapshot(folder / "causal")
+    capsys.readouterr()
+    assert causal_main([*common, "--sets", "tail"]) == 1
+    message = _error(capsys)
+    assert "other settings" in message and "sets: ['head'] (the tables there) vs ['tail'] (now)" in message
+    assert _snapshot(folder / "causal") == before
+    assert causal_main([*common, "--sets", "tail", "--out", str(tmp_path / "tail")]) == 0  # the fix it names
+    assert causal_main([*common, "--sets", "head"]) == 0  # the same settings recompute
+
+
+@pytest.mark.parametrize("name, expected", [("bucket:9", "bucket:0 to bucket:3"), ("bucket:x", "bucket:0 to bucket:3"),
+                                            ("sink:nope", "no such sink definition"), ("middle", "expected 'sink:")])
+def test_run_causal_refuses_sets_that_cannot_exist_before_any_work(tmp_path, capsys, name, expected):
+    from helpers import TINY
+
+    from analysis.run_causal import main as causal_main
+    from cdfsl_core.runner import run
+
+    folder = tmp_path / "run"
+    run(TINY, folder, progress=False)
+    capsys.readouterr()
+    assert causal_main([str(folder), "--episodes", "0", "--block", "1", "--sets", name]) == 1
+    assert expected in _error(capsys)
+    assert not (folder / "causal").exists()
