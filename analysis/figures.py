@@ -920,5 +920,5 @@ def organism_emergence(summary: pd.DataFrame, statistics: Sequence[str] = ORGANI
     figure.tight_layout(rect=(0, 0, 1, 0.96))
     _legend_below(figure, list(axes.flat[:len(shown)]), title="run")
     figure.suptitle("emergence over pretraining (thick: source, thin: targets; per-block statistics at the "
-                    "block where largest, simple tokens at TIR's blocks; dashed: chance)", fontsize=9)
+                    "block where largest, simple tokens at TIR's blocks; dashed: the Gaussian null or chance)", fontsize=9)
     return figure

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import pandas as pd
@@ -109,39 +110,57 @@ def trajectory_table(source: str | os.PathLike[str] | Iterable[dict[str, Any]], 
     return pd.DataFrame(rows, columns=columns).astype({"value": float})
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m analysis.trajectory RUN [RUN ...] [--out FOLDER]``: the trajectory table and figure of runs."""
-    import argparse
-    from pathlib import Path
+def build_parser():
+    from cdfsl_core.cli import non_negative_int, parser
 
+    result = parser("python -m analysis.trajectory",
+                    "The trajectory table and figure of runs: python -m analysis.trajectory RUN [RUN ...] [--out FOLDER].")
+    result.add_argument("runs", nargs="+", help="run folders of finetune --trajectory-steps")
+    result.add_argument("--out", type=Path, default=None, help="folder for trajectory.csv and the figure "
+                        "(default: the first run's diagnostics/)")
+    result.add_argument("--block", type=non_negative_int, default=None,
+                        help="the vision block of the token statistics (default: the figure's choice)")
+    return result
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m analysis.trajectory RUN [RUN ...] [--out FOLDER]``: the trajectory table and figure of runs."""
     import matplotlib.pyplot as plt
 
     from analysis import figures as fig
     from cdfsl_core.atomic import write_table
     from cdfsl_core.config import RunConfig
     from cdfsl_core.errors import ConfigError
+    from cdfsl_core.paths import check_writable_folder
 
-    parser = argparse.ArgumentParser("python -m analysis.trajectory", description=main.__doc__)
-    parser.add_argument("runs", nargs="+", help="run folders of finetune --trajectory-steps")
-    parser.add_argument("--out", type=Path, default=None, help="folder for trajectory.csv and the figure "
-                        "(default: the first run's diagnostics/)")
-    parser.add_argument("--block", type=int, default=None, help="the vision block of the token statistics")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    out = args.out or RunFolder(args.runs[0]).diagnostics
+    check_writable_folder(out, "--out" if args.out else "the run's diagnostics folder (pass --out elsewhere)")
     parts = []
     for run in args.runs:
+        if not Path(run).is_dir():
+            raise ConfigError(f"{run} is not a folder; pass run folders of python -m cdfsl_core.finetune.")
         config = RunConfig.from_dict(RunFolder(run).config_dict())
         label = f"{config.method.adaptation}/{config.method.intervention}"
         parts.append(trajectory_table(run, method=label, domain=config.data.dataset, shots=config.episodes.k_shot))
     table = pd.concat(parts, ignore_index=True)
     if table.empty:
         raise ConfigError(f"{', '.join(args.runs)}: no episode has a trajectory; run finetune with --trajectory-steps.")
-    out = args.out or RunFolder(args.runs[0]).diagnostics
+    blocks = sorted(int(b) for b in table["block"].dropna().unique())
+    if args.block is not None and args.block not in blocks:
+        raise ConfigError(f"--block {args.block}: the trajectories have blocks {blocks[0]}..{blocks[-1]}.")
     write_table(table, out / "trajectory.csv")
     figure = fig.trajectories(table, block=args.block)
     paths = fig.save_figure(figure, out, "trajectories")
     plt.close(figure)
     print(f"{out / 'trajectory.csv'}; {', '.join(str(p) for p in paths)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cdfsl_core.cli import command
+
+    return command(_main)(argv)
 
 
 if __name__ == "__main__":

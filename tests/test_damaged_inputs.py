@@ -166,3 +166,26 @@ def test_run_causal_refuses_sets_that_cannot_exist_before_any_work(tmp_path, cap
     assert causal_main([str(folder), "--episodes", "0", "--block", "1", "--sets", name]) == 1
     assert expected in _error(capsys)
     assert not (folder / "causal").exists()
+
+
+def test_every_error_of_analysis_trajectory_is_one_line(tmp_path, eurosat, capsys):  # noqa: F811
+    from analysis.trajectory import main as trajectory_main
+
+    run = tmp_path / "run"
+    assert finetune_main([*RANDOM_TINY, "--episodes", "1", "--data-root", str(eurosat), "--trajectory-steps", "0", "1",
+                          "--episode-file", str(tmp_path / "ep.json"), "--out", str(run)]) == 0
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    cases = [([str(tmp_path / "missing")], "is not a folder"),
+             ([str(tmp_path / "empty")], "config.json is missing"),
+             ([str(run), "--out", str(tmp_path / "a_file")], "--out"),
+             ([str(run), "--block", "99"], "--block 99: the trajectories have blocks 0..1")]
+    for argv, expected in cases:
+        capsys.readouterr()
+        assert trajectory_main(argv) == 1, argv
+        assert expected in _error(capsys), argv
+    with pytest.raises(SystemExit) as exit_:
+        trajectory_main([str(run), "--block", "-1"])
+    assert exit_.value.code == 2 and "argument --block" in capsys.readouterr().err
+    assert trajectory_main([str(run), "--block", "1"]) == 0  # the control: a valid block draws
+    assert (run / "diagnostics" / "trajectory.csv").is_file()
