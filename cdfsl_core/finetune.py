@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--export-merged", type=Path, default=None,
                       help="after the run, write the fine-tuned model of one episode (LoRA folded into the weights) "
                            "to this .safetensors file, for --pretrained and analysis.cka --compare-with")
-    runs.add_argument("--export-merged-episode", type=non_negative_int, default=0,
-                      help="the episode --export-merged writes")
+    runs.add_argument("--export-merged-episode", type=non_negative_int, default=None,
+                      help="the episode --export-merged writes (default 0; needs --export-merged)")
     runs.add_argument("--allow-mixed-precision", action="store_true",
                       help="resume a run on another device type or precision than its first episodes")
     return result
@@ -126,10 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     if (args.model, args.pretrained) == ("cdfsl-synth-vit", "synthetic"):
         print("model: cdfsl-synth-vit / synthetic, the embedded toy CLIP (the default); pass --model and --pretrained "
               "for another.", file=sys.stderr)
+    from cdfsl_core.errors import ConfigError
+
+    if args.export_merged_episode is not None and args.export_merged is None:
+        raise ConfigError("--export-merged-episode needs --export-merged FILE.safetensors (the file to write it to).")
     if args.export_merged is not None:  # checked before the run, not after it
-        from cdfsl_core.errors import ConfigError
         from cdfsl_core.paths import check_writable_file
 
+        args.export_merged_episode = args.export_merged_episode or 0
+        n_episodes = config_from_args(args).episodes.n_episodes
+        if args.export_merged_episode >= n_episodes:
+            raise ConfigError(f"--export-merged-episode {args.export_merged_episode}: the run has episodes "
+                              f"0..{n_episodes - 1}.")
         if args.export_merged.suffix != ".safetensors":
             raise ConfigError(f"--export-merged {args.export_merged}: expected a .safetensors file name.")
         check_writable_file(args.export_merged, "--export-merged")

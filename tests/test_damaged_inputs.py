@@ -189,3 +189,13 @@ def test_every_error_of_analysis_trajectory_is_one_line(tmp_path, eurosat, capsy
     assert exit_.value.code == 2 and "argument --block" in capsys.readouterr().err
     assert trajectory_main([str(run), "--block", "1"]) == 0  # the control: a valid block draws
     assert (run / "diagnostics" / "trajectory.csv").is_file()
+
+
+def test_export_merged_episode_needs_its_file_and_an_episode_of_the_run(tmp_path, eurosat, capsys):  # noqa: F811
+    common = [*RANDOM_TINY, "--episodes", "2", "--data-root", str(eurosat), "--out", str(tmp_path / "run")]
+    assert finetune_main([*common, "--export-merged-episode", "1"]) == 1
+    assert "needs --export-merged" in _error(capsys)
+    assert finetune_main([*common, "--export-merged", str(tmp_path / "m.safetensors"),
+                          "--export-merged-episode", "5"]) == 1
+    assert "the run has episodes 0..1" in _error(capsys)
+    assert not (tmp_path / "run").exists()  # refused before the run, not after training
