@@ -484,6 +484,13 @@ def finetune_table(runs: Sequence[str]) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_writable_folder(args.out, "--out")
+    if args.domains:
+        from cdfsl_core.data.synthetic import DOMAINS
+
+        unknown = [d for d in args.domains if d not in DOMAINS]
+        if unknown:
+            raise ConfigError(f"--domains {' '.join(unknown)}: not a synthetic domain (expected some of {DOMAINS}). "
+                              "--domains takes every word after it: put the runs before --domains.")
     if not args.runs and not args.finetune:
         raise ConfigError("nothing to measure: pass pretraining runs (or ARCH=WEIGHTS), --finetune run folders, or both.")
     for spec in args.runs:

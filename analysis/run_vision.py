@@ -25,14 +25,15 @@ from typing import Any
 
 from analysis.config import add_analysis_arguments, analysis_config
 from cdfsl_core.atomic import write_json, write_table
-from cdfsl_core.cli import command, non_negative_int, parser, positive_int
+from cdfsl_core.cli import command, non_negative_int, parser, positive_int, pretrained_arg, pretrained_value
 from cdfsl_core.paths import check_writable_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
     result = parser("python -m analysis.run_vision", __doc__)
     result.add_argument("model", help="a timm model name (vit_small_patch14_reg4_dinov2) or an open_clip architecture")
-    result.add_argument("--pretrained", default=None, help="a local weights file (None: random weights)")
+    result.add_argument("--pretrained", type=pretrained_arg, default=None,
+                        help="a local weights file, or 'none' (random weights, the default)")
     result.add_argument("--image-size", type=positive_int, default=None,
                         help="build a timm tower at this input size (None: its default; DINOv2: 518)")
     result.add_argument("--dataset", default="synthetic", help="registered dataset (python -m cdfsl_core.data list)")
@@ -56,7 +57,8 @@ from analysis.diagnostics import model_view  # noqa: E402
 from analysis.keys import act_name  # noqa: E402
 from analysis.recorder import record  # noqa: E402
 from analysis.run_diagnostics import diagnose_model  # noqa: E402
-from cdfsl_core.towers import vision_tower  # noqa: E402
+from cdfsl_core.errors import ConfigError  # noqa: E402
+from cdfsl_core.towers import tower_families, vision_tower  # noqa: E402
 
 __all__ = ["diagnose_vision", "register_table"]
 
@@ -116,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     analysis = analysis_config(args)
     check_writable_folder(args.out, "--out")
-    bundle = load_vision(args.model, args.pretrained, args.device, image_size=args.image_size)
+    bundle = load_vision(args.model, pretrained_value(args.pretrained), args.device, image_size=args.image_size)
+    if not any(family.matches(m) for m in (bundle.model, getattr(bundle.model, "visual", None))
+               if isinstance(m, torch.nn.Module) for family in tower_families()):
+        raise ConfigError(f"{args.model} is not a ViT tower: run_vision measures vision transformers only (the "
+                          f"families {', '.join(f.family for f in tower_families())}); pass a ViT architecture.")
     dataset = load_dataset(args.dataset, args.data_root)
     chosen = sample_indices(len(dataset), args.images, args.seed)
     dataset.check_images(chosen)

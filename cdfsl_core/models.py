@@ -458,6 +458,10 @@ def load_vision(
         raise CheckpointError(f"Weights in {source} do not fit the timm model {name!r} ({first}).") from None
     config = timm.data.resolve_model_data_config(trunk)
     size = trunk.patch_embed.img_size[0] if hasattr(trunk, "patch_embed") else config["input_size"][-1]
+    patch = trunk.patch_embed.patch_size[0] if hasattr(trunk, "patch_embed") else 1
+    if image_size is not None and (image_size % patch or image_size // patch < 2):
+        raise ConfigError(f"image_size={image_size}: {name} has {patch}-pixel patches; pass a multiple of {patch} "
+                          f"of at least {2 * patch} (e.g. {max(2, round(image_size / patch)) * patch}).")
     config["input_size"] = (3, size, size)
     trunk.preprocess_cfg = {"size": size, "mean": tuple(config["mean"]), "std": tuple(config["std"]),
                             "interpolation": config.get("interpolation", "bicubic"), "resize_mode": "shortest"}

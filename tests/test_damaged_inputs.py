@@ -199,3 +199,23 @@ def test_export_merged_episode_needs_its_file_and_an_episode_of_the_run(tmp_path
                           "--export-merged-episode", "5"]) == 1
     assert "the run has episodes 0..1" in _error(capsys)
     assert not (tmp_path / "run").exists()  # refused before the run, not after training
+
+
+def test_organism_domains_never_swallow_a_run_silently(tmp_path, capsys):
+    assert organism_main(["--out", str(tmp_path / "o"), "--domains", "synthetic-crops", str(tmp_path / "run")]) == 1
+    message = _error(capsys)
+    assert "not a synthetic domain" in message and "put the runs before --domains" in message
+
+
+def test_run_vision_names_a_non_vit_tower_a_bad_size_and_takes_none(tmp_path, capsys):
+    from analysis.run_vision import main as vision_main
+
+    common = ["--dataset", "synthetic-crops", "--images", "2"]
+    assert vision_main(["RN50", *common, "--out", str(tmp_path / "a")]) == 1
+    assert "is not a ViT tower" in _error(capsys)
+    assert vision_main(["vit_small_patch14_reg4_dinov2", "--image-size", "15", *common, "--out", str(tmp_path / "b")]) == 1
+    assert "14-pixel patches; pass a multiple of 14" in _error(capsys)
+    # 'none' means random weights here as everywhere
+    assert vision_main(["vit_small_patch14_reg4_dinov2", "--pretrained", "none", "--image-size", "28", *common,
+                        "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "norms.csv").is_file()
