@@ -225,6 +225,7 @@ def measure_model(model: Any, tokenizer: Any, samples: Sequence[Sample], source_
     rows: list[dict] = []
 
     generator = torch.Generator().manual_seed(0)  # the same null draws for every model
+    null_by_shape: dict[tuple, dict[str, float]] = {}
 
     def add(domain: str, block: float, statistic: str, value: float, null: float = float("nan")) -> None:
         rows.append({"domain": domain, "block": block, "statistic": statistic, "value": value, "gaussian": null})
@@ -261,7 +262,10 @@ def measure_model(model: Any, tokenizer: Any, samples: Sequence[Sample], source_
                                                      / row_median(norms)).mean())
                     if attention is not None:
                         values["register_attention"] = float(attention[:, 1:p].sum(dim=-1).mean() * x.shape[1] / k)
-                null = gaussian_null(tuple(patches.shape), tau, len(subset), rho, text.shape[-1], generator)
+                key = (tuple(patches.shape), len(subset))  # the null depends on the shape alone: drawn once
+                if key not in null_by_shape:
+                    null_by_shape[key] = gaussian_null(key[0], tau, key[1], rho, text.shape[-1], generator)
+                null = null_by_shape[key]
                 for name, value in values.items():
                     per_block.setdefault((block, name), []).append((value, len(images)))
                     nulls.setdefault((block, name), []).append((null.get(name, float("nan")), len(images)))

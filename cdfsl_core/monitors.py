@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdfsl_core.data.organism import class_prompt, scene_of
-from cdfsl_core.data.synthetic import SOURCE_COMBOS
+from cdfsl_core.data.synthetic import SOURCE_COMBOS, to_uint8
 from cdfsl_core.towers import vision_tower
 
 CATEGORIES = ("cls", "register", "background", "object")
@@ -89,8 +89,6 @@ def token_categories(background: np.ndarray, has_cls: bool, n_registers: int) ->
 
 def monitor_set(model: nn.Module, tokenizer, n_images: int, seed: int, mean, std) -> MonitorSet:
     """``n_images`` held-out organism images (class i mod 64), normalised for ``model``."""
-    from cdfsl_core.data.synthetic import to_uint8
-
     tower = vision_tower(model)
     scenes = [scene_of(i % len(SOURCE_COMBOS), i // len(SOURCE_COMBOS), seed, "test") for i in range(n_images)]
     pixels = torch.from_numpy(np.stack([to_uint8(s.image) for s in scenes]))

@@ -281,13 +281,12 @@ def _resume(model: torch.nn.Module, optimiser: torch.optim.Optimizer, out_dir: P
     """Load the last checkpoint and optimiser state of the run in ``out_dir``; (next step, history)."""
     from safetensors.torch import load_file
 
+    from cdfsl_core.paths import read_json_file
+
     recipe_file = out_dir / "pretrain_config.json"
     if not recipe_file.exists():
         raise ConfigError(f"--resume: {out_dir} holds no pretrain_config.json; start the run without --resume.")
-    try:
-        recipe = json.loads(recipe_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--resume: {recipe_file} does not parse ({err}); start the run again with --force.") from None
+    recipe = read_json_file(recipe_file, "a pretraining recipe (an object)", "Start the run again with --force.")
     differ = {k: (recipe.get(k), v) for k, v in asdict(config).items() if k != "threads" and recipe.get(k) != v}
     if differ:
         raise ConfigError(f"--resume: the run in {out_dir} was made with another recipe ({differ}, saved vs asked); "
