@@ -23,6 +23,10 @@ every-class-top     the block's output token replaced by a vector whose         
                     above that class's top-k cut among the image's other
                     tokens (gradient ascent per image), at the image's median
                     patch-token norm; impossible placements are an error
+register-neuron     MLP neuron ``channel`` of the block fires on the token, so   ``high-norm`` (from
+                    that what it writes has ``strength`` (10) x the image's      that block on); the
+                    median patch-token norm entering the block                  register-neuron
+                                                                                detector
 ==================  ==========================================================  ===================
 
 Use them beside real models: a zero from a definition on a real model means something only if
@@ -49,9 +53,11 @@ from cdfsl_core.errors import ConfigError
 from cdfsl_core.token_text import project_tokens
 from cdfsl_core.towers import vision_tower as tower_of
 
-__all__ = ["PLANTS", "Plant", "planted"]
+__all__ = ["MECHANISM_PLANTS", "PLANTS", "Plant", "planted"]
 
 PLANTS = ("high-norm", "massive-activation", "attention-sink", "every-class-top")
+# plants of a mechanism rather than of one sink definition (not among the study's sink controls)
+MECHANISM_PLANTS = ("register-neuron",)
 
 
 def _finds() -> dict[str, str]:
@@ -60,6 +66,8 @@ def _finds() -> dict[str, str]:
     for name, spec in list_sinks().items():
         if spec.plant is not None:
             found.setdefault(spec.plant, name)
+    if "high-norm" in found:  # a register neuron's artefact is a high-norm token
+        found.setdefault("register-neuron", found["high-norm"])
     return found
 
 
@@ -68,19 +76,21 @@ def __getattr__(name: str):
         return _finds()
     raise AttributeError(name)
 
-DEFAULT_STRENGTH = {"high-norm": 10.0, "massive-activation": 1000.0, "attention-sink": 30.0, "every-class-top": 0.0}
+DEFAULT_STRENGTH = {"high-norm": 10.0, "massive-activation": 1000.0, "attention-sink": 30.0, "every-class-top": 0.0,
+                    "register-neuron": 10.0}
 
 
 @dataclass(frozen=True)
 class Plant:
     """One artefact in every image: ``kind`` (one of :data:`PLANTS`) at vision block ``layer``,
-    patch token ``token`` (0-based, CLS excluded), ``channel`` for a massive activation."""
+    patch token ``token`` (0-based, CLS excluded), ``channel`` for a massive activation and the MLP
+    neuron of a register-neuron plant."""
 
     kind: str
     layer: int
     token: int = 0
     strength: float | None = None  # None: DEFAULT_STRENGTH[kind]
-    channel: int = 0  # massive-activation only
+    channel: int = 0  # massive-activation: the channel; register-neuron: the MLP neuron
     rho: float = protocol.TIR_RHO  # every-class-top only: the top-set fraction of the Sum score it must enter
 
     @property
@@ -91,7 +101,9 @@ class Plant:
         return DEFAULT_STRENGTH[self.kind] if self.strength is None else self.strength
 
 
-def _median_norm(x: torch.Tensor, prefix: int = 1) -> torch.Tensor:
+def _median_norm(x: torch.Tensor, prefix: int = 1, tower: Any = None) -> torch.Tensor:
+    if tower is not None:  # without tokens appended after the patches (a test-time register)
+        x = tower.image_tokens(x)
     return x[:, prefix:].norm(dim=-1).median(dim=-1).values  # [B]
 
 
@@ -173,8 +185,8 @@ def planted(model: nn.Module, plants: Sequence[Plant], text: torch.Tensor | None
     blocks = tower.blocks
     prefix = tower.n_prefix  # plants go on patch tokens: patch index j is stream token prefix + j
     for plant in plants:
-        if plant.kind not in PLANTS:
-            raise ConfigError(f"unknown plant {plant.kind!r}; expected one of {PLANTS}.")
+        if plant.kind not in PLANTS + MECHANISM_PLANTS:
+            raise ConfigError(f"unknown plant {plant.kind!r}; expected one of {PLANTS + MECHANISM_PLANTS}.")
         if not 0 <= plant.layer < len(blocks):
             raise ConfigError(f"plant layer {plant.layer} out of range: blocks 0..{len(blocks) - 1}.")
         if plant.kind == "attention-sink" and not tower.has_cls:
@@ -189,10 +201,10 @@ def planted(model: nn.Module, plants: Sequence[Plant], text: torch.Tensor | None
             j = prefix + plant.token
             with torch.no_grad():
                 if plant.kind == "high-norm":
-                    scale = plant.value() * _median_norm(out, prefix) / out[:, j].norm(dim=-1).clamp_min(1e-12)
+                    scale = plant.value() * _median_norm(out, prefix, tower) / out[:, j].norm(dim=-1).clamp_min(1e-12)
                     out[:, j] = out[:, j] * scale.unsqueeze(-1)
                 else:  # massive-activation
-                    median = out[:, prefix:].abs().flatten(1).median(dim=-1).values
+                    median = tower.patches(out).abs().flatten(1).median(dim=-1).values
                     out[:, j, plant.channel] = plant.value() * median
             return out
         return hook
@@ -204,6 +216,27 @@ def planted(model: nn.Module, plants: Sequence[Plant], text: torch.Tensor | None
             out[:, [prefix + p.token for p in group]] = planted_tokens.unsqueeze(1).to(out.dtype)
             return out
         return hook
+
+    def neuron_hooks(plant: Plant):
+        """A register neuron: MLP neuron ``channel`` of block ``layer`` fires on patch ``token`` so
+        that what it writes (its activation times its output weights) has ``strength`` x the
+        norm of the image's median patch token entering the block."""
+        block = blocks[plant.layer]
+        weight = tower.mlp_output(block).weight  # [width, hidden]
+        if not 0 <= plant.channel < weight.shape[1]:
+            raise ConfigError(f"register-neuron plant: neuron {plant.channel} out of range; block {plant.layer}'s MLP has "
+                              f"{weight.shape[1]} (0..{weight.shape[1] - 1}).")
+        median: dict[str, torch.Tensor] = {}
+
+        def entering(module, args, kwargs):
+            median["norm"] = _median_norm(tower.block_input(args, kwargs).detach(), prefix, tower)
+
+        def fire(module, args, out):
+            out = out.clone()
+            written = weight[:, plant.channel].detach().float().norm().clamp_min(1e-12)
+            out[:, prefix + plant.token, plant.channel] = (plant.value() * median["norm"] / written).to(out.dtype)
+            return out
+        return entering, fire
 
     block_kwargs: dict[int, dict] = {}  # each planted block's keyword arguments (rotary embeddings)
 
@@ -242,6 +275,10 @@ def planted(model: nn.Module, plants: Sequence[Plant], text: torch.Tensor | None
         for plant in plants:
             if plant.kind in ("high-norm", "massive-activation"):
                 handles.append(blocks[plant.layer].register_forward_hook(output_hook(plant), prepend=True))
+            elif plant.kind == "register-neuron":  # before any other hook: a test-time register then moves it
+                entering, fire = neuron_hooks(plant)
+                handles.append(blocks[plant.layer].register_forward_pre_hook(entering, with_kwargs=True, prepend=True))
+                handles.append(tower.mlp_activation(blocks[plant.layer]).register_forward_hook(fire, prepend=True))
         yield
     finally:
         for handle in handles:

@@ -19,6 +19,10 @@ Keys follow one scheme, pinned by a test:
 ``model`` is a CLIP, a :class:`~cdfsl_core.methods.FewShotCLIP`, or a vision tower. Each forward
 overwrites the cache, so a loop over batches keeps memory constant (reducers consume the cache
 after each batch). Hooks are removed on exit, also when the forward raises.
+
+Tokens an intervention appends after the patches for a forward (a test-time register) are not in
+the recordings, as trained registers are not among the patches: ``cache.appended[key]`` holds
+them apart (residual streams only), and attention patterns are among the image's tokens.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class ActivationCache(Mapping):
         self.layers = list(layers)
         self.what = tuple(what)
         self._store: dict[str, torch.Tensor] = {}
+        self.appended: dict[str, torch.Tensor] = {}  # tokens appended after the patches (test-time registers), by key
 
     def keys_expected(self) -> list[str]:
         return [act_name(w, i) for i in self.layers for w in self.what]
@@ -103,6 +108,21 @@ class ActivationCache(Mapping):
     def _put(self, key: str, value: torch.Tensor) -> None:
         self._store[key] = value.detach()
 
+    def _put_stream(self, tower: VisionTower, key: str, value: torch.Tensor) -> None:
+        """A residual stream, without the tokens appended after the patches (a test-time register):
+        those are kept apart, in ``appended[key]``, so every statistic reads the image's tokens."""
+        if tower.appended:
+            self.appended[key] = tower.appended_tokens(value).detach()
+        self._put(key, tower.image_tokens(value))
+
+    def _put_pattern(self, tower: VisionTower, key: str, value: torch.Tensor) -> None:
+        """Attention probabilities among the image's tokens (queries and keys of appended tokens
+        dropped: the rows then sum to what the image's tokens receive)."""
+        if tower.appended:
+            kept = value.shape[-1] - tower.appended
+            value = value[..., :kept, :kept]
+        self._put(key, value)
+
 
 @contextmanager
 def record(
@@ -129,18 +149,18 @@ def record(
             norm = tower.pre_norm(block)  # sees the stream after any intervention's pre-hook on the block
             if "resid_pre" in what:
                 handles.append(norm.register_forward_pre_hook(
-                    lambda m, args, i=i: cache._put(act_name("resid_pre", i), args[0])))
+                    lambda m, args, i=i: cache._put_stream(tower, act_name("resid_pre", i), args[0])))
             if "attn.pattern" in what:
                 extras: dict = {}  # the block's keyword arguments (rotary embeddings), the stream excluded
                 handles.append(block.register_forward_pre_hook(
                     lambda m, args, kwargs, extras=extras: extras.update(
                         {k: v for k, v in kwargs.items() if k != tower.input_keyword}), with_kwargs=True))
                 handles.append(norm.register_forward_hook(  # the attention looked up at call time (LoRA)
-                    lambda m, args, out, i=i, block=block, extras=extras: cache._put(
-                        act_name("attn.pattern", i), attention_pattern(tower, block, out, extras))))
+                    lambda m, args, out, i=i, block=block, extras=extras: cache._put_pattern(
+                        tower, act_name("attn.pattern", i), attention_pattern(tower, block, out, extras))))
             if "resid_post" in what:
                 handles.append(block.register_forward_hook(
-                    lambda m, args, out, i=i: cache._put(act_name("resid_post", i), out)))
+                    lambda m, args, out, i=i: cache._put_stream(tower, act_name("resid_post", i), out)))
         yield cache
     finally:
         for handle in handles:

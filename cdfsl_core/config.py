@@ -24,7 +24,7 @@ from cdfsl_core.plugins import load_plugins
 
 __all__ = [
     "ATHAConfig", "DataConfig", "EpisodeConfig", "LoRAConfig", "MethodConfig", "ModelConfig", "NoConfig", "RunConfig",
-    "TIRConfig", "TrainConfig", "VALID_TARGETS", "episode_config", "episode_file_name", "intervention_config_type",
+    "TIRConfig", "TIRRegisterConfig", "TestTimeRegisterConfig", "TrainConfig", "VALID_TARGETS", "episode_config", "episode_file_name", "intervention_config_type",
     "register_intervention_config", "run_config", "unregister_intervention_config",
 ]
 
@@ -56,6 +56,37 @@ class TIRConfig:
     blocks: tuple[int, ...] | None = None  # before these vision blocks; None: round(8n/12), round(10n/12): 8, 10 of 12
     rho: float = protocol.TIR_RHO  # top-k fraction per class, k = floor(rho L)
     lam: float = protocol.TIR_LAMBDA  # lambda of the weight rule (see token_text.tir_weights)
+
+
+@dataclass(frozen=True)
+class TestTimeRegisterConfig:
+    """Test-time register settings (Jiang et al. 2025, "Vision Transformers Don't Need Trained
+    Registers"); defaults from the authors' OpenCLIP ViT-B/16 configuration, carried to other depths
+    (see docs/concepts/methods.md, test-time registers)."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    neurons: tuple[tuple[int, int], ...] = ()  # (block, neuron) pairs; empty: detected when the method is built
+    top_k: int = 10  # register neurons kept, over all candidate blocks (the authors' 10)
+    highest_block: int | None = None  # candidates in blocks 0..highest_block; None: round(5n/12) (5 of 12)
+    outlier_block: int = -1  # outlier tokens are the high-norm patch tokens of this block's output (-1: the last)
+    outlier_tau: float = 2.0  # high-norm: norm > tau x the image's median patch norm (the suite's definition)
+    detect_dataset: str = "synthetic"  # the images neurons are detected on (a dataset name; its test split)
+    detect_images: int = 64  # how many (the authors use 500 ImageNet images)
+    detect_seed: int = 0
+    register_init: str = "zeros"  # the appended token's value entering block 0: 'zeros' or 'mean' (of the patches)
+
+    def __post_init__(self) -> None:  # JSON gives lists; keep the pairs hashable
+        object.__setattr__(self, "neurons", tuple(tuple(int(v) for v in pair) for pair in self.neurons))
+
+
+@dataclass(frozen=True)
+class TIRRegisterConfig(TestTimeRegisterConfig):
+    """TIR and a test-time register together: the register's settings plus TIR's."""
+
+    tir_blocks: tuple[int, ...] | None = None  # TIR's blocks; None: its defaults
+    rho: float = protocol.TIR_RHO
+    lam: float = protocol.TIR_LAMBDA
 
 
 _INTERVENTION_CONFIGS: dict[str, type] = {"none": NoConfig, "atha": ATHAConfig, "tir": TIRConfig}

@@ -3,7 +3,8 @@
 =============  ==============================================================================
 adaptation     ``zeroshot`` (nothing trains), ``lora`` (LoRA on q, k, v of both towers),
                ``coop`` (learnable prompt context), ``coop+lora``
-intervention   ``none``, ``atha`` (adaptive tail-head alignment), ``tir`` (token re-weighting)
+intervention   ``none``, ``atha`` (adaptive tail-head alignment), ``tir`` (token re-weighting);
+               registered beside them: ``test-time-register``, ``tir+test-time-register``
 =============  ==============================================================================
 
 The papers' methods are ``coop+lora`` with ``atha`` or ``tir``; the usual baseline is ``lora`` or
@@ -68,6 +69,7 @@ class FewShotCLIP(nn.Module):
         self.intervention: Intervention = build_intervention(
             config.intervention, vision_tower(self.model).n_blocks, config.intervention_config)
         self.intervention.to(self.model.logit_scale.device)
+        self.intervention.bind(bundle)  # statistics of the model itself (a test-time register's neurons)
         if config.logit_scale == "learned":
             self.log_scale = nn.Parameter(self.model.logit_scale.detach().clone())
         else:

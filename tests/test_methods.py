@@ -36,8 +36,9 @@ def _zero_shot_logits(bundle, images, names):
 
 
 def test_registry_lists_every_pair():
-    methods = list_methods()
-    assert len(methods) == 12 and "coop+lora/tir" in methods and "zeroshot/none" in methods
+    methods = list_methods()  # 4 adaptations x (none, atha, tir and the two test-time-register interventions)
+    assert len(methods) == 4 * 5 and "coop+lora/tir" in methods and "zeroshot/none" in methods
+    assert "coop+lora/tir+test-time-register" in methods
 
 
 @pytest.mark.parametrize("kind, value, valid", [("adaptation", "loraa", "coop+lora"), ("intervention", "sink", "atha")])

@@ -5,7 +5,8 @@
 
 Block defaults are the papers' choices for ViT-B/16 (12 blocks) carried to other depths:
 TIR before blocks ``round(8n/12)`` and ``round(10n/12)`` (8 and 10 of 12; 4 and 5 of 6), ATHA's
-initial alpha at block ``n // 2`` (6 of 12). Each can be set explicitly.
+initial alpha at block ``n // 2`` (6 of 12); a test-time register's neurons in blocks
+``0..round(5n/12)`` (5 of 12). Each can be set explicitly.
 """
 
 from cdfsl_core.interventions.atha import ATHA, EDIT_STATISTICS, ATHAConfig  # noqa: E402  (registers atha)
@@ -20,8 +21,13 @@ from cdfsl_core.interventions.base import (
                                            register_intervention,
                                            unregister_intervention,
 )
+from cdfsl_core.interventions.test_time_register import (  # noqa: E402  (registers the test-time registers)
+                                           TestTimeRegister,
+                                           TIRWithRegister,
+                                           find_register_neurons,
+)
 from cdfsl_core.interventions.tir import TIR, TIRConfig  # noqa: E402  (registers tir)
 
 __all__ = ["ATHA", "ATHAConfig", "EDIT_STATISTICS", "Intervention", "InterventionSpec", "NoConfig", "NoIntervention",
-           "TIR", "TIRConfig", "build_intervention", "intervention_spec", "list_interventions", "register_intervention",
+           "TIR", "TIRConfig", "TIRWithRegister", "TestTimeRegister", "build_intervention", "find_register_neurons", "intervention_spec", "list_interventions", "register_intervention",
            "unregister_intervention"]

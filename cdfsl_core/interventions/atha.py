@@ -106,12 +106,15 @@ class ATHA(Intervention):
 
     def edit(self, block: int, x: torch.Tensor, state: dict) -> torch.Tensor:
         # the patch tokens are ranked (and the prefix, CLS and registers, too with include_cls)
-        start = 0 if self.config.include_cls else state["tower"].n_prefix
-        head_coef, tail_coef = self.selection(x[..., start:, :], state["unit"])
-        if start:  # the prefix gets zero rows: one product and one add edit the whole stream, no concatenation
-            head_coef, tail_coef = F.pad(head_coef, (0, 0, start, 0)), F.pad(tail_coef, (0, 0, start, 0))
+        tower = state["tower"]
+        start = 0 if self.config.include_cls else tower.n_prefix
+        end = tower.appended  # tokens appended after the patches (a test-time register) are not ranked
+        head_coef, tail_coef = self.selection(tower.image_tokens(x)[..., start:, :], state["unit"])
+        if start or end:  # zero rows for the prefix and the appended tokens: one product and one add edit the stream
+            head_coef, tail_coef = F.pad(head_coef, (0, 0, start, end)), F.pad(tail_coef, (0, 0, start, end))
         if self._measured is not None:
-            self._measure(block, x, start, head_coef, tail_coef, state["vectors"])
+            self._measure(block, tower.image_tokens(x), start, tower.image_tokens(head_coef),
+                          tower.image_tokens(tail_coef), state["vectors"])
         # the strengths: [n_blocks] (one episode) or [E, n_blocks] (E episodes, x [E, B, 1 + L, width])
         params = state.get("params") or {"alpha": self.alpha, "beta": self.beta}
         alpha, beta = params["alpha"][..., block], params["beta"][..., block]

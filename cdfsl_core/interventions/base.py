@@ -58,6 +58,11 @@ class Intervention(nn.Module):
         """Per-forward state computed once (e.g. class vectors), handed to every ``edit``."""
         return {"visual": visual, "text": text, "tower": vision_tower(visual)}
 
+    def bind(self, bundle: Any) -> None:
+        """Called once when a method is built on ``bundle`` (a ClipBundle), before any forward: an
+        intervention that needs the model's own statistics (the register neurons of a test-time
+        register) computes them here. Nothing by default."""
+
     def reset_parameters(self) -> None:
         """Back to the initial state (between episodes)."""
 

@@ -43,7 +43,8 @@ class TIR(Intervention):
             similarity = token_class_similarity(projected, state["text"])  # [..., L, C]
             counts = sum_score(similarity.reshape(-1, *similarity.shape[-2:]), self.config.rho)
             weights = tir_weights(counts.reshape(similarity.shape[:-1]), state["text"].shape[-2], self.config.lam)
-            weights = torch.cat([weights.new_ones(*weights.shape[:-1], tower.n_prefix), weights], dim=-1)
+            weights = torch.cat([weights.new_ones(*weights.shape[:-1], tower.n_prefix), weights,
+                                 weights.new_ones(*weights.shape[:-1], tower.appended)], dim=-1)  # appended: kept
         return x * weights.unsqueeze(-1).to(x.dtype)
 
 

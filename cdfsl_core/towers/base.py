@@ -73,6 +73,9 @@ class VisionTower:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+        # tokens appended after the patches for the current forward (a test-time register): set by
+        # the intervention that appends them, for as long as its hooks are in the forward
+        self.appended = 0
 
     # -- which modules this family handles ------------------------------------------------------
     @classmethod
@@ -120,8 +123,8 @@ class VisionTower:
 
     # -- token layout ---------------------------------------------------------------------------
     def patches(self, x: torch.Tensor) -> torch.Tensor:
-        """The patch tokens of a residual stream ``[..., tokens, width]``."""
-        return x[..., self.n_prefix:, :]
+        """The patch tokens of a residual stream ``[..., tokens, width]`` (appended tokens excluded)."""
+        return self.image_tokens(x)[..., self.n_prefix:, :]
 
     def registers(self, x: torch.Tensor) -> torch.Tensor:
         """The register tokens (empty along the token axis when the tower has none)."""
@@ -132,6 +135,31 @@ class VisionTower:
         if not self.has_cls:
             raise ConfigError(f"the {self.family} tower has no CLS token; use its patch tokens or its pooled output.")
         return x[..., 0, :]
+
+    def image_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """A residual stream without the tokens appended after the patches (test-time registers):
+        ``[..., prefix + L, width]``, the layout every patch statistic reads."""
+        return x[..., :x.shape[-2] - self.appended, :] if self.appended else x
+
+    def appended_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens appended after the patches (empty along the token axis when there are none)."""
+        return x[..., x.shape[-2] - self.appended:, :]
+
+    # -- the MLP's hidden units (register neurons) ----------------------------------------------
+    def mlp_activation(self, block: nn.Module) -> nn.Module:  # pragma: no cover - abstract
+        """The module whose output is ``block``'s MLP hidden activation ``[batch, tokens, hidden]``
+        (after the non-linearity, before the output projection): where a forward hook reads or
+        edits single neurons. A gated MLP (SwiGLU) has no such module and raises."""
+        raise NotImplementedError
+
+    def mlp_output(self, block: nn.Module) -> nn.Linear:  # pragma: no cover - abstract
+        """The MLP's output projection (``weight`` [width, hidden]: column n is what neuron n writes)."""
+        raise NotImplementedError
+
+    def sequence_end_hook(self, fn) -> torch.utils.hooks.RemovableHandle:  # pragma: no cover - abstract
+        """Register ``fn(x) -> x`` on the token sequence after the last block, before the pooling and
+        the final norm (where appended tokens are removed again); returns the hook's handle."""
+        raise NotImplementedError
 
     # -- the hook point at a block's input ------------------------------------------------------
     def block_input(self, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -90,6 +90,15 @@ class OpenCLIPVisionTower(VisionTower):
     def mlp_norm(self, block: nn.Module) -> nn.Module:
         return block.ln_2
 
+    def mlp_activation(self, block: nn.Module) -> nn.Module:
+        return block.mlp.gelu
+
+    def mlp_output(self, block: nn.Module) -> nn.Linear:
+        return block.mlp.c_proj
+
+    def sequence_end_hook(self, fn):
+        return self.module.transformer.register_forward_hook(lambda module, args, out: fn(out))
+
     def head_writes(self, block: nn.Module, z: torch.Tensor, kwargs: dict | None = None,
                     query: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn = block.attn

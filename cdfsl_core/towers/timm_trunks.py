@@ -154,6 +154,19 @@ class TimmVisionTower(VisionTower):
     def mlp_norm(self, block: nn.Module) -> nn.Module:
         return block.norm2
 
+    def mlp_activation(self, block: nn.Module) -> nn.Module:
+        mlp = block.mlp
+        if type(mlp).__name__ != "Mlp":  # SwiGLU, GluMlp: the hidden unit is a product of two branches
+            raise ConfigError(f"{type(mlp).__name__} is a gated MLP: its hidden units are products of two branches, not "
+                              "one activation; register neurons are defined for plain MLPs (Linear, GELU, Linear).")
+        return mlp.act
+
+    def mlp_output(self, block: nn.Module) -> nn.Linear:
+        return block.mlp.fc2
+
+    def sequence_end_hook(self, fn):
+        return self.trunk.norm.register_forward_pre_hook(lambda module, args: (fn(args[0]), *args[1:]))
+
     @staticmethod
     def _layer_scale(block: nn.Module) -> nn.Module | torch.Tensor | None:
         gamma = getattr(block, "gamma_1", None)  # Eva: a parameter, or None
