@@ -53,7 +53,7 @@ from cdfsl_core.errors import ConfigError
 from cdfsl_core.token_text import project_tokens
 from cdfsl_core.towers import vision_tower as tower_of
 
-__all__ = ["MECHANISM_PLANTS", "PLANTS", "Plant", "planted"]
+__all__ = ["MECHANISM_PLANTS", "PLANTS", "Plant", "planted", "register_neuron_control"]
 
 PLANTS = ("high-norm", "massive-activation", "attention-sink", "every-class-top")
 # plants of a mechanism rather than of one sink definition (not among the study's sink controls)
@@ -283,3 +283,55 @@ def planted(model: nn.Module, plants: Sequence[Plant], text: torch.Tensor | None
     finally:
         for handle in handles:
             handle.remove()
+
+
+def register_neuron_control(bundle: Any, images: torch.Tensor, layer: int | None = None, neuron: int = 7,
+                            token: int = 5) -> tuple[Any, dict[str, dict[str, torch.Tensor]]]:
+    """The test-time register's positive control on any model: a ``register-neuron`` plant (MLP
+    ``neuron`` of block ``layer``, default a third of the depth, fires on patch ``token``), found
+    by :func:`~cdfsl_core.interventions.find_register_neurons`, then removed by a test-time
+    register at the detector's first neuron. Returns a table (per model: the detector's first
+    neuron, high-norm patches per image at the last block, the planted patch's and the register's
+    norm over the median patch norm) and, per model, the neuron's activation and the norm / median
+    ratio over the patch grid ``[images, rows, cols]`` for the figure
+    :func:`analysis.figures.register_control`."""
+    import pandas as pd
+
+    from analysis.recorder import record
+    from cdfsl_core.config import TestTimeRegisterConfig
+    from cdfsl_core.interventions import find_register_neurons
+    from cdfsl_core.methods import create_method
+
+    tower = tower_of(bundle.model)
+    layer = max(1, tower.n_blocks // 3) if layer is None else layer
+    last, (rows, cols) = tower.n_blocks - 1, tower.grid
+    plant = Plant("register-neuron", layer, token=token, channel=neuron)
+    names = ["first class", "second class"]  # the tokens do not depend on the class names
+    plain = create_method(bundle, names, "zeroshot", "none").eval()
+    with planted(plain, [plant]):
+        found = find_register_neurons(plain.model, images)
+    register = create_method(bundle, names, "zeroshot", "test-time-register",
+                             intervention_config=TestTimeRegisterConfig(neurons=tuple(found.neurons[:1]))).eval()
+    table, maps = [], {}
+    for label, method in (("planted", plain), ("planted + test-time register", register)):
+        seen: dict[str, torch.Tensor] = {}
+        hook = tower.mlp_output(tower.blocks[layer]).register_forward_pre_hook(lambda m, args: seen.update(a=args[0]))
+        try:
+            with planted(method, [plant]), record(method, layers=[last]) as cache, torch.no_grad():
+                method.encode_image(images, None)
+        finally:
+            hook.remove()
+        stream = cache[f"blocks.{last}.resid_post"]
+        norms = stream[:, tower.n_prefix:].float().norm(dim=-1).cpu()
+        median = norms.median(dim=-1, keepdim=True).values
+        appended = cache.appended.get(f"blocks.{last}.resid_post")
+        table.append({"model": label, "planted": f"{layer}:{neuron}",
+                      "detected_first": ":".join(map(str, found.neurons[0])) if found.neurons else "none",
+                      "high_norm_per_image": float(((norms / median) > 2.0).sum(dim=-1).float().mean()),
+                      "planted_patch_over_median": float((norms[:, token] / median[:, 0]).mean()),
+                      "register_over_median": float((appended[:, 0].float().norm(dim=-1).cpu() / median[:, 0]).mean())
+                      if appended is not None else float("nan")})
+        activation = seen["a"][:, tower.n_prefix:tower.n_prefix + rows * cols, neuron].detach().float().cpu()
+        maps[label] = {"activation": activation.reshape(-1, rows, cols),
+                       "norm_ratio": (norms / median).reshape(-1, rows, cols)}
+    return pd.DataFrame(table), maps

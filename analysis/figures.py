@@ -32,6 +32,8 @@ __all__ = [
     "patching",
     "paired_differences",
     "positive_controls",
+    "register_control",
+    "register_neurons",
     "save_figure",
     "sink_counts",
     "token_maps",
@@ -497,6 +499,66 @@ def cka_finetuned(table: pd.DataFrame) -> plt.Figure:
     figure.suptitle(f"How far fine-tuning moves each layer: CKA on the same query images ({settings})", fontsize=9)
     figure.tight_layout()
     _legend_below(figure, [axes[0, 0]])
+    return figure
+
+
+def register_control(table: pd.DataFrame, maps: dict, image: int = 0) -> plt.Figure:
+    """The test-time register's positive control (:func:`analysis.controls.register_neuron_control`)
+    for one image: per model (rows), the planted neuron's activation over the patch grid and each
+    patch token's norm over the image's median at the last block.
+
+    Args:
+        table: the control's table (its ``planted`` column names the neuron).
+        maps: per model, ``activation`` and ``norm_ratio`` ``[images, rows, cols]``.
+        image: which image to draw.
+    """
+    figure, axes = plt.subplots(len(maps), 2, figsize=(6.4, 2.8 * len(maps)), squeeze=False)
+    neuron = table["planted"].iloc[0]
+    for row, (label, parts) in zip(axes, maps.items()):
+        for ax, (key, title) in zip(row, (("activation", f"neuron {neuron}: activation"),
+                                          ("norm_ratio", "patch norm / median, last block"))):
+            shown = ax.imshow(parts[key][image].numpy(), cmap="magma")
+            figure.colorbar(shown, ax=ax, fraction=0.046)
+            ax.set_title(f"{label}\n{title}", fontsize=8)
+            ax.axis("off")
+    figure.suptitle("A planted register neuron, without and with a test-time register", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def register_neurons(table: pd.DataFrame) -> plt.Figure:
+    """Where the register neurons are: per target, the number of the top-k register neurons in
+    each vision block, one bar per model (pretrained and fine-tuned); a model without an outlier
+    token in any image has none, and the panel says so.
+
+    Args:
+        table: :meth:`analysis.study.Study.register_neurons`: one row per (target, model, rank)
+            with ``found``, ``block``, ``neuron``, ``score``, ``images_with_outliers``, ``tau``.
+    """
+    _require(table, {"target", "model", "found", "block", "images", "images_with_outliers"}, "register_neurons")
+    targets = list(dict.fromkeys(table["target"]))
+    palette = _palette(table["model"])
+    models = list(palette)
+    figure, axes = plt.subplots(1, len(targets), figsize=(3.2 * len(targets) + 0.5, 3.2), squeeze=False, sharey=True)
+    width = 0.8 / max(1, len(models))
+    for ax, target in zip(axes[0], targets):
+        part = table[table["target"] == target]
+        found = part[part["found"].astype(bool)]
+        for j, model in enumerate(models):
+            counts = found[found["model"] == model]["block"].astype(int).value_counts().sort_index()
+            ax.bar(counts.index + (j - (len(models) - 1) / 2) * width, counts.values, width, color=palette[model],
+                   label=model)
+        if found.empty:
+            first = part.iloc[0]
+            ax.text(0.5, 0.5, f"no outlier token\n(norm > {first.get('tau', 2.0):g} x median)\nin {int(first['images'])} "
+                    "images:\nno register neuron", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        ax.set_title(_short(target), fontsize=9)
+        ax.set_xlabel("vision block")
+    _integer_blocks(axes[0])
+    axes[0, 0].set_ylabel("register neurons (top-k)")
+    figure.suptitle("Register neurons (Jiang et al. 2025): MLP neurons that fire on the outlier tokens", fontsize=9)
+    figure.tight_layout()
+    _legend_below(figure, list(axes[0]))
     return figure
 
 

@@ -22,11 +22,12 @@ def test_demo_writes_the_table_the_runs_and_the_figures(tmp_path, capsys):
     assert (table.loc[table["method"] == "coop+lora", "diff_vs_baseline"] == 0).all()
     for name in ("world_samples", "accuracy_by_domain", "paired_differences", "token_norms_by_bucket", "sink_counts",
                  "head_tail_similarity", "attention_maps", "domain_similarity", "domain_estimators", "cka_finetuned",
-                 "atha_strengths", "positive_controls", "token_maps", "trajectories"):  # atha_strengths: what ATHA reports
+                 "atha_strengths", "positive_controls", "token_maps", "trajectories", "register_neurons", "register_control"):  # atha_strengths: what ATHA reports
         assert (out / "figures" / f"{name}.png").stat().st_size > 0, name
         assert (out / "figures" / f"{name}.pdf").exists(), name
     sinks = pd.read_csv(out / "diagnostics" / "sinks.csv")
-    assert set(sinks["model"]) == {"pretrained", "coop+lora", "coop+lora+atha", "coop+lora+tir"}
+    fine_tuned = {"coop+lora", "coop+lora+atha", "coop+lora+tir", "coop+lora+test-time-register"}
+    assert set(sinks["model"]) == {"pretrained", *fine_tuned}
     assert sinks["reproduced"].all() and set(sinks["fine_tuned_from"]) == {"saved state"}
     controls = pd.read_csv(out / "diagnostics" / "controls.csv")
     unplanted = controls[controls["plant"] == "none"].set_index("definition")["mean_count"]
@@ -34,7 +35,9 @@ def test_demo_writes_the_table_the_runs_and_the_figures(tmp_path, capsys):
     pretrained = sinks[(sinks["model"] == "pretrained") & (sinks["dataset"] == controls["dataset"].iloc[0])
                        & (sinks["layer"] == block)].set_index("definition")["mean_count"]
     assert np.allclose(unplanted.sort_index(), pretrained.sort_index())  # the same images, classes and block
-    assert set(pd.read_csv(out / "trajectories.csv")["method"]) == {"coop+lora", "coop+lora+atha", "coop+lora+tir"}
+    assert set(pd.read_csv(out / "trajectories.csv")["method"]) == fine_tuned
+    neurons = pd.read_csv(out / "register_neurons.csv")
+    assert set(neurons["model"]) == {"pretrained", *fine_tuned} and set(neurons["target"]) == set(table["domain"])
     maps = pd.read_csv(out / "diagnostics" / "token_maps.csv")
     assert set(maps["model"]) == set(sinks["model"]) and maps["image"].nunique() == 4
     domains = pd.read_csv(out / "domain_similarity.csv")

@@ -384,3 +384,27 @@ def test_monitors_of_every_checkpoint_afterwards_equal_the_logged_ones(tmp_path)
     for _, row in table[(table["step"] == 0) & (table["statistic"] == "max_inflow")].iterrows():
         assert row["value"] == pytest.approx(logged[(0, "vision", row["block"], row["head"], "max_inflow")], rel=1e-2)
     assert {"background_mass", "cls_mass"} <= set(table["statistic"])
+
+
+def test_the_shipped_organism_is_the_measured_r3_checkpoint():
+    """The weights under the ``organism`` tag are the run whose statistics docs/results/organism.md
+    reports: their prompt cosine on the organism world equals the committed measurement."""
+    import csv
+    from pathlib import Path
+
+    from analysis.organism import mean_pairwise_cosine
+    from cdfsl_core import protocol
+    from cdfsl_core.data.synthetic import SyntheticDataset, SyntheticSpec
+    from cdfsl_core.models import ORGANISM_MODEL, load_clip
+
+    summary = Path(__file__).parent.parent / "benchmarks/results/organism/second-design/organism_summary.csv"
+    measured = next(float(row["value"]) for row in csv.DictReader(summary.open())
+                    if row["run"] == "r3" and row["step"] == "2000.0" and row["domain"] == "synthetic-organism"
+                    and row["statistic"] == "text_cosine")
+    bundle = load_clip(*ORGANISM_MODEL, device="cpu")
+    classes = SyntheticDataset(SyntheticSpec("synthetic-organism", 1, 0, "test")).classes
+    with torch.no_grad():
+        text = bundle.model.encode_text(bundle.tokenizer([protocol.PROMPT.format(c) for c in classes]))
+    assert mean_pairwise_cosine(text) == pytest.approx(measured, abs=1e-4)
+    assert len(bundle.model.visual.transformer.resblocks) == 8
+    assert Path(bundle.info["checkpoint"]).stat().st_size <= 20 * 2**20  # the budget for shipped weights

@@ -193,3 +193,20 @@ def test_a_timm_trunk_goes_through_the_same_adapter():
     assert cache["blocks.3.resid_post"].shape[1] == 1 + 16 and logits.shape == (3, 3)
     assert bool((norms[:, 3] < 2 * norms.median(dim=-1).values).all())  # moved out of the patch
     assert bool((cache.appended["blocks.3.resid_post"].norm(dim=-1)[:, 0] > 2 * norms.median(dim=-1).values).all())
+
+
+def test_the_control_on_a_whole_model_reports_the_plant_found_and_removed(setting):
+    from analysis.controls import register_neuron_control
+    from analysis.figures import register_control
+
+    bundle, images, _, _ = setting
+    table, maps = register_neuron_control(bundle, images, layer=LAYER, neuron=NEURON, token=TOKEN)
+    rows = table.set_index("model")
+    assert set(rows["detected_first"]) == {f"{LAYER}:{NEURON}"}
+    assert rows.loc["planted", "high_norm_per_image"] == 1.0 and rows.loc["planted", "planted_patch_over_median"] > 2
+    with_register = rows.loc["planted + test-time register"]
+    assert with_register["high_norm_per_image"] == 0.0 and with_register["register_over_median"] > 2
+    assert maps["planted"]["activation"].shape == (len(images), 8, 8)
+    assert maps["planted"]["activation"][:, TOKEN // 8, TOKEN % 8].min() > maps["planted"]["activation"].median()
+    assert float(maps["planted + test-time register"]["activation"][:, TOKEN // 8, TOKEN % 8].abs().max()) == 0.0
+    assert len(register_control(table, maps).axes) == 2 * 2 + 4  # two rows of two maps with colour bars

@@ -26,6 +26,7 @@ Folder layout::
       domain_similarity.csv                   every estimator per layer: source vs targets, references, null
       cka_finetuned.csv                       paired CKA per layer: pretrained vs fine-tuned, same images
       intervention_stats.csv                  what each intervention reports of itself, per block
+      register_neurons.csv                    register neurons of the pretrained and fine-tuned models
       figures/                                every figure as PNG and PDF
 """
 

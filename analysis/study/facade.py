@@ -38,6 +38,12 @@ class Study(StudyContext):
     def cka_finetuned(self) -> pd.DataFrame:
         return inside.cka_finetuned(self)
 
+    def register_neurons(self) -> pd.DataFrame:
+        return inside.register_neurons(self)
+
+    def register_control(self, images: int = 8) -> tuple[pd.DataFrame, dict]:
+        return inside.register_control(self, images)
+
     def domain_similarity(self, pool: str = "cls") -> pd.DataFrame:
         return domains.domain_similarity(self, pool)
 

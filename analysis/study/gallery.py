@@ -67,6 +67,8 @@ def figures(study: StudyContext, folder: str | os.PathLike[str] | None = None) -
         "domain_similarity": lambda: fig.domain_similarity_by_layer(similarity, DEFAULT_ESTIMATOR),
         "domain_estimators": lambda: fig.domain_similarity_by_layer(similarity),
         "cka_finetuned": lambda: fig.cka_finetuned(inside.cka_finetuned(study)),
+        "register_neurons": lambda: fig.register_neurons(inside.register_neurons(study)),
+        "register_control": lambda: fig.register_control(*inside.register_control(study)),
         "token_maps": lambda: token_map_figure(study),
     }
     if study.grid.trajectory_points:

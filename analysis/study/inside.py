@@ -18,7 +18,8 @@ from cdfsl_core.run_folder import RunFolder
 from cdfsl_core.runner import RunConfig, load_run, load_state, prepare_episode, state_path
 from cdfsl_core.towers import vision_tower
 
-__all__ = ["CAUSAL_TABLES", "TABLES", "causal", "cka_finetuned", "controls", "diagnostics", "intervention_stats", "token_map_pixels", "trajectories"]
+__all__ = ["CAUSAL_TABLES", "TABLES", "causal", "cka_finetuned", "controls", "diagnostics", "intervention_stats",
+           "register_control", "register_neurons", "token_map_pixels", "trajectories"]
 
 TABLES = ("norms", "sinks", "head_tail", "attention", "rollout", "attribution", "token_maps")
 
@@ -139,6 +140,59 @@ def cka_finetuned(study: StudyContext) -> pd.DataFrame:
                                  "kernel": "linear", "estimator": "biased", "pool": "cls"})
         return pd.DataFrame(rows)
     return study.cached("cka_finetuned.csv", make)
+
+
+def register_neurons(study: StudyContext) -> pd.DataFrame:
+    """The register neurons (:func:`cdfsl_core.interventions.find_register_neurons`, the
+    test-time register's default settings) of the pretrained model and of each fine-tuned model
+    of episode 0 at ``diagnose_shots`` (its LoRA weights, no intervention), on that episode's
+    query images of every target: one row per (target, model, rank) with the neuron's block,
+    index and score, and how many images had an outlier token; a model with none has one row
+    with ``found`` False."""
+    def make() -> pd.DataFrame:
+        from cdfsl_core.config import TestTimeRegisterConfig
+        from cdfsl_core.interventions import find_register_neurons
+
+        settings = TestTimeRegisterConfig()
+        runs.run_grid(study, study.fine_tuned, (study.grid.diagnose_shots,))
+        rows = []
+        for target in study.data.targets:
+            for i, label in enumerate(study.fine_tuned):
+                folder = study.run_folder(target, study.grid.diagnose_shots, label)
+                config, bundle, dataset, episodes = load_run(folder, study.bundle)
+                method, _, _, query, _ = prepare_episode(config, bundle, dataset, episodes, 0)
+                models = [("pretrained", False)] if i == 0 else []
+                for model, fine_tuned in models + [(label, True)]:
+                    if fine_tuned:
+                        load_state(method, state_path(folder, 0))
+                    with torch.no_grad(), method.adapted():
+                        found = find_register_neurons(
+                            method.model, list(query.split(32)), top_k=settings.top_k,
+                            highest_block=settings.highest_block, outlier_block=settings.outlier_block,
+                            tau=settings.outlier_tau)
+                    common = {"target": target, "model": model, "images": found.images,
+                              "images_with_outliers": found.images_with_outliers,
+                              "outliers_per_image": found.outliers_per_image, "tau": settings.outlier_tau}
+                    if not found.neurons:
+                        rows.append({**common, "found": False, "rank": None, "block": None, "neuron": None,
+                                     "score": None})
+                    for rank, (block, neuron) in enumerate(found.neurons):
+                        rows.append({**common, "found": True, "rank": rank, "block": block, "neuron": neuron,
+                                     "score": found.score(block, neuron)})
+        return pd.DataFrame(rows)
+    return study.cached("register_neurons.csv", make)
+
+
+def register_control(study: StudyContext, images: int = 8) -> tuple[pd.DataFrame, dict]:
+    """The test-time register's positive control on the study's model
+    (:func:`analysis.controls.register_neuron_control`) on ``images`` test images of the first
+    target."""
+    from analysis.controls import register_neuron_control
+    from cdfsl_core.interventions.test_time_register import detect_images
+
+    device = study.bundle.model.logit_scale.device
+    batch = detect_images(study.bundle.preprocess, study.data.targets[0], images).to(device)
+    return register_neuron_control(study.bundle, batch)
 
 
 def trajectories(study: StudyContext) -> pd.DataFrame:

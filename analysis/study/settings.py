@@ -12,12 +12,14 @@ from cdfsl_core.data.synthetic import SYNTHETIC_TARGETS
 
 __all__ = ["BASELINE", "METHODS", "StudyData", "StudyGrid"]
 
-# (label, adaptation, intervention): zero-shot CLIP, the baseline, and the papers' two methods
+# (label, adaptation, intervention): zero-shot CLIP, the baseline, the papers' two methods and a
+# test-time register (no training of its own: what removing the sink without TIR does)
 METHODS = (
     ("zero-shot", "zeroshot", "none"),
     ("coop+lora", "coop+lora", "none"),
     ("coop+lora+atha", "coop+lora", "atha"),
     ("coop+lora+tir", "coop+lora", "tir"),
+    ("coop+lora+test-time-register", "coop+lora", "test-time-register"),  # Jiang et al. 2025, beside TIR
 )
 BASELINE = "coop+lora"
 
