@@ -56,7 +56,7 @@ With --compare-with it measures paired CKA instead: the same target images throu
                         help="what to print (the CSV holds it too); 'all' for every estimator")
     result.add_argument("--pool", choices=tuple(list_poolings()), default="cls",
                         help="; ".join(f"{name}: {spec.description}" for name, spec in list_poolings().items()))
-    result.add_argument("--layers", type=int, nargs="+", default=None, help="vision blocks (None: all)")
+    result.add_argument("--layers", type=non_negative_int, nargs="+", default=None, help="vision blocks (None: all)")
     result.add_argument("--bootstrap", type=non_negative_int, default=50, help="bootstrap draws for the intervals")
     result.add_argument("--permutations", type=non_negative_int, default=100, help="draws of the permutation null")
     result.add_argument("--pairings", type=positive_int, default=20, help="random pairings (random-pairing-cka)")

@@ -5,7 +5,8 @@ defaults, and plain messages for known errors.
   bad data, bad episode file, bad argument or config, missing or broken weights, a device that
   cannot be had, a run folder that would mix) prints one line, ``error: ...``, and exits 1,
   without a traceback; ``--debug`` (or ``CDFSL_DEBUG=1``) shows the traceback. Ctrl-C prints one
-  line saying what finished and how to resume, and exits 130.
+  line saying what finished and how to resume, and exits 130; a closed pipe (``| head``) stops
+  quietly with 141, as Unix tools do.
 - :func:`positive_int`, :func:`non_negative_int`, :func:`positive_float`, :func:`logit_scale` are
   argparse types: a bad value fails in argparse with the flag's name and what was expected.
 
@@ -151,6 +152,12 @@ def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
                 traceback.print_exc()
             print(f"error: {err}", file=sys.stderr)
             return 1
+        except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as Unix tools do
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            except (OSError, ValueError):
+                pass
+            return 141
         except KeyboardInterrupt as err:
             if _debug(argv):
                 traceback.print_exc()

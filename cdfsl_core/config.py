@@ -113,6 +113,9 @@ def intervention_config_type(name: str) -> type:
 
 
 # ----------------------------------------------------------------- episodes
+MAX_EPISODES = 100_000  # per run: drawing the episode file takes about a second per 10,000 on a CPU
+
+
 @dataclass(frozen=True)
 class EpisodeConfig:
     """How episodes are drawn."""
@@ -131,6 +134,9 @@ class EpisodeConfig:
                 raise EpisodeError(f"{key}={value!r}: expected a positive integer.")
         if self.n_way < 2:
             raise EpisodeError(f"n_way={self.n_way}: expected at least 2 classes per episode.")
+        if self.n_episodes > MAX_EPISODES:  # an episode file is drawn whole before the first episode runs
+            raise EpisodeError(f"n_episodes={self.n_episodes}: expected at most {MAX_EPISODES} episodes per run (the "
+                               "papers use 800 and 400); split a larger evaluation into runs with different --seed.")
         if self.short_class_policy not in SHORT_CLASS_POLICIES:
             raise EpisodeError(
                 f"short_class_policy={self.short_class_policy!r}: expected one of {SHORT_CLASS_POLICIES}."

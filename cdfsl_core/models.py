@@ -665,8 +665,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _main(argv: list[str] | None = None) -> int:
-    """``python -m cdfsl_core.models list|download``."""
+def build_parser():
+    """``python -m cdfsl_core.models list|download``'s arguments."""
     from cdfsl_core.cli import parser
 
     parser_ = parser("python -m cdfsl_core.models", __doc__.split("\n")[0])
@@ -677,7 +677,12 @@ def _main(argv: list[str] | None = None) -> int:
     dl.add_argument("name", help="open_clip architecture, e.g. ViT-B-16")
     dl.add_argument("tag", help="pretrained tag, e.g. openai")
     dl.add_argument("--cache-dir", default=None, help="cache folder (None: open_clip's and Hugging Face's defaults)")
-    args = parser_.parse_args(argv)
+    return parser_
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m cdfsl_core.models list|download``."""
+    args = build_parser().parse_args(argv)
     if args.command == "list":
         names = list_architectures(package_only=not args.all)
         for arch in names:

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     result.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="images per step")
     result.add_argument("--lr", type=positive_float, default=defaults.lr, help="AdamW peak learning rate")
     result.add_argument("--seed", type=non_negative_int, default=defaults.seed, help="world seed and torch seed")
-    result.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+    result.add_argument("--weight-decay", type=non_negative_float, default=defaults.weight_decay,
                         help="AdamW weight decay on matrices (not on embeddings, norms, biases)")
     result.add_argument("--arch", default=defaults.arch,
                         help="registered architecture (model_configs/*.json); a name ending in -reg<k> adds k "

@@ -219,3 +219,18 @@ def test_run_vision_names_a_non_vit_tower_a_bad_size_and_takes_none(tmp_path, ca
     assert vision_main(["vit_small_patch14_reg4_dinov2", "--pretrained", "none", "--image-size", "28", *common,
                         "--out", str(tmp_path / "c")]) == 0
     assert (tmp_path / "c" / "norms.csv").is_file()
+
+
+def test_a_finished_run_in_a_read_only_folder_is_summarised(finished, eurosat, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """Rerunning a finished run only prints its summary, so a read-only copy works; an unfinished one
+    is refused before any work. (Root ignores permission bits, so the check's answer is simulated.)"""
+    from cdfsl_core import paths
+
+    before = _snapshot(finished)
+    monkeypatch.setattr(paths, "_writable", lambda folder: False)
+    command = [*RANDOM_TINY, "--data-root", str(eurosat), "--episode-file", str(tmp_path / "ep.json"), "--out",
+               str(finished)]
+    assert finetune_main([*command, "--episodes", "2"]) == 0
+    assert '"episodes": 2' in capsys.readouterr().out and _snapshot(finished) == before
+    assert finetune_main([*command, "--episodes", "3"]) == 1  # one more episode to write: refused
+    assert "is not writable" in _error(capsys)

@@ -9,15 +9,19 @@ from cdfsl_core.data import dataset_spec, list_datasets, load_dataset
 from cdfsl_core.errors import DatasetError
 
 
-@command
-def main(argv: list[str] | None = None) -> int:
+def build_parser():
     parser_ = parser("python -m cdfsl_core.data", __doc__)
     sub = parser_.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="registered datasets with their layout and download source")
     check = sub.add_parser("check", help="open every image of a dataset and report unreadable ones")
     check.add_argument("name")
     check.add_argument("--root", default=None, help="data root (default: $CDFSL_DATA_ROOT)")
-    args = parser_.parse_args(argv)
+    return parser_
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "list":
         for name in list_datasets():
             spec = dataset_spec(name)
