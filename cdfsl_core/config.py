@@ -89,7 +89,9 @@ class TIRRegisterConfig(TestTimeRegisterConfig):
     lam: float = protocol.TIR_LAMBDA
 
 
-_INTERVENTION_CONFIGS: dict[str, type] = {"none": NoConfig, "atha": ATHAConfig, "tir": TIRConfig}
+_INTERVENTION_CONFIGS: dict[str, type] = {"none": NoConfig, "atha": ATHAConfig, "tir": TIRConfig,
+                                          "test-time-register": TestTimeRegisterConfig,
+                                          "tir+test-time-register": TIRRegisterConfig}
 
 
 def register_intervention_config(name: str, config_type: type) -> None:

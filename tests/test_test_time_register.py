@@ -210,3 +210,17 @@ def test_the_control_on_a_whole_model_reports_the_plant_found_and_removed(settin
     assert maps["planted"]["activation"][:, TOKEN // 8, TOKEN % 8].min() > maps["planted"]["activation"].median()
     assert float(maps["planted + test-time register"]["activation"][:, TOKEN // 8, TOKEN % 8].abs().max()) == 0.0
     assert len(register_control(table, maps).axes) == 2 * 2 + 4  # two rows of two maps with colour bars
+
+
+def test_a_run_config_naming_the_register_reads_back_without_importing_the_interventions():
+    """A run folder's config.json is read by commands that never import the interventions
+    (analysis.organism --finetune): the settings type must be known to the config layer itself."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from cdfsl_core.config import RunConfig; "
+            "c = RunConfig.from_dict(json.loads(sys.stdin.read())); print(type(c.method.intervention_config).__name__)")
+    config = replace(TINY, method=MethodConfig("coop+lora", "test-time-register", intervention_config=_register()))
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(config.to_dict()), capture_output=True, text=True)
+    assert out.stdout.strip() == "TestTimeRegisterConfig", out.stderr

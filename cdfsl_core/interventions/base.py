@@ -149,7 +149,7 @@ def register_intervention(name: str, build: Callable[[int, Any], Intervention], 
 
 def unregister_intervention(name: str) -> None:
     """Remove a registered intervention (a plug-in's test cleaning up); built-ins stay."""
-    if name in ("none", "atha", "tir"):
+    if name in ("none", "atha", "tir", "test-time-register", "tir+test-time-register"):
         raise ConfigError(f"{name!r} is built in and cannot be unregistered.")
     _REGISTRY.pop(name, None)
     unregister_intervention_config(name)
