@@ -44,8 +44,9 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check
 
+# --durations: the 25 slowest tests, printed at the end of every run (CI keeps the record)
 test: $(CLUSTER) lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: $(CLUSTER) lint
 	$(PY) -m pytest -q -m "not slow and not gpu"

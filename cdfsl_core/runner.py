@@ -201,7 +201,8 @@ class RunPlan:
     def load_model(self) -> ClipBundle:
         if self.config.model.pretrained is None:
             torch.manual_seed(self.config.episodes.seed)  # random weights, the same in every process
-        return load_clip(self.config.model.name, self.config.model.pretrained, device=self.device)
+        return load_clip(self.config.model.name, self.config.model.pretrained, device=self.device,
+                         tokenizer=self.config.model.tokenizer)
 
 
 def prepare_run(config: RunConfig, out: str | os.PathLike[str], allow_mixed_precision: bool = False,

@@ -262,3 +262,20 @@ def test_the_commands_take_an_eva02_model_name(tmp_path, monkeypatch):
     sinks = pd.read_csv(tmp_path / "d" / "sinks.csv")
     assert set(sinks["model"]) == {"pretrained", "fine-tuned coop+lora/tir"} and sinks["layer"].nunique() == 12
     assert (tmp_path / "d" / "token_maps.csv").exists() and (tmp_path / "d" / "attribution.csv").exists()
+
+
+@pytest.mark.slow
+def test_finetune_uses_the_tokenizer_folder_it_is_given(tmp_path):
+    """``finetune --tokenizer FOLDER`` reaches the model loader of the run (it was dropped there, so
+    a SigLIP2 run asked for the hub's tokenizer after its folder was written)."""
+    from cdfsl_core.finetune import main
+    from cdfsl_core.run_folder import RunFolder
+
+    folder = _word_tokenizer_folder(tmp_path / "tokenizer")
+    out = tmp_path / "run"
+    assert main(["--model", "ViT-B-16-SigLIP2", "--pretrained", "none", "--tokenizer", str(folder), "--dataset",
+                 "synthetic-crops", "--ways", "2", "--shots", "1", "--queries", "1", "--episodes", "1", "--steps", "1",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    rows, _ = RunFolder(out).lines()
+    assert len(rows) == 1 and rows[0]["status"] == "ok"
+    assert RunFolder(out).config_dict()["model"]["tokenizer"] == str(folder)

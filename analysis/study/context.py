@@ -143,7 +143,8 @@ class StudyContext:
     def bundle(self) -> ClipBundle:
         """The study's model, loaded once; every method built on it owns its adapters."""
         if self._bundle is None:
-            self._bundle = load_clip(self.model.name, self.model.pretrained, device=self.model.device)
+            self._bundle = load_clip(self.model.name, self.model.pretrained, device=self.model.device,
+                                     tokenizer=self.model.tokenizer)
         return self._bundle
 
     @cached_property
@@ -171,7 +172,8 @@ class StudyContext:
         return run_config(
             target, shots, adaptation, intervention, episodes=self.grid.episodes, steps=self.grid.steps,
             seed=self.grid.seed, model=self.model.name, pretrained=self.model.pretrained, device=self.model.device,
-            precision=self.model.precision, data_root=self.data.root, data_options=self.dataset_options(target),
+            precision=self.model.precision, tokenizer=self.model.tokenizer, data_root=self.data.root,
+            data_options=self.dataset_options(target),
             episode_file=str(self.out / "episodes" / episode_file_name(target, episodes)),
             trajectory_steps=self.grid.trajectory_steps() if measured else ())
 
