@@ -552,13 +552,19 @@ def register_neurons(table: pd.DataFrame) -> plt.Figure:
             first = part.iloc[0]
             ax.text(0.5, 0.5, f"no outlier token\n(norm > {first.get('tau', 2.0):g} x median)\nin {int(first['images'])} "
                     "images:\nno register neuron", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+            ax.set_ylim(0, 1)
+        if "candidate_blocks" in part:
+            ax.set_xlim(-0.5, int(part["candidate_blocks"].max()) - 0.5)
         ax.set_title(_short(target), fontsize=9)
-        ax.set_xlabel("vision block")
+        ax.set_xlabel("vision block (candidates)")
     _integer_blocks(axes[0])
     axes[0, 0].set_ylabel("register neurons (top-k)")
     figure.suptitle("Register neurons (Jiang et al. 2025): MLP neurons that fire on the outlier tokens", fontsize=9)
     figure.tight_layout()
-    _legend_below(figure, list(axes[0]))
+    from matplotlib.patches import Patch
+
+    figure.legend([Patch(color=palette[m]) for m in models], models, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                  ncol=min(4, len(models)), fontsize=7, frameon=False)
     return figure
 
 

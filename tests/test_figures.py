@@ -253,3 +253,19 @@ def test_world_samples_is_titled_by_what_it_shows():
     image = np.zeros((4, 4, 3), dtype=np.uint8)
     assert "embedded world" in world_samples({"synthetic": [(image, "a")]})._suptitle.get_text()
     assert "embedded world" not in world_samples({"miniimagenet": [(image, "a")]})._suptitle.get_text()
+
+
+def test_register_neurons_counts_the_neurons_of_each_block_per_model_and_says_when_there_are_none():
+    from analysis.figures import register_neurons
+
+    rows = [{"target": "synthetic-crops", "model": "pretrained", "candidate_blocks": 3, "images": 8,
+             "images_with_outliers": 4, "tau": 2.0, "found": True, "block": b, "neuron": n}
+            for b, n in ((0, 1), (2, 5), (2, 9))]
+    rows.append({"target": "synthetic-xray", "model": "pretrained", "candidate_blocks": 3, "images": 8,
+                 "images_with_outliers": 0, "tau": 2.0, "found": False, "block": None, "neuron": None})
+    figure = register_neurons(pd.DataFrame(rows))
+    crops, xray = figure.axes[:2]
+    heights = {round(p.get_x() + p.get_width() / 2): p.get_height() for p in crops.patches}
+    assert heights == {0: 1, 2: 2}  # one neuron in block 0, two in block 2
+    assert not xray.patches and "no register neuron" in xray.texts[0].get_text()
+    plt.close(figure)

@@ -170,7 +170,8 @@ def register_neurons(study: StudyContext) -> pd.DataFrame:
                             method.model, list(query.split(32)), top_k=settings.top_k,
                             highest_block=settings.highest_block, outlier_block=settings.outlier_block,
                             tau=settings.outlier_tau)
-                    common = {"target": target, "model": model, "images": found.images,
+                    common = {"target": target, "model": model, "candidate_blocks": int(found.scores.shape[0]),
+                              "images": found.images,
                               "images_with_outliers": found.images_with_outliers,
                               "outliers_per_image": found.outliers_per_image, "tau": settings.outlier_tau}
                     if not found.neurons:
