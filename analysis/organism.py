@@ -66,10 +66,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cdfsl_core import protocol
-from cdfsl_core.atomic import write_table
+from cdfsl_core.atomic import write_json, write_table
 from cdfsl_core.cli import command, non_negative_int, parser, positive_float, positive_int
 from cdfsl_core.errors import ConfigError
-from cdfsl_core.paths import check_writable_folder, read_json_file
+from cdfsl_core.paths import check_settings, check_writable_folder, read_json_file
 
 SOURCE_DOMAINS = ("synthetic", "synthetic-organism")  # the first domain measured gets the 64-way zero-shot
 STATISTICS = ("zero_shot", "text_cosine", "simple_tokens", "simple_tokens_chance", "high_norm", "max_over_median",
@@ -499,11 +499,17 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("nothing to measure: pass pretraining runs (or ARCH=WEIGHTS), --finetune run folders, or both.")
     for spec in args.runs:
         checkpoints_of(spec)  # a bad RUN fails here, before any model is measured
+    settings = {"runs": [str(Path(r).resolve()) if Path(r).exists() else r for r in args.runs],
+                "finetune": [str(Path(r).resolve()) for r in args.finetune], "subsets": args.subsets,
+                "per_class": args.per_class, "high_norm_tau": args.high_norm_tau, "seed": args.seed,
+                "monitors": args.monitors, "monitor_images": args.monitor_images, "domains": args.domains}
+    check_settings(args.out / "settings.json", settings, "organism tables")  # never replace other runs' tables
     if args.finetune:
         effects = finetune_effects(finetune_table(args.finetune))
         write_table(effects, args.out / "finetune_effects.csv")
         print(effects.round(4).to_string(index=False))
     if not args.runs:
+        write_json(args.out / "settings.json", settings)
         return 0
     if args.monitors:
         monitors = monitor_runs(args.runs, args.monitor_images, args.seed)
@@ -516,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         from analysis.figures import organism_emergence, save_figure
 
         save_figure(organism_emergence(summary(table.dropna(subset=["step"]))), args.out, "emergence")
+    write_json(args.out / "settings.json", settings)  # last: the tables beside it are complete
     last = reduced.sort_values("step").groupby(["run", "domain", "statistic"], dropna=False).tail(1)
     print(last.pivot_table(index=["domain", "statistic"], columns="run", values="value").round(3).to_string())
     return 0

@@ -133,8 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     notebooks = chosen_notebooks(args.notebooks)
     out = args.out or args.study / "report"
-    os.environ.pop("CDFSL_NOTEBOOK_QUICK", None)  # the study folder's settings decide, not a test switch
-    index = write_report(args.study, out, notebooks, args.timeout)
+    # the study folder's settings decide, not the test suite's switch: off while the notebooks run
+    # (and back afterwards: a command called in-process must not change its caller's environment)
+    saved = os.environ.pop("CDFSL_NOTEBOOK_QUICK", None)
+    try:
+        index = write_report(args.study, out, notebooks, args.timeout)
+    finally:
+        if saved is not None:
+            os.environ["CDFSL_NOTEBOOK_QUICK"] = saved
     print(f"report: {index} (open it in a browser; it needs no network)")
     return 0
 

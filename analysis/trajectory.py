@@ -128,10 +128,10 @@ def _main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     from analysis import figures as fig
-    from cdfsl_core.atomic import write_table
+    from cdfsl_core.atomic import write_json, write_table
     from cdfsl_core.config import RunConfig
     from cdfsl_core.errors import ConfigError
-    from cdfsl_core.paths import check_writable_folder
+    from cdfsl_core.paths import check_settings, check_writable_folder
 
     args = build_parser().parse_args(argv)
     out = args.out or RunFolder(args.runs[0]).diagnostics
@@ -149,10 +149,13 @@ def _main(argv: list[str] | None = None) -> int:
     blocks = sorted(int(b) for b in table["block"].dropna().unique())
     if args.block is not None and args.block not in blocks:
         raise ConfigError(f"--block {args.block}: the trajectories have blocks {blocks[0]}..{blocks[-1]}.")
+    settings = {"runs": [str(Path(run).resolve()) for run in args.runs]}
+    check_settings(out / "trajectory_settings.json", settings, "trajectory table")  # never replace other runs' table
     write_table(table, out / "trajectory.csv")
     figure = fig.trajectories(table, block=args.block)
     paths = fig.save_figure(figure, out, "trajectories")
     plt.close(figure)
+    write_json(out / "trajectory_settings.json", settings)  # last: the table and figure beside it are complete
     print(f"{out / 'trajectory.csv'}; {', '.join(str(p) for p in paths)}")
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -303,8 +304,8 @@ class RunConfig:
     def with_absolute_paths(self) -> "RunConfig":
         """The same run with its paths (data root, episode file, local weights) absolute, so the
         run folder works from any working folder."""
-        def absolute(path: str | None) -> str | None:
-            return None if path is None else str(Path(path).expanduser().absolute())
+        def absolute(path: str | None) -> str | None:  # normalised: "notebooks/../outputs" is "outputs"
+            return None if path is None else os.path.abspath(os.path.expanduser(path))
 
         pretrained = self.model.pretrained
         if pretrained is not None and Path(pretrained).expanduser().is_file():

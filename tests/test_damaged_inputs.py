@@ -120,6 +120,18 @@ def test_organism_names_a_corrupt_recipe(tmp_path, capsys):
     assert "is not valid JSON" in _error(capsys)
 
 
+def test_organism_never_replaces_the_tables_of_other_runs(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert organism_main(["cdfsl-synth-vit=synthetic", "--domains", "synthetic-crops", "--subsets", "1", "--per-class",
+                          "1", "--out", str(out)]) == 0
+    table = (out / "organism.csv").read_text()
+    capsys.readouterr()
+    assert organism_main(["cdfsl-synth-vit=synthetic", "--domains", "synthetic-crops", "--subsets", "2", "--per-class",
+                          "1", "--out", str(out)]) == 1
+    assert "subsets: 1 (the tables there) vs 2 (now)" in _error(capsys)
+    assert (out / "organism.csv").read_text() == table
+
+
 def test_a_study_folder_with_a_corrupt_settings_file_is_named(tmp_path):
     from analysis.study import Study
     from cdfsl_core.errors import ConfigError
@@ -189,6 +201,17 @@ def test_every_error_of_analysis_trajectory_is_one_line(tmp_path, eurosat, capsy
     assert exit_.value.code == 2 and "argument --block" in capsys.readouterr().err
     assert trajectory_main([str(run), "--block", "1"]) == 0  # the control: a valid block draws
     assert (run / "diagnostics" / "trajectory.csv").is_file()
+    # the table of one set of runs is never replaced by another's: the second run is refused there
+    table = (run / "diagnostics" / "trajectory.csv").read_text()
+    other = tmp_path / "other"
+    assert finetune_main([*RANDOM_TINY, "--episodes", "1", "--data-root", str(eurosat), "--trajectory-steps", "0", "1",
+                          "--episode-file", str(tmp_path / "ep.json"), "--intervention", "none", "--out",
+                          str(other)]) == 0
+    capsys.readouterr()
+    assert trajectory_main([str(run), str(other)]) == 1
+    assert "holds trajectory table of other settings" in _error(capsys)
+    assert (run / "diagnostics" / "trajectory.csv").read_text() == table
+    assert trajectory_main([str(run), str(other), "--out", str(tmp_path / "both")]) == 0  # elsewhere: fine
 
 
 def test_export_merged_episode_needs_its_file_and_an_episode_of_the_run(tmp_path, eurosat, capsys):  # noqa: F811
@@ -234,3 +257,26 @@ def test_a_finished_run_in_a_read_only_folder_is_summarised(finished, eurosat, t
     assert '"episodes": 2' in capsys.readouterr().out and _snapshot(finished) == before
     assert finetune_main([*command, "--episodes", "3"]) == 1  # one more episode to write: refused
     assert "is not writable" in _error(capsys)
+
+
+def test_a_run_reached_through_dotdot_resumes_as_the_same_run(tmp_path, eurosat, monkeypatch):  # noqa: F811
+    """The notebooks open the demo's study as ``../outputs/demo`` from ``notebooks/``: the same
+    episode file spelled through ``..`` is the same file (it was refused as another config)."""
+    (tmp_path / "notebooks").mkdir()
+    common = [*RANDOM_TINY, "--episodes", "1", "--data-root", str(eurosat)]
+    monkeypatch.chdir(tmp_path)
+    assert finetune_main([*common, "--episode-file", "runs/ep.json", "--out", "runs/x"]) == 0
+    monkeypatch.chdir(tmp_path / "notebooks")
+    assert finetune_main([*common, "--episode-file", "../runs/ep.json", "--out", "../runs/x"]) == 0
+    config = json.loads((tmp_path / "runs" / "x" / "config.json").read_text())
+    assert config["data"]["episode_file"] == str(tmp_path / "runs" / "ep.json")
+
+
+def test_report_leaves_its_callers_environment_as_it_was(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("CDFSL_NOTEBOOK_QUICK", "somewhere")
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "study.json").write_text("[1, 2")
+    assert report_main([str(tmp_path / "study")]) == 1  # fails reading the study, after the switch was taken off
+    assert os.environ["CDFSL_NOTEBOOK_QUICK"] == "somewhere"

@@ -224,3 +224,31 @@ def test_a_run_config_naming_the_register_reads_back_without_importing_the_inter
     config = replace(TINY, method=MethodConfig("coop+lora", "test-time-register", intervention_config=_register()))
     out = subprocess.run([sys.executable, "-c", code], input=json.dumps(config.to_dict()), capture_output=True, text=True)
     assert out.stdout.strip() == "TestTimeRegisterConfig", out.stderr
+
+
+@pytest.mark.slow
+def test_vit_b16_with_random_weights_detects_a_planted_neuron_and_fine_tunes_with_the_register(tmp_path):
+    """ViT-B/16 (12 blocks, 3072 hidden units per MLP), random weights: the detector finds a planted
+    neuron among 6 x 3072 candidates, and a coop+lora run with TIR and the register trains, records
+    its neurons and measures its trajectory."""
+    from cdfsl_core.config import ModelConfig
+    from cdfsl_core.run_folder import RunFolder
+    from cdfsl_core.runner import run
+
+    torch.manual_seed(0)
+    bundle = load_clip("ViT-B-16")
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    method = create_method(bundle, NAMES[:2], "zeroshot", "none").eval()
+    with planted(method, [Plant("register-neuron", 4, token=30, channel=2000)]):
+        found = find_register_neurons(method.model, images)
+    assert found.neurons[0] == (4, 2000) and found.scores.shape == (6, 3072)  # blocks 0..round(5 x 12 / 12)
+    config = replace(TINY, model=ModelConfig("ViT-B-16", None, "cpu"),
+                     method=MethodConfig("coop+lora", "tir+test-time-register", lora=LoRAConfig(rank=2),
+                                         intervention_config=TIRRegisterConfig(neurons=((2, 10), (4, 2000)))),
+                     episodes=replace(TINY.episodes, n_way=2, n_query=1, n_episodes=1),
+                     train=TrainConfig(steps=1, trajectory_steps=(0, 1)))
+    assert run(config, tmp_path / "run", progress=False)["episodes"] == 1
+    rows, _ = RunFolder(tmp_path / "run").lines()
+    assert rows[0]["status"] == "ok" and rows[0]["intervention_log"]["register_neurons"] == ["2:10", "4:2000"]
+    assert [point["step"] for point in rows[0]["trajectory"]] == [0, 1]
+    assert "high-norm" in rows[0]["trajectory"][0]["token-diagnostics"]["sinks"]
