@@ -170,6 +170,11 @@ seen in pretraining. Domain similarity is `1 - MMD^2/2` of image features (see `
 @command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from cdfsl_core.paths import check_writable_file
+
+    for path, flag in ((args.json, "--json"), (args.card, "--card")):
+        if path is not None:
+            check_writable_file(path, flag)  # before the measurement, not after it
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     report = measure(args.model, args.pretrained, args.episodes)
     print(format_report(report))

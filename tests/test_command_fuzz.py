@@ -194,6 +194,8 @@ PATH_CASES = [
     ("cdfsl_core.sweep", ["--grid", "{toml}"], "{toml}"),
     ("cdfsl_core.pretrain", ["--out", "{file}", "--steps", "1"], "{file}"),
     ("cdfsl_core.world_report", ["--pretrained", "{missing}"], "{missing}"),
+    ("cdfsl_core.world_report", ["--json", "{folder}"], "{folder}"),  # was a traceback after the measurement
+    ("cdfsl_core.world_report", ["--card", "{folder}"], "{folder}"),
     ("cdfsl_core.data", ["check", "no-such-dataset"], "no-such-dataset"),
     ("cdfsl_core.models", ["download", "no-such-arch", "tag"], "no-such-arch"),
     ("analysis.cka", ["--target", "synthetic-crops", "--out", "{folder}"], "{folder}"),
