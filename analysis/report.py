@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from cdfsl_core.atomic import write_text
+from cdfsl_core.atomic import write_json, write_text
 from cdfsl_core.cli import command, parser, positive_int
 from cdfsl_core.errors import ConfigError
-from cdfsl_core.paths import check_writable_folder, read_json_file
+from cdfsl_core.paths import check_settings, check_writable_folder, read_json_file
 
 NOTEBOOK_FOLDER = Path(__file__).resolve().parent.parent / "notebooks"
 _EXTERNAL = re.compile(r"""<(script|link)\b[^>]*(src|href)=["']https?://[^>]*>(\s*</script>)?""", re.IGNORECASE)
@@ -95,6 +95,8 @@ def write_report(study: Path, out: Path, notebooks: Sequence[Path], timeout: int
 
     parameters = notebook_parameters(study)
     check_writable_folder(out, "--out")
+    settings = {"study": str(Path(study).resolve()), "notebooks": [path.stem for path in notebooks]}
+    check_settings(out / "settings.json", settings, "report pages")  # never mix pages of two reports
     out.mkdir(parents=True, exist_ok=True)
     pages = []
     for path in notebooks:
@@ -125,6 +127,7 @@ def write_report(study: Path, out: Path, notebooks: Sequence[Path], timeout: int
 <pre>{settings}</pre>
 </body></html>
 """)
+    write_json(out / "settings.json", settings)  # last: the pages beside it are complete
     return index
 
 

@@ -150,7 +150,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
 def prepare(scratch: Path) -> dict[str, str]:
     run = scratch / "run"
     subprocess.run([PY, "-m", "cdfsl_core.finetune", *TINY, "--episodes", "2", "--trajectory-steps", "0", "1",
-                    "--save-states", "--out", str(run)], check=True, capture_output=True)
+                    "--save-states", "--out", str(run)], check=True, capture_output=True, cwd=scratch)
     (scratch / "a-file.txt").write_text("not a folder\n")
     (scratch / "broken.json").write_text('{"episodes": [1, 2,')
     (scratch / "broken.toml").write_text("datasets = [\n")

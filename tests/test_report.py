@@ -59,3 +59,6 @@ def test_a_report_of_a_small_study(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "study" / "study.json").read_text())["grid"]["episodes"] == 1
     assert (tmp_path / "study" / "accuracy_table.csv").exists()  # the notebook ran on the study folder
     assert not (tmp_path / "elsewhere").exists()
+    # another choice of notebooks never mixes its pages into this report
+    assert main([str(tmp_path / "study"), "--notebooks", "00"]) == 1
+    assert not (report / "00_domain_shift_primer.html").exists()

@@ -209,7 +209,11 @@ def test_the_control_on_a_whole_model_reports_the_plant_found_and_removed(settin
     assert maps["planted"]["activation"].shape == (len(images), 8, 8)
     assert maps["planted"]["activation"][:, TOKEN // 8, TOKEN % 8].min() > maps["planted"]["activation"].median()
     assert float(maps["planted + test-time register"]["activation"][:, TOKEN // 8, TOKEN % 8].abs().max()) == 0.0
-    assert len(register_control(table, maps).axes) == 2 * 2 + 4  # two rows of two maps with colour bars
+    figure = register_control(table, maps)
+    assert len(figure.axes) == 2 * 2 + 4  # two rows of two maps with colour bars
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
 
 
 def test_a_run_config_naming_the_register_reads_back_without_importing_the_interventions():
@@ -243,6 +247,7 @@ def test_vit_b16_with_random_weights_detects_a_planted_neuron_and_fine_tunes_wit
         found = find_register_neurons(method.model, images)
     assert found.neurons[0] == (4, 2000) and found.scores.shape == (6, 3072)  # blocks 0..round(5 x 12 / 12)
     config = replace(TINY, model=ModelConfig("ViT-B-16", None, "cpu"),
+                     data=replace(TINY.data, episode_file=str(tmp_path / "ep.json")),
                      method=MethodConfig("coop+lora", "tir+test-time-register", lora=LoRAConfig(rank=2),
                                          intervention_config=TIRRegisterConfig(neurons=((2, 10), (4, 2000)))),
                      episodes=replace(TINY.episodes, n_way=2, n_query=1, n_episodes=1),

@@ -275,7 +275,7 @@ def test_finetune_uses_the_tokenizer_folder_it_is_given(tmp_path):
     out = tmp_path / "run"
     assert main(["--model", "ViT-B-16-SigLIP2", "--pretrained", "none", "--tokenizer", str(folder), "--dataset",
                  "synthetic-crops", "--ways", "2", "--shots", "1", "--queries", "1", "--episodes", "1", "--steps", "1",
-                 "--device", "cpu", "--out", str(out)]) == 0
+                 "--device", "cpu", "--episode-file", str(tmp_path / "ep.json"), "--out", str(out)]) == 0
     rows, _ = RunFolder(out).lines()
     assert len(rows) == 1 and rows[0]["status"] == "ok"
     assert RunFolder(out).config_dict()["model"]["tokenizer"] == str(folder)
