@@ -24,6 +24,13 @@ from analysis.figures import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Every test's figures are closed after it (matplotlib keeps them otherwise)."""
+    yield
+    plt.close("all")
+
+
 def test_accuracy_by_domain_draws_one_panel_per_shot_and_one_bar_per_method_and_domain():
     table = pd.DataFrame({
         "domain": ["a"] * 4 + ["b"] * 4,
