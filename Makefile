@@ -48,8 +48,9 @@ lint: $(STAMP)
 test: $(CLUSTER) lint
 	$(PY) -m pytest -q --durations=25
 
+# the tests not marked slow, without the notebooks (only tests/): about a minute and a half on 2 cores
 test-fast: $(CLUSTER) lint
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PY) -m pytest -q tests -m "not slow and not gpu" --durations=10
 
 clean-venv:
 	rm -rf $(VENV)
