@@ -322,7 +322,7 @@ def register_neuron_control(bundle: Any, images: torch.Tensor, layer: int | None
         finally:
             hook.remove()
         stream = cache[f"blocks.{last}.resid_post"]
-        norms = stream[:, tower.n_prefix:].float().norm(dim=-1).cpu()
+        norms = tower.patches(stream).float().norm(dim=-1).cpu()
         median = norms.median(dim=-1, keepdim=True).values
         appended = cache.appended.get(f"blocks.{last}.resid_post")
         table.append({"model": label, "planted": f"{layer}:{neuron}",

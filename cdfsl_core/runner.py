@@ -219,12 +219,12 @@ def prepare_run(config: RunConfig, out: str | os.PathLike[str], allow_mixed_prec
     config = config.with_absolute_paths()
     config.validate()
     folder = RunFolder(out)
-    if not (out.is_dir() and len(folder.finished()) >= config.episodes.n_episodes):
-        check_writable_folder(out, "run folder (--out)")  # a finished run is only summarised: it may be read-only
+    finished = folder.finished() if out.is_dir() else {}
+    if len(finished) < config.episodes.n_episodes:  # a finished run is only summarised: it may be read-only
+        check_writable_folder(out, "run folder (--out)")
     device = device if device is not None else resolve_device(config.model.device)
     precision = resolve_precision(device, config.model.precision) if device.type != "cuda" or torch.cuda.is_available() \
         else ("bf16" if config.model.precision == "auto" else config.model.precision)
-    finished = folder.finished()
     folder.check_config(config.json_dict(), finished)
     folder.check_precision(device.type, precision, finished, allow_mixed_precision)
     dataset = load_dataset(config.data.dataset, config.data.root, **config.data.options)

@@ -257,3 +257,16 @@ def test_vit_b16_with_random_weights_detects_a_planted_neuron_and_fine_tunes_wit
     assert rows[0]["status"] == "ok" and rows[0]["intervention_log"]["register_neurons"] == ["2:10", "4:2000"]
     assert [point["step"] for point in rows[0]["trajectory"]] == [0, 1]
     assert "high-norm" in rows[0]["trajectory"][0]["token-diagnostics"]["sinks"]
+
+
+def test_the_register_enters_block_0_as_zeros_or_as_the_mean_patch_token(setting):
+    bundle, images, _, readout = setting
+    for init in ("zeros", "mean"):
+        method = create_method(bundle, NAMES, "zeroshot", "test-time-register",
+                               intervention_config=_register(register_init=init)).eval()
+        with record(method, layers=[0], what=("resid_pre",)) as cache, torch.no_grad():
+            method.encode_image(images, readout)
+        entering, register = cache["blocks.0.resid_pre"], cache.appended["blocks.0.resid_pre"][:, 0]
+        expected = torch.zeros_like(register) if init == "zeros" else entering[:, 1:].mean(dim=1)
+        torch.testing.assert_close(register, expected)
+        assert entering.shape[1] == 1 + 64  # the recording holds the image's tokens only

@@ -80,7 +80,9 @@ def find_register_neurons(model: nn.Module, batches: Sequence[torch.Tensor] | to
     n = len(blocks)
     highest = default_highest_block(n) if highest_block is None else highest_block
     check_blocks("register-neuron highest_block", (highest,), n)
-    check_blocks("register-neuron outlier_block", (outlier_block % n if -n <= outlier_block < n else n,), n)
+    if not -n <= outlier_block < n:
+        raise ConfigError(f"register-neuron outlier_block {outlier_block} out of range for {n} blocks "
+                          f"({-n}..{n - 1}; -1 is the last).")
     if top_k < 0 or tau <= 0:
         raise ConfigError(f"top_k={top_k}, tau={tau}: expected top_k >= 0 and tau > 0.")
     if encode is None:
@@ -127,12 +129,12 @@ def find_register_neurons(model: nn.Module, batches: Sequence[torch.Tensor] | to
 def detect_images(preprocess: Callable, dataset: str, count: int, seed: int = 0) -> torch.Tensor:
     """``count`` test-split images of ``dataset`` (a registered name), drawn with ``seed``,
     through ``preprocess``: the corpus register neurons are detected on."""
-    from cdfsl_core.data import load_dataset  # the data registry (synthetic world and real layouts)
+    import inspect
 
-    try:
-        data = load_dataset(dataset, split="test")
-    except TypeError:  # a dataset without splits
-        data = load_dataset(dataset)
+    from cdfsl_core.data import dataset_spec, load_dataset  # the data registry (synthetic world, real layouts)
+
+    splits = "split" in inspect.signature(dataset_spec(dataset).loader).parameters  # real layouts have none
+    data = load_dataset(dataset, split="test") if splits else load_dataset(dataset)
     if count < 1:
         raise ConfigError(f"detect_images={count}: register neurons are detected on at least one image.")
     generator = torch.Generator().manual_seed(seed)
