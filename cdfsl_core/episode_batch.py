@@ -64,15 +64,19 @@ def protocol_optimisers(groups: dict[str, list[nn.Parameter]], train: TrainConfi
     """The protocol's optimisers for parameters grouped as :meth:`FewShotCLIP.parameter_groups`
     groups them: AdamW for LoRA (and a learned logit scale), SGD with momentum and weight decay for
     the CoOp context, plain SGD for the intervention's parameters. Every rule acts elementwise, so
-    on parameters stacked along an episode axis they equal one optimiser per episode."""
+    on parameters stacked along an episode axis they equal one optimiser per episode. On CUDA they
+    are fused (one kernel per step, step counters on the device: nothing read back per step); on
+    the CPU they are torch's defaults, with which every committed result was measured."""
+    params = [p for group in groups.values() for p in group]
+    fused = {"fused": True} if params and params[0].device.type == "cuda" else {}
     optimisers: list[torch.optim.Optimizer] = []
     if groups["lora"] or groups["scale"]:
-        optimisers.append(torch.optim.AdamW(groups["lora"] + groups["scale"], lr=train.lr_lora))
+        optimisers.append(torch.optim.AdamW(groups["lora"] + groups["scale"], lr=train.lr_lora, **fused))
     if groups["context"]:
         optimisers.append(torch.optim.SGD(groups["context"], lr=train.lr_context, momentum=train.momentum,
-                                          weight_decay=train.weight_decay_context))
+                                          weight_decay=train.weight_decay_context, **fused))
     if groups["intervention"]:
-        optimisers.append(torch.optim.SGD(groups["intervention"], lr=train.lr_intervention))
+        optimisers.append(torch.optim.SGD(groups["intervention"], lr=train.lr_intervention, **fused))
     return optimisers
 
 
@@ -213,6 +217,42 @@ class EpisodeBatch(nn.Module):
             features = F.normalize(self.model.encode_image(images).float(), dim=-1)
         return features.reshape(self.episodes, -1, features.shape[-1])
 
+    @torch.no_grad()
+    def evaluate(self, queries: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], batch_size: int,
+                 precision: str = "auto", measure: bool = False) -> tuple[list[float], list[dict]]:
+        """Every episode's accuracy on its own queries, ``queries[e]`` [n, 3, H, W] with ``labels[e]``
+        [n] (the same n for every episode), and, with ``measure``, what the intervention measures of
+        its action per episode (:meth:`~cdfsl_core.interventions.base.Intervention.measuring_episodes`,
+        ATHA: its edit size per block): what :func:`~cdfsl_core.episode_loop.evaluate` gives each
+        method alone inside ``intervention.measuring()``, to float rounding, with the text forward
+        of all E episodes done once and their queries forwarded together, ``max(1, batch_size // E)``
+        of each episode's per forward (at most ``batch_size`` images, or E). The counts stay on the
+        device until the end. Leaves the batch in eval mode."""
+        sizes = {len(x) for x in queries}
+        if len(queries) != self.episodes or len(labels) != self.episodes or len(sizes) != 1:
+            raise ConfigError(f"batched evaluation needs one query set of the same size per episode; got sizes "
+                              f"{[len(x) for x in queries]} for {self.episodes} episodes.")
+        intervention = self.methods[0].intervention
+        if measure and not intervention.measures_episodes():
+            raise ConfigError(f"intervention {intervention.name!r} measures one episode at a time "
+                              "(it overrides measuring() but not measuring_episodes()).")
+        self.eval()
+        images = torch.stack(list(queries))  # [E, n, 3, H, W]
+        targets = torch.stack(list(labels))  # [E, n]
+        n = images.shape[1]
+        chunk = max(1, batch_size // self.episodes)
+        correct = torch.zeros(self.episodes, dtype=torch.long, device=targets.device)
+        measuring = intervention.measuring_episodes(self.episodes, dict(self.intervention_params)) if measure \
+            else nullcontext([{} for _ in range(self.episodes)])
+        with measuring as stats, autocast_for(images.device, precision):
+            text, readout = self.text_features()
+            for start in range(0, n, chunk):
+                part = images[:, start : start + chunk]
+                features = self.encode_image(part.flatten(0, 1), readout)  # [E, chunk, dim]
+                logits = features @ text.mT
+                correct += (logits.argmax(-1) == targets[:, start : start + chunk]).sum(dim=1)
+        return [c / n for c in correct.tolist()], stats
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         text, readout = self.text_features()
         image = self.encode_image(images, readout)
@@ -222,14 +262,19 @@ class EpisodeBatch(nn.Module):
 def train_batch(
     methods: Sequence[FewShotCLIP], images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], train: TrainConfig,
     precision: str = "auto", generators: Sequence[torch.Generator] | None = None,
-    at_step: Sequence[Callable[[int], None] | None] | None = None,
+    at_step: Sequence[Callable[[int], None] | None] | None = None, batch: EpisodeBatch | None = None,
 ) -> list[dict[str, Any] | NonFiniteLoss]:
     """:func:`~cdfsl_core.episode_loop.train_episode` for E episodes at once: method e on
     ``images[e]`` [n, 3, H, W] and ``labels[e]`` [n] (the same n for every episode), its dropout from
     ``generators[e]``. Returns, per episode, what ``train_episode`` returns, or the
     :class:`NonFiniteLoss` it would raise; each method ends with its own
     trained parameters. ``at_step[e](s)`` is called as ``train_episode`` calls it, with method e
-    holding its parameters after s steps, in eval mode."""
+    holding its parameters after s steps, in eval mode. ``batch``: the methods' episode batch when
+    the caller built it (to evaluate with it, :meth:`EpisodeBatch.evaluate`).
+
+    The step loop reads nothing back from the device between trajectory steps: the losses, the
+    non-finite checks and the parameters of an episode stopped by a non-finite loss (kept as they
+    were at that step) are tensors on the device, read once at the end."""
     episodes = len(methods)
     sizes = {len(x) for x in images}
     if len(sizes) != 1 or len(images) != episodes or len(labels) != episodes:
@@ -239,7 +284,10 @@ def train_batch(
         check_labels(method, y)
     at_step = list(at_step) if at_step is not None else [None] * episodes
     wanted = set(train.trajectory_steps)
-    batch = EpisodeBatch(methods, generators)
+    if batch is None:
+        batch = EpisodeBatch(methods, generators)
+    elif list(batch.methods) != list(methods):
+        raise ConfigError("train_batch: the episode batch holds other methods than the ones given.")
     groups = batch.parameter_groups()
     optimisers = protocol_optimisers(groups, train)
     if not optimisers or train.steps == 0:
@@ -249,61 +297,97 @@ def train_batch(
                 probe(0)
         return [{"steps": 0, "loss_first": None, "loss_last": None} for _ in methods]
 
-    running = list(range(episodes))  # episodes still training
-    failures: dict[int, NonFiniteLoss] = {}
-    first: list[float | None] = [None] * episodes
-    last: list[float | None] = [None] * episodes
+    all_images = torch.cat(list(images))
+    all_labels = torch.stack(list(labels))  # [E, n]
+    loop = _StepState(episodes, [p for group in groups.values() for p in group], all_images.device)
 
     def measure(step: int) -> None:
-        if step not in wanted:
+        if step not in wanted or not any(probe is not None for probe in at_step):
             return
-        for e in running:
-            if at_step[e] is not None:
+        stopped = loop.stopped_slices()  # a host read, at a trajectory step only
+        for e in range(episodes):
+            if at_step[e] is not None and e not in stopped:
                 batch.store(e)
                 methods[e].eval()
                 at_step[e](step)
         batch.train()  # the probes left the shared model in eval mode
 
-    all_images = torch.cat(list(images))
-    all_labels = torch.stack(list(labels))  # [E, n]
-    device = all_images.device
-    parameters = [p for group in groups.values() for p in group]
     batch.train()
     try:
         for step in range(train.steps):
             measure(step)
-            with autocast_for(device, precision):
+            with autocast_for(all_images.device, precision):
                 logits = batch(all_images)  # [E, n, C]
             losses = F.cross_entropy(logits.float().flatten(0, 1), all_labels.flatten(), reduction="none")
-            losses = losses.reshape(episodes, -1).mean(dim=1)
-            values = losses.tolist()
-            for e in list(running):
-                if not math.isfinite(values[e]):
-                    batch.store(e)  # its parameters after `step` steps, as when it stops alone
-                    failures[e] = NonFiniteLoss(f"loss is {values[e]} at step {step} of {train.steps}")
-                    running.remove(e)
-                    continue
-                first[e] = values[e] if first[e] is None else first[e]
-                last[e] = values[e]
-            if not running:
-                break
+            losses = loop.record(step, losses.reshape(episodes, -1).mean(dim=1))
             for optimiser in optimisers:
                 optimiser.zero_grad(set_to_none=True)
-            losses[running].sum().backward()
-            stopped = [e for e in range(episodes) if e not in running]
-            if stopped:  # a stopped episode's slice stays finite (its method already holds its parameters)
-                for p in parameters:
-                    if p.grad is not None:
-                        p.grad[stopped] = 0
+            losses.sum().backward()
+            loop.mask_gradients()
             for optimiser in optimisers:
                 optimiser.step()
-        else:
-            measure(train.steps)
+        measure(train.steps)
     finally:
         batch.eval()
-    for e in running:
-        batch.store(e)
-    for method in methods:
-        method.eval()
-    return [failures[e] if e in failures else {"steps": train.steps, "loss_first": first[e], "loss_last": last[e]}
-            for e in range(episodes)]
+    return loop.finish(batch, methods, train.steps)
+
+
+class _StepState:
+    """The per-episode bookkeeping of :func:`train_batch`, on the device: which episodes still
+    train, their first and last loss, and, for an episode stopped by a non-finite loss, the step,
+    the loss and its parameters as they were then."""
+
+    def __init__(self, episodes: int, parameters: list[nn.Parameter], device: torch.device) -> None:
+        self.parameters = parameters
+        self.running = torch.ones(episodes, dtype=torch.bool, device=device)
+        self.first = torch.full((episodes,), math.nan, device=device)
+        self.last = torch.full((episodes,), math.nan, device=device)
+        self.stop_step = torch.full((episodes,), -1, dtype=torch.long, device=device)
+        self.stop_value = torch.zeros(episodes, device=device)
+        self.kept = [p.detach().clone() for p in parameters]  # a stopped episode's slice as it stopped
+
+    def _mask(self, mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return mask.reshape(-1, *(1,) * (p.dim() - 1))
+
+    def record(self, step: int, losses: torch.Tensor) -> torch.Tensor:
+        """Take step ``step``'s per-episode losses [E]; the losses to back-propagate (zero for every
+        stopped episode, so no gradient reaches its slice)."""
+        with torch.no_grad():
+            stops = self.running & ~torch.isfinite(losses)
+            self.stop_step.masked_fill_(stops, step)
+            self.stop_value = torch.where(stops, losses.detach(), self.stop_value)
+            for p, kept in zip(self.parameters, self.kept):  # the parameters after `step` steps, as alone
+                kept.copy_(torch.where(self._mask(stops, p), p, kept))
+            self.running &= ~stops
+            if step == 0:
+                self.first = torch.where(self.running, losses.detach(), self.first)
+            self.last = torch.where(self.running, losses.detach(), self.last)
+        return torch.where(self.running, losses, 0)
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """A stopped episode's slice stays finite: its gradients are zeroed (not multiplied: NaN x 0)."""
+        for p in self.parameters:
+            if p.grad is not None:
+                p.grad.copy_(torch.where(self._mask(self.running, p.grad), p.grad, 0))
+
+    def stopped_slices(self) -> set[int]:
+        return {e for e, on in enumerate(self.running.tolist()) if not on}
+
+    @torch.no_grad()
+    def finish(self, batch: EpisodeBatch, methods: Sequence[FewShotCLIP], steps: int,
+               ) -> list[dict[str, Any] | NonFiniteLoss]:
+        """Every method's parameters back from the batch (a stopped one's as it stopped), and what
+        each episode's training returns."""
+        running = self.running.tolist()
+        stop_step, stop_value = self.stop_step.tolist(), self.stop_value.tolist()
+        first, last = self.first.tolist(), self.last.tolist()
+        stopped = [e for e, on in enumerate(running) if not on]
+        if stopped:
+            for p, kept in zip(self.parameters, self.kept):
+                p[stopped] = kept[stopped]
+        for e in range(len(methods)):
+            batch.store(e)
+            methods[e].eval()
+        return [{"steps": steps, "loss_first": first[e], "loss_last": last[e]} if running[e] else
+                NonFiniteLoss(f"loss is {stop_value[e]} at step {stop_step[e]} of {steps}") for e in range(len(methods))]

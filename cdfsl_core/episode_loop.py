@@ -21,6 +21,7 @@ from tqdm import tqdm
 from cdfsl_core.atomic import atomic_path
 from cdfsl_core.config import RunConfig, TrainConfig
 from cdfsl_core.episode_batch import (
+    EpisodeBatch,
     NonFiniteLoss,
     batchable,
     check_labels,
@@ -118,9 +119,14 @@ def _trajectory_probe(config: RunConfig, method: FewShotCLIP, query: torch.Tenso
 
     probes = {name: factory(method, query, query_labels, config) for name, factory in list_probes().items()}
 
-    def at_step(step: int) -> None:
-        with method.intervention.measuring() as stats:
-            accuracy = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
+    def at_step(step: int, measured: tuple[float, dict] | None = None) -> None:
+        """``measured``: the accuracy and intervention statistics at this step when the caller
+        already has them (an episode batch evaluates its episodes together)."""
+        if measured is None:
+            with method.intervention.measuring() as stats:
+                accuracy = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
+        else:
+            accuracy, stats = measured
         point: dict[str, Any] = {"step": step, "accuracy": accuracy}
         if stats:
             point["intervention"] = _rounded(stats)
@@ -180,15 +186,20 @@ def load_state(method: FewShotCLIP, path: Path) -> None:
 
 
 def _start_row(config: RunConfig, method: FewShotCLIP, episodes: EpisodeFile, index: int, query: torch.Tensor,
-               query_labels: torch.Tensor, precision: str) -> tuple[dict[str, Any], dict, list, Callable | None]:
+               query_labels: torch.Tensor, precision: str, measured: tuple[float, dict] | None = None,
+               ) -> tuple[dict[str, Any], dict, list, Callable | None]:
     """An episode's line before training: its accuracy at the initial state, what the intervention
-    measures of its own action there, and the trajectory probe (None without trajectory steps)."""
+    measures of its own action there (``measured``: both, when an episode batch evaluated them),
+    and the trajectory probe (None without trajectory steps)."""
     row: dict[str, Any] = {"episode": index, "classes": episodes.class_names(episodes.episodes[index])}
     trajectory: list[dict[str, Any]] = []  # kept up to a non-finite loss too
     # the queries at the initial state: the method's accuracy before training, and what the
     # intervention measures about its own action (ATHA: its edit size per block)
-    with method.intervention.measuring() as before:
-        row["accuracy_init"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
+    if measured is None:
+        with method.intervention.measuring() as before:
+            row["accuracy_init"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
+    else:
+        row["accuracy_init"], before = measured
     at_step = _trajectory_probe(config, method, query, query_labels, precision, trajectory) \
         if config.train.trajectory_steps else None
     return row, before, trajectory, at_step
@@ -196,16 +207,21 @@ def _start_row(config: RunConfig, method: FewShotCLIP, episodes: EpisodeFile, in
 
 def _finish_row(config: RunConfig, method: FewShotCLIP, episodes: EpisodeFile, index: int, row: dict[str, Any],
                 before: dict, trajectory: list, outcome: dict[str, Any] | NonFiniteLoss, query: torch.Tensor,
-                query_labels: torch.Tensor, precision: str, save_state_to: Path | None) -> dict[str, Any]:
+                query_labels: torch.Tensor, precision: str, save_state_to: Path | None,
+                measured: tuple[float, dict] | None = None) -> dict[str, Any]:
     """The line of a trained episode (``outcome``: what training returned, or the NonFiniteLoss it
-    raised); keeps the trained parameters at ``save_state_to``."""
+    raised; ``measured``: the trained accuracy and intervention statistics, when an episode batch
+    evaluated them); keeps the trained parameters at ``save_state_to``."""
     if isinstance(outcome, NonFiniteLoss):
         row.update(status="non-finite-loss", accuracy=None, message=str(outcome))
         tqdm.write(f"episode {index}: stopped, {outcome}; recorded as failed, not averaged")
     else:
         row.update(outcome)
-        with method.intervention.measuring() as after:
-            row["accuracy"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
+        if measured is None:
+            with method.intervention.measuring() as after:
+                row["accuracy"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
+        else:
+            row["accuracy"], after = measured
         if before or after:
             row["intervention_stats"] = {"init": _rounded(before), "trained": _rounded(after)}
         row["status"] = "ok"
@@ -284,15 +300,58 @@ def run_episode_batch(config: RunConfig, bundle: ClipBundle, dataset: Any, episo
             _set_global_state(episode[5])
             rows.append(_run_prepared(config, episodes, index, episode, precision, path, time.perf_counter()))
         return built, rows
-    started = [_start_row(config, p[0], episodes, index, p[3], p[4], precision) for index, p in zip(indices, prepared)]
+    batch = EpisodeBatch(built, [p[5] for p in prepared])
+    queries, query_labels = [p[3] for p in prepared], [p[4] for p in prepared]
+    together = _evaluates_together(batch, queries)
+    size = config.train.eval_batch_size
+    initial = _per_episode(batch.evaluate(queries, query_labels, size, precision, measure=True)) if together \
+        else [None] * len(indices)
+    started = [_start_row(config, p[0], episodes, index, p[3], p[4], precision, measured)
+               for index, p, measured in zip(indices, prepared, initial)]
+    at_step = [s[3] for s in started]
+    if together and any(probe is not None for probe in at_step):
+        at_step = _shared_evaluation(batch, queries, query_labels, size, precision, at_step)
     outcomes = train_batch(built, [p[1] for p in prepared], [p[2] for p in prepared], config.train, precision,
-                           generators=[p[5] for p in prepared], at_step=[s[3] for s in started])
+                           generators=[p[5] for p in prepared], at_step=at_step, batch=batch)
+    final = _per_episode(batch.evaluate(queries, query_labels, size, precision, measure=True)) if together \
+        else [None] * len(indices)
     rows = []
-    for index, p, (row, before, trajectory, _), outcome, path in zip(indices, prepared, started, outcomes, save_state_to):
+    for index, p, (row, before, trajectory, _), outcome, path, measured in zip(indices, prepared, started, outcomes,
+                                                                                save_state_to, final):
         rows.append(_finish_row(config, p[0], episodes, index, row, before, trajectory, outcome, p[3], p[4],
-                                precision, path))
+                                precision, path, measured))
     seconds = round((time.perf_counter() - start) / len(indices), 3)
     for row in rows:
         row["episode_batch"] = len(indices)
         row["seconds"] = seconds
     return built, rows
+
+
+def _evaluates_together(batch: EpisodeBatch, queries: Sequence[torch.Tensor]) -> bool:
+    """Whether the batch's episodes can be evaluated in one forward (:meth:`EpisodeBatch.evaluate`):
+    query sets of one size, and an intervention that measures E episodes at once."""
+    return len({len(q) for q in queries}) == 1 and batch.methods[0].intervention.measures_episodes()
+
+
+def _per_episode(evaluated: tuple[list[float], list[dict]]) -> list[tuple[float, dict]]:
+    accuracies, stats = evaluated
+    return list(zip(accuracies, stats))
+
+
+def _shared_evaluation(batch: EpisodeBatch, queries: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
+                       size: int, precision: str, probes: Sequence[Callable | None]) -> list[Callable | None]:
+    """Trajectory probes that take their accuracy and intervention statistics from one batched
+    evaluation per step, done when the first episode is measured at that step (the stacked
+    parameters are the episodes' own then; a stopped episode's result is never read)."""
+    done: dict[int, list[tuple[float, dict]]] = {}
+
+    def probe_for(e: int, probe: Callable) -> Callable[[int], None]:
+        def at_step(step: int) -> None:
+            if step not in done:
+                done.clear()
+                done[step] = _per_episode(batch.evaluate(queries, labels, size, precision, measure=True))
+            probe(step, done[step][e])
+
+        return at_step
+
+    return [probe_for(e, probe) if probe is not None else None for e, probe in enumerate(probes)]

@@ -125,17 +125,23 @@ class ATHA(Intervention):
     @torch.no_grad()
     def _measure(self, block: int, x: torch.Tensor, start: int, head_coef: torch.Tensor, tail_coef: torch.Tensor,
                  vectors: torch.Tensor) -> None:
-        """Accumulate the mean norm of the ranked tokens entering ``block`` and the mean norm of the
-        class vector each head / tail token is moved along."""
-        sums = self._measured.setdefault(block, {"tokens": 0.0, "token_norm": 0.0, "head": 0.0, "head_vector_norm": 0.0,
-                                                 "tail": 0.0, "tail_vector_norm": 0.0})
-        ranked = x[:, start:].float()
-        sums["tokens"] += ranked.shape[0] * ranked.shape[1]
-        sums["token_norm"] += float(ranked.norm(dim=-1).sum())
+        """Accumulate, per episode, the norm sum of the ranked tokens entering ``block`` and of the
+        class vector each head / tail token is moved along (one episode: x [B, T, width]; E
+        episodes: x [E, B, T, width], vectors [E, 1, C, width]); float64 sums on the device, read
+        once when the measuring block exits."""
+        if x.dim() == 3:  # one episode: an episode axis of 1
+            x, head_coef, tail_coef, vectors = x[None], head_coef[None], tail_coef[None], vectors[None, None]
+        episodes = x.shape[0]
+        zeros = lambda: torch.zeros(episodes, dtype=torch.float64, device=x.device)  # noqa: E731
+        sums = self._measured.setdefault(block, {key: zeros() for key in _SUMS})
+        ranked = x[..., start:, :].float()
+        sums["tokens"] += ranked.shape[1] * ranked.shape[2]
+        sums["token_norm"] += ranked.norm(dim=-1).sum(dim=(1, 2)).double()
         for kind, coef in (("head", head_coef), ("tail", tail_coef)):
-            moved = coef.sum(dim=-1) > 0  # [B, T]
-            sums[kind] += float(moved.sum())
-            sums[f"{kind}_vector_norm"] += float((coef @ vectors.float()).norm(dim=-1)[moved].sum())
+            moved = coef.sum(dim=-1) > 0  # [E, B, T]
+            sums[kind] += moved.sum(dim=(1, 2)).double()
+            norms = (coef @ vectors.float()).norm(dim=-1)
+            sums[f"{kind}_vector_norm"] += torch.where(moved, norms, 0).sum(dim=(1, 2)).double()
 
     @contextmanager
     def measuring(self) -> Iterator[dict[int, dict[str, float]]]:
@@ -145,21 +151,40 @@ class ATHA(Intervention):
         the edit relative to the tokens it edits, ``head_edit = |alpha_i| head_vector_norm /
         token_norm`` and ``tail_edit = |beta_i| tail_vector_norm / token_norm``, with the
         strengths as they are when the block exits."""
-        result: dict[int, dict[str, float]] = {}
+        with self.measuring_episodes(1, {"alpha": self.alpha[None], "beta": self.beta[None]}) as per_episode:
+            result: dict[int, dict[str, float]] = {}
+            yield result
+        result.update(per_episode[0])
+
+    @contextmanager
+    def measuring_episodes(self, episodes: int, params: dict[str, torch.Tensor]) -> Iterator[list[dict]]:
+        """:meth:`measuring` for E episodes edited together (``active(..., episodes=E, params)``):
+        one dict per episode, its strengths from ``params`` ([E, n_blocks])."""
+        results: list[dict[int, dict[str, float]]] = [{} for _ in range(episodes)]
         self._measured = {}
         try:
-            yield result
+            yield results
         finally:
             sums, self._measured = self._measured, None
-            alpha, beta = self.alpha.detach().cpu().tolist(), self.beta.detach().cpu().tolist()
+            alphas, betas = params["alpha"].detach().cpu().tolist(), params["beta"].detach().cpu().tolist()
             for block, s in sorted(sums.items()):
-                token_norm = s["token_norm"] / s["tokens"] if s["tokens"] else float("nan")
-                head_norm = s["head_vector_norm"] / s["head"] if s["head"] else float("nan")
-                tail_norm = s["tail_vector_norm"] / s["tail"] if s["tail"] else float("nan")
-                result[block] = {"alpha": alpha[block], "beta": beta[block], "token_norm": token_norm,
-                                 "head_vector_norm": head_norm, "tail_vector_norm": tail_norm,
-                                 "head_edit": abs(alpha[block]) * head_norm / token_norm,
-                                 "tail_edit": abs(beta[block]) * tail_norm / token_norm}
+                values = {key: (v.tolist() if torch.is_tensor(v) else [v] * episodes) for key, v in s.items()}
+                for e, result in enumerate(results):
+                    result[block] = _statistics(alphas[e][block], betas[e][block],
+                                                {key: v[e] for key, v in values.items()})
+
+
+_SUMS = ("tokens", "token_norm", "head", "head_vector_norm", "tail", "tail_vector_norm")
+
+
+def _statistics(alpha: float, beta: float, s: dict[str, float]) -> dict[str, float]:
+    """One block's statistics of :meth:`ATHA.measuring` from its sums."""
+    token_norm = s["token_norm"] / s["tokens"] if s["tokens"] else float("nan")
+    head_norm = s["head_vector_norm"] / s["head"] if s["head"] else float("nan")
+    tail_norm = s["tail_vector_norm"] / s["tail"] if s["tail"] else float("nan")
+    return {"alpha": alpha, "beta": beta, "token_norm": token_norm, "head_vector_norm": head_norm,
+            "tail_vector_norm": tail_norm, "head_edit": abs(alpha) * head_norm / token_norm,
+            "tail_edit": abs(beta) * tail_norm / token_norm}
 
 
 register_intervention("atha", lambda n_blocks, config: ATHA(n_blocks, config), ATHAConfig,

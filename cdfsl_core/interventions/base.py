@@ -78,6 +78,21 @@ class Intervention(nn.Module):
         yield {}
 
     @contextmanager
+    def measuring_episodes(self, episodes: int, params: dict[str, torch.Tensor]) -> Iterator[list[dict]]:
+        """:meth:`measuring` for E episodes edited together (``active(visual, text, E, params)``):
+        one dict per episode, filled as forwards run. An intervention that overrides
+        :meth:`measuring` overrides this too, or its episodes are evaluated one at a time
+        (:meth:`measures_episodes`). Nothing by default."""
+        yield [{} for _ in range(episodes)]
+
+    @classmethod
+    def measures_episodes(cls) -> bool:
+        """Whether :meth:`measuring_episodes` measures what :meth:`measuring` measures (True when
+        neither is overridden, or both are)."""
+        own = cls.measuring is Intervention.measuring
+        return own or cls.measuring_episodes is not Intervention.measuring_episodes
+
+    @contextmanager
     def active(self, visual: nn.Module, text: torch.Tensor | None, episodes: int | None = None,
                params: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
         """The intervention in ``visual``'s forwards inside the block. ``episodes=E``: the batch is
