@@ -11,6 +11,12 @@ training). Reports seconds per episode, episodes per hour, the speed-up over E =
 every E gave the same accuracies as E = 1 (they must: tests/test_episode_batch.py). Memory per
 episode: what autograd saves for the backward of one training forward of the E episodes, per
 episode (any device; ``--no-memory`` skips it), and on a GPU also the peak allocated memory.
+
+``--evaluation``: instead, the query evaluation alone, side by side for each E of ``--batches``:
+E episodes evaluated one at a time (``evaluate`` inside the intervention's ``measuring()``, what
+the one-episode loop does) against the same E evaluated in one batched forward
+(:meth:`cdfsl_core.episode_batch.EpisodeBatch.evaluate`), best of ``--repeats``, with the ratio and
+whether both gave the same accuracies.
 """
 
 from __future__ import annotations
@@ -117,6 +123,45 @@ def activation_mib(setup: tuple, e: int) -> float:
     return sum(seen.values()) / 2**20
 
 
+def evaluation(setup: tuple, e: int, repeats: int = 3) -> dict:
+    """Seconds per episode of evaluating E episodes' queries one at a time and in one batched forward
+    (best of ``repeats`` each, alternated), the methods in their initial state."""
+    from cdfsl_core.episode_batch import EpisodeBatch
+    from cdfsl_core.episode_loop import evaluate, prepare_episode
+
+    config, dataset, drawn, bundle, transform, resolved = setup
+    prepared = [prepare_episode(config, bundle, dataset, drawn, i, None, transform) for i in range(e)]
+    methods, queries, labels = [p[0] for p in prepared], [p[3] for p in prepared], [p[4] for p in prepared]
+    batch = EpisodeBatch(methods)
+    size = config.train.eval_batch_size
+    device = str(queries[0].device)
+
+    def alone() -> list[float]:
+        out = []
+        for method, query, label in zip(methods, queries, labels):
+            with method.intervention.measuring():
+                out.append(evaluate(method, query, label, size, resolved))
+        return out
+
+    def together() -> list[float]:
+        return batch.evaluate(queries, labels, size, resolved, measure=True)[0]
+
+    best = {"one_at_a_time": float("inf"), "batched": float("inf")}
+    results = {}
+    for _ in range(repeats):
+        for name, call in (("one_at_a_time", alone), ("batched", together)):
+            _sync(device)
+            start = time.perf_counter()
+            results[name] = call()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {"episodes": e, "queries_per_episode": len(queries[0]), "eval_batch_size": size,
+            "seconds_per_episode_one_at_a_time": round(best["one_at_a_time"] / e, 4),
+            "seconds_per_episode_batched": round(best["batched"] / e, 4),
+            "batched_speedup": round(best["one_at_a_time"] / best["batched"], 3),
+            "same_accuracies": results["one_at_a_time"] == results["batched"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="cdfsl-synth-vit")
@@ -131,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=protocol.QUERIES, help="query images per class (the protocol's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--evaluation", action="store_true", help="the query evaluation alone, one at a time and batched")
+    parser.add_argument("--repeats", type=int, default=3, help="with --evaluation: best of this many")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -139,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     for shots in args.shots:
         setup = _setup(args.model, pretrained, shots, max(args.episodes, *args.batches), args.steps, args.method,
                        args.device, args.precision, args.queries)
+        if args.evaluation:
+            report = {"shots": shots, "method": args.method, "precision": setup[-1],
+                      "by_episode_batch": {str(e): evaluation(setup, e, args.repeats) for e in args.batches}}
+            result["settings"].append(report)
+            print(json.dumps(report, indent=2), flush=True)
+            continue
         report = measure(args.model, pretrained, shots, tuple(args.batches), args.episodes, args.steps, args.method,
                          args.device, args.precision, args.queries, setup)
         if not args.no_memory:

@@ -42,8 +42,8 @@ from cdfsl_core.text import encode_text_embeddings
 from cdfsl_core.towers import vision_tower
 from cdfsl_core.zeroshot import autocast_for
 
-__all__ = ["EpisodeBatch", "NonFiniteLoss", "batchable", "check_labels", "generator_like_global", "protocol_optimisers",
-           "train_batch"]
+__all__ = ["EpisodeBatch", "NonFiniteLoss", "batchable", "check_labels", "episode_footprint", "episodes_that_fit",
+           "generator_like_global", "protocol_optimisers", "train_batch"]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -225,9 +225,11 @@ class EpisodeBatch(nn.Module):
         its action per episode (:meth:`~cdfsl_core.interventions.base.Intervention.measuring_episodes`,
         ATHA: its edit size per block): what :func:`~cdfsl_core.episode_loop.evaluate` gives each
         method alone inside ``intervention.measuring()``, to float rounding, with the text forward
-        of all E episodes done once and their queries forwarded together, ``max(1, batch_size // E)``
-        of each episode's per forward (at most ``batch_size`` images, or E). The counts stay on the
-        device until the end. Leaves the batch in eval mode."""
+        of all E episodes done once and their queries forwarded together, ``max(1, images // E)`` of
+        each episode's per forward, where ``images`` is ``batch_size`` on a GPU and, on the CPU, no
+        more than one episode's queries (``min(batch_size, n)``: there a forward's time per image
+        grows with its size, so a larger one is slower, benchmarks/bench_episode_batch.py
+        ``--evaluation``). The counts stay on the device until the end. Leaves the batch in eval mode."""
         sizes = {len(x) for x in queries}
         if len(queries) != self.episodes or len(labels) != self.episodes or len(sizes) != 1:
             raise ConfigError(f"batched evaluation needs one query set of the same size per episode; got sizes "
@@ -240,7 +242,8 @@ class EpisodeBatch(nn.Module):
         images = torch.stack(list(queries))  # [E, n, 3, H, W]
         targets = torch.stack(list(labels))  # [E, n]
         n = images.shape[1]
-        chunk = max(1, batch_size // self.episodes)
+        images_per_forward = batch_size if images.device.type == "cuda" else min(batch_size, n)
+        chunk = max(1, images_per_forward // self.episodes)
         correct = torch.zeros(self.episodes, dtype=torch.long, device=targets.device)
         measuring = intervention.measuring_episodes(self.episodes, dict(self.intervention_params)) if measure \
             else nullcontext([{} for _ in range(self.episodes)])
@@ -391,3 +394,62 @@ class _StepState:
             methods[e].eval()
         return [{"steps": steps, "loss_first": first[e], "loss_last": last[e]} if running[e] else
                 NonFiniteLoss(f"loss is {stop_value[e]} at step {stop_step[e]} of {steps}") for e in range(len(methods))]
+
+
+def episodes_that_fit(free_bytes: int, per_episode_bytes: int, share: float | None = None,
+                      limit: int | None = None) -> int:
+    """How many episodes to train together on a device with ``free_bytes`` free: as many as
+    ``share`` of it holds at ``per_episode_bytes`` each (:func:`episode_footprint`), from 1 to
+    ``limit`` (defaults: ``protocol.CUDA_MEMORY_SHARE`` and ``protocol.EPISODE_BATCH["cuda"]``)."""
+    from cdfsl_core import protocol
+
+    share = protocol.CUDA_MEMORY_SHARE if share is None else share
+    limit = protocol.EPISODE_BATCH["cuda"] if limit is None else limit
+    if per_episode_bytes <= 0:
+        return limit
+    return max(1, min(limit, int(share * free_bytes // per_episode_bytes)))
+
+
+def episode_footprint(methods: Sequence[FewShotCLIP], images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
+                      precision: str = "auto") -> int:
+    """Bytes one more episode adds to a training step of an episode batch: one step (forward and
+    backward) of the first method alone and of the first two together (``methods``: two prepared
+    episodes of one config, ``images``/``labels`` their support sets), the difference of the two.
+    On CUDA, of the peak allocated memory; elsewhere, of the bytes autograd saves for the backward
+    (each storage counted once), which is what grows with E. Leaves the methods' parameters as
+    they were (no optimiser step)."""
+    if len(methods) < 2:
+        raise ConfigError("episode_footprint needs two prepared episodes.")
+    device = images[0].device
+
+    def step_bytes(count: int) -> int:
+        batch = EpisodeBatch(methods[:count]).train()
+        support = torch.cat(list(images[:count]))
+        targets = torch.stack(list(labels[:count])).flatten()
+        seen: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast_for(device, precision):
+                logits = batch(support)
+            F.cross_entropy(logits.float().flatten(0, 1), targets).backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                return torch.cuda.max_memory_allocated(device) - base
+            return sum(seen.values())
+        finally:
+            batch.eval()
+            for method in methods[:count]:
+                method.eval()
+                method.zero_grad(set_to_none=True)
+
+    return max(0, step_bytes(2) - step_bytes(1))

@@ -16,7 +16,7 @@ is written twice (a test checks the source for it). This module imports nothing.
 from __future__ import annotations
 
 __all__ = [
-    "ATHA_ALPHA_INIT", "ATHA_RHO_HEAD", "ATHA_RHO_TAIL", "CONTEXT_VECTORS", "CPU_BATCH_IMAGES", "DEMO_EPISODES", "EPISODE_BATCH", "DEMO_STEPS", "EPISODES", "LOGIT_SCALE", "LOGIT_SCALE_ONE_SHOT", "LORA_ALPHA",
+    "ATHA_ALPHA_INIT", "ATHA_RHO_HEAD", "ATHA_RHO_TAIL", "CONTEXT_VECTORS", "CPU_BATCH_IMAGES", "CUDA_MEMORY_SHARE", "DEMO_EPISODES", "EPISODE_BATCH", "DEMO_STEPS", "EPISODES", "LOGIT_SCALE", "LOGIT_SCALE_ONE_SHOT", "LORA_ALPHA",
     "LORA_DROPOUT", "LORA_RANK", "LR_CONTEXT", "LR_INTERVENTION", "LR_LORA", "MOMENTUM", "PROMPT", "QUERIES",
     "RESIZE_RATIO", "SHOTS", "STEPS", "TIR_LAMBDA", "TIR_RHO", "WAYS", "WEIGHT_DECAY_CONTEXT", "logit_scale",
 ]
@@ -53,10 +53,13 @@ RESIZE_RATIO = 1.15  # resize the short side to ratio x the input size, then cen
 # how many episodes train together in one forward by default (`--episode-batch auto`); results do
 # not depend on it. On the CPU (benchmarks/bench_episode_batch.py) batching pays while a step's batch
 # is small: at most EPISODE_BATCH["cpu"] episodes and CPU_BATCH_IMAGES support images together
-# (1-shot: 8 episodes, 1.66x; 5-shot: 1, as 4 gave only 1.07x). CUDA: a first guess until a GPU
-# measures it (make gpu-check)
-EPISODE_BATCH = {"cpu": 8, "cuda": 16}
+# (1-shot: 8 episodes, 1.66x; 5-shot: 1, as 4 gave only 1.07x). CUDA: as many episodes as fit in
+# CUDA_MEMORY_SHARE of the device's free memory at the measured footprint of one more episode
+# (cdfsl_core.episode_batch.episode_footprint), at most EPISODE_BATCH["cuda"]; make gpu-check
+# measures which E is fastest
+EPISODE_BATCH = {"cpu": 8, "cuda": 256}
 CPU_BATCH_IMAGES = 40
+CUDA_MEMORY_SHARE = 0.6
 
 # `make demo`: the protocol with fewer episodes and steps, to fit 15 minutes on 2 CPU cores
 DEMO_EPISODES = 2  # per target, shot setting and method

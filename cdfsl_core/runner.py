@@ -24,6 +24,7 @@ from tqdm import tqdm
 from cdfsl_core import protocol
 from cdfsl_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from cdfsl_core.data import load_dataset
+from cdfsl_core.episode_batch import batchable, episode_footprint, episodes_that_fit
 from cdfsl_core.episode_loop import (
     NonFiniteLoss,
     evaluate,
@@ -53,7 +54,8 @@ from cdfsl_core.stats import json_number, mean_ci95
 # the configs and the episode functions are re-exported: `from cdfsl_core.runner import RunConfig, train_episode`
 __all__ = [
     "DataConfig", "ModelConfig", "NonFiniteLoss", "RunConfig", "RunPlan", "TrainConfig", "evaluate", "load_plan",
-    "load_run", "load_state", "prepare_episode", "prepare_run", "protocol_transform", "resolve_episode_batch", "run",
+    "load_run", "load_state", "measure_footprint", "prepare_episode", "prepare_run", "protocol_transform",
+    "resolve_episode_batch", "run",
     "run_episodes", "support_images",
     "save_state", "state_path", "summarize", "summary_of_lines", "train_episode",
 ]
@@ -274,18 +276,40 @@ def load_plan(out: str | os.PathLike[str], device: torch.device | None = None) -
     return RunPlan(config, out, device, precision, dataset, episodes, weights)
 
 
-def resolve_episode_batch(value: int | str, device: torch.device, support_images: int = 1) -> int:
-    """Episodes trained together: a positive number, or ``"auto"``: on a GPU
-    ``protocol.EPISODE_BATCH["cuda"]``; on the CPU as many episodes (up to ``EPISODE_BATCH["cpu"]``)
-    as keep ``protocol.CPU_BATCH_IMAGES`` support images or fewer in a step, since a larger batch
-    already fills the cores (``support_images``: one episode's, views included)."""
+def resolve_episode_batch(value: int | str, device: torch.device, support_images: int = 1,
+                          footprint: Callable[[], int] | None = None, device_share: float = 1.0) -> int:
+    """Episodes trained together: a positive number, or ``"auto"``: on a GPU as many as fit
+    (:func:`~cdfsl_core.episode_batch.episodes_that_fit`) in its free memory at ``footprint()``
+    bytes per episode (:func:`measure_footprint`; without ``footprint``, the largest,
+    ``protocol.EPISODE_BATCH["cuda"]``); on the CPU as many episodes (up to
+    ``EPISODE_BATCH["cpu"]``) as keep ``protocol.CPU_BATCH_IMAGES`` support images or fewer in a
+    step, since a larger batch already fills the cores (``support_images``: one episode's, views
+    included). ``device_share``: the part of the GPU this process may use (a sweep's worker
+    holding 0.25 GPU: 0.25)."""
     if value == "auto":
         if device.type == "cuda":
-            return protocol.EPISODE_BATCH["cuda"]
+            if footprint is None:
+                return protocol.EPISODE_BATCH["cuda"]
+            free, _ = torch.cuda.mem_get_info(device)
+            return episodes_that_fit(free, footprint(), protocol.CUDA_MEMORY_SHARE * min(1.0, device_share))
         return max(1, min(protocol.EPISODE_BATCH["cpu"], protocol.CPU_BATCH_IMAGES // max(1, support_images)))
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"episode batch {value!r}; expected a positive number of episodes trained together, or 'auto'.")
     return value
+
+
+def measure_footprint(plan: RunPlan, bundle: ClipBundle) -> int:
+    """Bytes one more episode of this run adds to a training step
+    (:func:`~cdfsl_core.episode_batch.episode_footprint` on its first two episodes; 0 when the
+    run has one episode or its method cannot be batched)."""
+    if len(plan.episodes) < 2:
+        return 0
+    transform = protocol_transform(bundle, plan.config.train.resize_ratio)
+    prepared = [prepare_episode(plan.config, bundle, plan.dataset, plan.episodes, i, None, transform) for i in (0, 1)]
+    if batchable(prepared[0][0]) is not None:
+        return 0
+    return episode_footprint([p[0] for p in prepared], [p[1] for p in prepared], [p[2] for p in prepared],
+                             plan.precision)
 
 
 def support_images(config: RunConfig) -> int:
@@ -307,11 +331,13 @@ def run(config: RunConfig, out: str | os.PathLike[str], bundle: ClipBundle | Non
     for any value, so a run may resume with another. Ctrl-C raises :class:`RunInterrupted`, whose
     message says what finished."""
     plan = prepare_run(config, out, allow_mixed_precision)
-    batch = resolve_episode_batch(episode_batch, plan.device, support_images(plan.config))
+    batch = resolve_episode_batch(episode_batch, plan.device, support_images(plan.config))  # checked before loading
     todo = plan.todo()
     if todo:
-        run_episodes(plan, bundle if bundle is not None else plan.load_model(), todo, progress, save_states,
-                     episode_batch=batch)
+        bundle = bundle if bundle is not None else plan.load_model()
+        if episode_batch == "auto" and plan.device.type == "cuda":  # sized by the device's free memory
+            batch = resolve_episode_batch("auto", plan.device, footprint=lambda: measure_footprint(plan, bundle))
+        run_episodes(plan, bundle, todo, progress, save_states, episode_batch=batch)
     return summarize(plan)
 
 

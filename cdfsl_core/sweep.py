@@ -221,14 +221,16 @@ def plan_sweep(grid: SweepGrid, device: str = "cpu") -> list[Cell]:
 
 # --------------------------------------------------------------------------- the workers
 _MODELS: dict[tuple, Any] = {}  # a worker process keeps every model it loaded, for all the tasks it runs
+_FOOTPRINTS: dict[str, int] = {}  # and the measured bytes per episode of each run it worked on (GPU 'auto')
 
 
-def _shard(folder: str, indices: list[int], threads: int, episode_batch: int | str = 1) -> int:
+def _shard(folder: str, indices: list[int], threads: int, episode_batch: int | str = 1, gpu_share: float = 1.0) -> int:
     """A task: run episodes ``indices`` of the prepared run ``folder`` in this worker, ``episode_batch``
-    at a time in one forward; how many it recorded."""
+    at a time in one forward ('auto' on a GPU: sized by ``gpu_share`` of its free memory); how many
+    it recorded."""
     import torch
 
-    from cdfsl_core.runner import load_plan, resolve_episode_batch, run_episodes, support_images
+    from cdfsl_core.runner import load_plan, measure_footprint, resolve_episode_batch, run_episodes, support_images
 
     torch.set_num_threads(max(1, threads))
     plan = load_plan(folder)
@@ -236,8 +238,16 @@ def _shard(folder: str, indices: list[int], threads: int, episode_batch: int | s
            if plan.config.model.pretrained is None else None)
     if key not in _MODELS:
         _MODELS[key] = plan.load_model()
-    return run_episodes(plan, _MODELS[key], indices, progress=False,
-                        episode_batch=resolve_episode_batch(episode_batch, plan.device, support_images(plan.config)))
+    bundle = _MODELS[key]
+
+    def footprint() -> int:
+        if folder not in _FOOTPRINTS:
+            _FOOTPRINTS[folder] = measure_footprint(plan, bundle)
+        return _FOOTPRINTS[folder]
+
+    batch = resolve_episode_batch(episode_batch, plan.device, support_images(plan.config),
+                                  footprint if plan.device.type == "cuda" else None, gpu_share)
+    return run_episodes(plan, bundle, indices, progress=False, episode_batch=batch)
 
 
 def _check_address(address: str, timeout: float = 5.0) -> None:
@@ -304,7 +314,7 @@ def sweep(grid: SweepGrid, address: str | None = None, progress: bool = True) ->
     for cell in cells:
         for start in range(0, len(cell.todo), grid.shard):
             shard = list(cell.todo[start:start + grid.shard])
-            pending[task.remote(str(cell.folder), shard, threads, grid.episode_batch)] = len(shard)
+            pending[task.remote(str(cell.folder), shard, threads, grid.episode_batch, grid.gpus_per_task or 1.0)] = len(shard)
     bar = tqdm(total=sum(len(c.todo) for c in cells), desc=f"sweep of {len(cells)} runs", disable=not progress)
     try:
         while pending:

@@ -20,12 +20,18 @@ import pytest
 import torch
 from test_episode_batch import _assert_same_lines, _config, _episodes, _lines
 
-from cdfsl_core.episode_batch import EpisodeBatch, generator_like_global, train_batch
+from cdfsl_core.episode_batch import (
+    EpisodeBatch,
+    episode_footprint,
+    episodes_that_fit,
+    generator_like_global,
+    train_batch,
+)
 from cdfsl_core.episode_loop import evaluate, prepare_episode, train_episode
 from cdfsl_core.errors import ConfigError
 from cdfsl_core.models import load_clip
 from cdfsl_core.names import ADAPTATIONS, INTERVENTIONS
-from cdfsl_core.runner import run
+from cdfsl_core.runner import measure_footprint, prepare_run, resolve_episode_batch, run
 
 E = 3
 TOL = 1e-5
@@ -174,3 +180,48 @@ def test_a_stopped_episode_is_not_measured_after_it_stopped(bundle):
                           replace(config.train), "fp32", [generator_like_global(s.device) for s in supports], probes)
     assert seen == {0: [0, 1, 2], 1: [0], 2: [0, 1, 2]}
     assert str(results[1]) == "loss is nan at step 0 of 2"
+
+
+GIB = 2**30
+
+
+def test_episodes_that_fit_by_hand():
+    # 0.6 of 80 GiB free at 1 GiB per episode: 48; at 100 MiB: 491, capped at 256; too little: 1
+    assert episodes_that_fit(80 * GIB, GIB, 0.6, 256) == 48
+    assert episodes_that_fit(80 * GIB, 100 * 2**20, 0.6, 256) == 256
+    assert episodes_that_fit(GIB, 4 * GIB, 0.6, 256) == 1
+    assert episodes_that_fit(GIB, 0, 0.6, 256) == 256  # nothing measured per episode (one-episode run)
+    assert episodes_that_fit(80 * GIB, GIB) == 48  # the protocol's defaults: 0.6 and 256
+
+
+def _footprint(bundle, shots):
+    config = _config("coop+lora", "atha", shots, augment=False)
+    dataset, episodes, transform = _episodes(config, bundle)
+    prepared = [prepare_episode(config, bundle, dataset, episodes, i, None, transform) for i in (0, 1)]
+    before = [p[0].trainable_state() for p in prepared]
+    size = episode_footprint([p[0] for p in prepared], [p[1] for p in prepared], [p[2] for p in prepared], "fp32")
+    for p, state in zip(prepared, before):  # measuring trains nothing
+        assert all(torch.equal(state[k], v) for k, v in p[0].trainable_state().items())
+    return size
+
+
+def test_the_footprint_of_an_episode_grows_with_its_images(bundle):
+    """One more episode's bytes: positive, and five times the support images cost more than twice
+    (the class prompts are the same), less than five times."""
+    one, five = _footprint(bundle, 1), _footprint(bundle, 5)
+    assert one > 0
+    assert 2 * one < five < 5 * one
+
+
+def test_auto_on_a_gpu_is_sized_by_free_memory(monkeypatch, tmp_path, bundle):
+    """'auto' on CUDA: the share of the free memory over the measured footprint (the device's memory
+    query stubbed: no GPU needed), a sweep worker's share of the device scaling it down."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * GIB, 80 * GIB))
+    cuda = torch.device("cuda")
+    assert resolve_episode_batch("auto", cuda, footprint=lambda: GIB // 10) == 60
+    assert resolve_episode_batch("auto", cuda, footprint=lambda: GIB // 10, device_share=0.25) == 15
+    assert resolve_episode_batch(3, cuda, footprint=lambda: GIB) == 3  # a number is taken as it is
+    plan = prepare_run(_config("coop+lora", "tir", 1), tmp_path / "run")
+    measured = measure_footprint(plan, bundle)
+    assert measured > 0
+    assert resolve_episode_batch("auto", cuda, footprint=lambda: measured) == episodes_that_fit(10 * GIB, measured)

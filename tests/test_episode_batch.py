@@ -194,7 +194,7 @@ def test_episode_batch_values_are_checked():
     assert resolve_episode_batch("auto", torch.device("cpu"), 10) == 4
     assert resolve_episode_batch("auto", torch.device("cpu"), 25) == 1
     assert resolve_episode_batch("auto", torch.device("cpu"), 125) == 1
-    assert resolve_episode_batch("auto", torch.device("cuda"), 125) == 16
+    assert resolve_episode_batch("auto", torch.device("cuda"), 125) == 256  # unmeasured: the largest
     assert resolve_episode_batch(4, torch.device("cpu")) == 4
     for bad in (0, -2, 1.5, "8", True):
         with pytest.raises(ConfigError, match="episode batch"):
