@@ -32,7 +32,7 @@ from cdfsl_core.episode_batch import (
 from cdfsl_core.episodes import EpisodeFile
 from cdfsl_core.methods import FewShotCLIP
 from cdfsl_core.models import ClipBundle
-from cdfsl_core.preprocess import load_images, protocol_transform
+from cdfsl_core.preprocess import ImageCache, load_images, protocol_transform
 from cdfsl_core.zeroshot import autocast_for
 
 __all__ = ["NonFiniteLoss", "episode_seed", "evaluate", "load_state", "prepare_episode", "run_episode",
@@ -144,7 +144,7 @@ def episode_seed(seed: int, index: int) -> int:
 
 def prepare_episode(
     config: RunConfig, bundle: ClipBundle, dataset: Any, episodes: EpisodeFile, index: int,
-    method: FewShotCLIP | None = None, transform: T.Compose | None = None,
+    method: FewShotCLIP | None = None, transform: T.Compose | ImageCache | None = None,
 ) -> tuple[FewShotCLIP, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The method reset for episode ``index`` and the episode's tensors on the model's device:
     support images [N K (x5 views), 3, H, W], their labels [N K (x5)], query images [N Q, 3, H, W],
@@ -162,7 +162,7 @@ def prepare_episode(
     torch.manual_seed(seed)
     method.reset_parameters(torch.Generator().manual_seed(seed))
     device = next(bundle.model.parameters()).device
-    transform = transform or protocol_transform(bundle, config.train.resize_ratio)
+    transform = transform if transform is not None else protocol_transform(bundle, config.train.resize_ratio)
     support = load_images(dataset, episode.support_ids, transform, config.train.augment).to(device)
     views = 5 if config.train.augment else 1
     support_labels = torch.tensor(episode.support_labels, device=device).repeat_interleave(views)
@@ -238,7 +238,7 @@ def _finish_row(config: RunConfig, method: FewShotCLIP, episodes: EpisodeFile, i
 
 
 def run_episode(config: RunConfig, bundle: ClipBundle, dataset: Any, episodes: EpisodeFile, index: int,
-                method: FewShotCLIP | None, transform: T.Compose, precision: str,
+                method: FewShotCLIP | None, transform: T.Compose | ImageCache, precision: str,
                 save_state_to: Path | None = None) -> tuple[FewShotCLIP, dict[str, Any]]:
     """Train and evaluate episode ``index`` (the method is reset, or built when None); its line
     without the run folder's fields. ``save_state_to``: keep the trained parameters there (before
@@ -272,7 +272,7 @@ def _set_global_state(generator: torch.Generator) -> None:
 
 
 def run_episode_batch(config: RunConfig, bundle: ClipBundle, dataset: Any, episodes: EpisodeFile,
-                      indices: Sequence[int], methods: Sequence[FewShotCLIP | None], transform: T.Compose,
+                      indices: Sequence[int], methods: Sequence[FewShotCLIP | None], transform: T.Compose | ImageCache,
                       precision: str, save_state_to: Sequence[Path | None] | None = None,
                       ) -> tuple[list[FewShotCLIP], list[dict[str, Any]]]:
     """:func:`run_episode` for the episodes ``indices`` trained together in one forward

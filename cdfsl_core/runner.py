@@ -47,7 +47,7 @@ from cdfsl_core.models import (
 )
 from cdfsl_core.names import adaptation
 from cdfsl_core.paths import check_writable_folder
-from cdfsl_core.preprocess import protocol_transform
+from cdfsl_core.preprocess import ImageCache, protocol_transform
 from cdfsl_core.run_folder import RunFolder, short_identity
 from cdfsl_core.stats import json_number, mean_ci95
 
@@ -361,7 +361,8 @@ def run_episodes(plan: RunPlan, bundle: ClipBundle, indices: Sequence[int], prog
     if not isinstance(episode_batch, int) or episode_batch < 1:
         raise ConfigError(f"episode_batch={episode_batch!r}; expected a positive number of episodes trained together.")
     config, episodes = plan.config, plan.episodes
-    transform = protocol_transform(bundle, config.train.resize_ratio)
+    # each image decoded and resized once for all the episodes that show it, kept on the model's device
+    transform = ImageCache(plan.dataset, protocol_transform(bundle, config.train.resize_ratio), plan.device)
     methods: list[FewShotCLIP] = []
     label = f"{config.method.adaptation}/{config.method.intervention} on {config.data.dataset}"
     recorded = 0
