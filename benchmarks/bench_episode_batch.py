@@ -35,7 +35,7 @@ from cdfsl_core.data import load_dataset
 from cdfsl_core.episode_loop import run_episode_batch
 from cdfsl_core.episodes import generate_episodes
 from cdfsl_core.models import load_clip, resolve_precision
-from cdfsl_core.preprocess import protocol_transform
+from cdfsl_core.preprocess import ImageCache, protocol_transform
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -50,7 +50,8 @@ def _setup(model: str, pretrained: str | None, shots: int, episodes: int, steps:
     torch.manual_seed(0)
     bundle = load_clip(model, pretrained, device=torch.device(device))
     resolved = resolve_precision(torch.device(device), precision)
-    return config, dataset, generate_episodes(dataset, config.episodes), bundle, protocol_transform(bundle), resolved
+    images = ImageCache(dataset, protocol_transform(bundle), device)  # as the runner prepares episodes
+    return config, dataset, generate_episodes(dataset, config.episodes), bundle, images, resolved
 
 
 def _sync(device: str) -> None:
@@ -96,7 +97,8 @@ def measure(model: str = "cdfsl-synth-vit", pretrained: str | None = "synthetic"
     return {"shots": shots, "steps": steps, "queries_per_class": queries, "episodes": episodes, "method": method,
             "precision": resolved,
             "by_episode_batch": rows,
-            "same_accuracies_as_E1": all(accuracies[e] == accuracies[batches[0]] for e in batches)}
+            "same_accuracies_as_E1": all(accuracies[e] == accuracies[batches[0]] for e in batches),
+            "accuracies": {str(e): accuracies[e] for e in batches}}
 
 
 def activation_mib(setup: tuple, e: int) -> float:

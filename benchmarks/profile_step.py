@@ -69,7 +69,7 @@ def build(args: argparse.Namespace):
     return config, [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--pretrained", default=None, help="a tag or weights file (default: random weights)")
@@ -80,7 +80,7 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     config, methods, supports, labels = build(args)
     train = TrainConfig(steps=args.steps)

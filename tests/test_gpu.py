@@ -128,3 +128,49 @@ def _batched_equal_sequential():
     for state, p in zip(alone, prepared):
         together = p[0].trainable_state()
         assert max(float((state[k] - together[k]).abs().max()) for k in state) < 1e-4
+
+
+def test_a_run_on_the_device_writes_the_same_lines_at_any_episode_batch(tmp_path):
+    """The whole GPU path in one run: images cached on the device, fused optimisers, the step loop
+    without host reads, the batched evaluation of queries and trajectory points; fp32 lines at E = 1
+    and E = 3 equal to rounding (1e-4 on the device)."""
+    import math
+    from dataclasses import replace
+
+    from helpers import TINY
+
+    from cdfsl_core.config import MethodConfig, ModelConfig, TrainConfig
+    from cdfsl_core.models import load_clip
+    from cdfsl_core.runner import run
+
+    config = replace(TINY, model=ModelConfig("cdfsl-test-vit", None, "cuda", "fp32"),
+                     method=MethodConfig("coop+lora", "atha"), train=TrainConfig(steps=4, trajectory_steps=(0, 4)))
+    torch.manual_seed(0)
+    bundle = load_clip("cdfsl-test-vit", device="cuda")
+    run(config, tmp_path / "one", bundle=bundle, progress=False)
+    run(config, tmp_path / "three", bundle=bundle, progress=False, episode_batch=3)
+
+    def lines(folder):
+        rows = [json.loads(line) for line in (folder / "episodes.jsonl").read_text().splitlines()]
+        return sorted(rows, key=lambda row: row["episode"])
+
+    def close(x, y, where):
+        if isinstance(x, dict):
+            assert set(x) == set(y), where
+            for key in x:
+                if key not in ("seconds", "episode_batch", "timestamp"):
+                    close(x[key], y[key], f"{where}.{key}")
+        elif isinstance(x, list):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y)):
+                close(u, v, f"{where}[{i}]")
+        elif isinstance(x, float) and math.isfinite(x):
+            assert y == pytest.approx(x, abs=1e-4, rel=1e-4), where
+        else:
+            assert x == y, where
+
+    one, three = lines(tmp_path / "one"), lines(tmp_path / "three")
+    assert len(one) == len(three) == config.episodes.n_episodes
+    for a, b in zip(one, three):
+        close(a, b, f"episode {a['episode']}")
+    assert [row.get("episode_batch") for row in three] == [3, 3, 3, None]  # the fourth trained alone

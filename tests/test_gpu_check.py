@@ -18,15 +18,30 @@ import gpu_check  # noqa: E402
 @pytest.mark.slow
 def test_the_dry_run_writes_every_step(tmp_path):
     out = tmp_path / "check.json"
-    assert gpu_check.main(["--dry-run", "--out", str(out)]) == 0
+    assert gpu_check.main(["--dry-run", "--ray", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["dry_run"] is True and report["device"]["device"] == "cpu"
     assert report["gpu_tests"]["returncode"] == 0 and "skipped" in report["gpu_tests"]["summary"]
-    settings = report["episode_batch"]["settings"]
-    assert [s["shots"] for s in settings] == [1, 5]
-    assert all(s["same_accuracies_as_E1"] and set(s["by_episode_batch"]) == {"1", "2"} for s in settings)
+    assert (tmp_path / report["profile"]["file"]).exists() and report["profile"]["share_by_kind"]
+    searches = report["search"]["settings"]
+    assert [s["shots"] for s in searches] == [1, 5]
+    assert all(set(s["by_episode_batch"]) == {"1", "2"} and s["best_episode_batch"] in (1, 2) for s in searches)
+    runs = report["protocol"]["runs"]
+    assert [(r["shots"], r["method"]) for r in runs] == [(shots, f"coop+lora/{i}") for shots in (1, 5)
+                                                         for i in ("none", "atha", "tir")]
+    assert report["protocol"]["protocol_hours_one_device"] > 0
+    assert report["agreement"]["fp32"]["episodes_differing_between_E1_and_Ek"] == 0
     assert report["ray_sweep"]["episodes"] == 4 and report["ray_sweep"]["episodes_per_hour"] > 0
     assert "error" not in json.dumps(report)
+
+
+def test_a_step_past_the_budget_is_skipped_and_says_so(tmp_path):
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--dry-run", "--budget", "0", "--skip", "gpu_tests", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["gpu_tests"] == {"skipped": True}
+    assert all("out of time" in report[step]["skipped"] for step in ("profile", "search", "protocol", "agreement"))
+    assert report["ray_sweep"] == {"skipped": True}  # only with --ray
 
 
 def test_without_a_gpu_it_says_how_to_run_it(capsys, monkeypatch):
