@@ -27,7 +27,7 @@ that step, as alone), and the others go on.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Any, Callable, Sequence
 
 import torch
@@ -211,10 +211,22 @@ class EpisodeBatch(nn.Module):
 
     def encode_image(self, images: torch.Tensor, readout: torch.Tensor | None) -> torch.Tensor:
         """L2-normalised image features [E, n, embed_dim] of ``images`` [E * n, 3, H, W], part e by episode e."""
+        with self.image_side(readout):
+            return self._features(images)
+
+    def image_side(self, readout: torch.Tensor | None):
+        """The stacked adapters and the intervention (with each episode's text read-out ``readout``
+        [E, C, dim]) in the shared vision tower, for any number of forwards inside the block: the
+        intervention prepares its per-episode state (ATHA's class vectors) once."""
         intervention = self.methods[0].intervention
         text = readout.unsqueeze(1) if readout is not None else None  # [E, 1, C, dim]: one text per episode
-        with self.adapted(), intervention.active(self.model.visual, text, self.episodes, dict(self.intervention_params)):
-            features = F.normalize(self.model.encode_image(images).float(), dim=-1)
+        stack = ExitStack()
+        stack.enter_context(self.adapted())
+        stack.enter_context(intervention.active(self.model.visual, text, self.episodes, dict(self.intervention_params)))
+        return stack
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        features = F.normalize(self.model.encode_image(images).float(), dim=-1)
         return features.reshape(self.episodes, -1, features.shape[-1])
 
     @torch.no_grad()
@@ -249,11 +261,11 @@ class EpisodeBatch(nn.Module):
             else nullcontext([{} for _ in range(self.episodes)])
         with measuring as stats, autocast_for(images.device, precision):
             text, readout = self.text_features()
-            for start in range(0, n, chunk):
-                part = images[:, start : start + chunk]
-                features = self.encode_image(part.flatten(0, 1), readout)  # [E, chunk, dim]
-                logits = features @ text.mT
-                correct += (logits.argmax(-1) == targets[:, start : start + chunk]).sum(dim=1)
+            with self.image_side(readout):  # ATHA's class vectors solved once for every chunk
+                for start in range(0, n, chunk):
+                    features = self._features(images[:, start : start + chunk].flatten(0, 1))  # [E, chunk, dim]
+                    logits = features @ text.mT
+                    correct += (logits.argmax(-1) == targets[:, start : start + chunk]).sum(dim=1)
         return [c / n for c in correct.tolist()], stats
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

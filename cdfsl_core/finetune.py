@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "line (python -m analysis.trajectory RUN draws them)")
     method.add_argument("--episode-batch", type=episode_batch_arg, default="auto",
                         help="episodes trained together in one forward (the same results for any value; a run may "
-                             f"resume with another): a number, or 'auto' ({protocol.EPISODE_BATCH['cuda']} on a GPU; on "
+                             "resume with another): a number, or 'auto' (on a GPU as many as "
+                             f"{protocol.CUDA_MEMORY_SHARE} of its free memory holds, at most "
+                             f"{protocol.EPISODE_BATCH['cuda']}; on "
                              f"the CPU up to {protocol.EPISODE_BATCH['cpu']}, keeping a step at most "
                              f"{protocol.CPU_BATCH_IMAGES} support images: 8 for 5-way 1-shot, 1 for 5-shot)")
     runs = result.add_argument_group("run folder")

@@ -225,3 +225,25 @@ def test_auto_on_a_gpu_is_sized_by_free_memory(monkeypatch, tmp_path, bundle):
     measured = measure_footprint(plan, bundle)
     assert measured > 0
     assert resolve_episode_batch("auto", cuda, footprint=lambda: measured) == episodes_that_fit(10 * GIB, measured)
+
+
+@pytest.mark.parametrize("adaptation", ["coop", "coop+lora"])
+def test_every_attention_takes_the_fused_path(bundle, adaptation):
+    """A training forward of an episode batch runs PyTorch's scaled-dot-product attention in every
+    block of both towers, with LoRA swapped in (its own attention) or not (open_clip's
+    nn.MultiheadAttention): the profiler counts one fused attention call per block."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from cdfsl_core.towers import text_tower, vision_tower
+
+    config = _config(adaptation, "tir", 1)
+    dataset, episodes, transform = _episodes(config, bundle)
+    prepared = [prepare_episode(config, bundle, dataset, episodes, i, None, transform) for i in range(2)]
+    batch = EpisodeBatch([p[0] for p in prepared]).train()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        batch(torch.cat([p[1] for p in prepared])).sum().backward()
+    batch.eval()
+    fused = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")
+                and "backward" not in e.key)
+    blocks = vision_tower(bundle.model).n_blocks + len(text_tower(bundle.model).blocks)
+    assert fused == blocks
