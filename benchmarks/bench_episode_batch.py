@@ -7,7 +7,7 @@
 For each shot setting, the same ``--episodes`` episodes run through
 :func:`cdfsl_core.episode_loop.run_episode_batch` in chunks of E for every E of ``--batches``
 (E = 1 is the sequential runner), each a whole episode (prepare, the queries before and after,
-training). Reports seconds per episode, episodes per hour, the speed-up over E = 1, and whether
+training), after one untimed episode. Reports seconds per episode, episodes per hour, the speed-up over E = 1, and whether
 every E gave the same accuracies as E = 1 (they must: tests/test_episode_batch.py). Memory per
 episode: what autograd saves for the backward of one training forward of the E episodes, per
 episode (any device; ``--no-memory`` skips it), and on a GPU also the peak allocated memory.
@@ -68,9 +68,14 @@ def measure(model: str = "cdfsl-synth-vit", pretrained: str | None = "synthetic"
     config, dataset, drawn, bundle, transform, resolved = setup or _setup(model, pretrained, shots, episodes, steps,
                                                                           method, device, precision, queries)
     rows, accuracies = {}, {}
+    # one untimed episode first: the first E measured would otherwise carry the process's warm-up
+    # (allocations, thread pools, the image cache's first decodes), which made E = 1 look slower
+    run_episode_batch(config, bundle, dataset, drawn, [0], [], transform, resolved)
     for e in batches:
         methods: list = []
         accuracy = []
+        if isinstance(transform, ImageCache):  # every E starts with an empty cache, as every run does
+            transform = ImageCache(dataset, transform.transform, device)
         peak = None
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
