@@ -61,7 +61,7 @@ from analysis.causal import (  # noqa: E402
 )
 from analysis.token_maps import balanced_indices  # noqa: E402
 from cdfsl_core.errors import ConfigError  # noqa: E402
-from cdfsl_core.runner import load_run, load_state, prepare_episode, state_path, train_episode  # noqa: E402
+from cdfsl_core.runner import load_episode, load_run  # noqa: E402
 from cdfsl_core.towers import vision_tower
 
 __all__ = ["attribution_summary", "causal_run", "default_block"]
@@ -109,20 +109,16 @@ def causal_run(folder: str | Path, episodes: Sequence[int] = (0,), block: int | 
     check_settings(target / SETTINGS, settings, "causal tables")  # nothing of other settings is replaced
     label = label or f"fine-tuned {config.method.adaptation}/{config.method.intervention}"
     parts: dict[str, list[pd.DataFrame]] = {"ablation": [], "patching": [], "attribution": []}
+    loaded = (config, bundle, dataset, episode_file)
     for index in episodes:
-        if not 0 <= index < len(episode_file):
-            raise ConfigError(f"episode {index} out of range: {folder} has episodes 0..{len(episode_file) - 1}.")
-        before, support, support_labels, query, query_labels = prepare_episode(
-            config, bundle, dataset, episode_file, index)
-        after, *_ = prepare_episode(config, bundle, dataset, episode_file, index)
+        episode = load_episode(folder, index, loaded=loaded)
+        before, query, query_labels = episode.method, episode.query, episode.query_labels
         if queries:  # the same number per class
             kept = balanced_indices(query_labels.tolist(), queries)
             query, query_labels = query[kept], query_labels[kept]
-        saved = state_path(folder, index)
-        if saved.exists():
-            load_state(after, saved)
-        else:
-            train_episode(after, support, support_labels, config.train, config.model.precision)
+        after = load_episode(folder, index, loaded=loaded)
+        after.fine_tune()
+        after = after.method
         common = {"dataset": config.data.dataset, "episode": index, "queries": len(query)}
         with torch.no_grad():
             for model, method in (("pretrained", before), (label, after)):

@@ -50,9 +50,8 @@ from analysis.config import AnalysisConfig  # noqa: E402
 from analysis.diagnostics import TokenDiagnostics, model_view  # noqa: E402
 from analysis.recorder import record  # noqa: E402
 from analysis.token_maps import balanced_indices, token_maps  # noqa: E402
-from cdfsl_core.errors import ConfigError  # noqa: E402
 from cdfsl_core.run_folder import RunFolder  # noqa: E402
-from cdfsl_core.runner import evaluate, load_run, load_state, prepare_episode, state_path, train_episode  # noqa: E402
+from cdfsl_core.runner import evaluate, load_episode, load_run  # noqa: E402
 from cdfsl_core.towers import vision_tower
 
 __all__ = ["diagnose_model", "diagnose_run"]
@@ -166,18 +165,12 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
     collected: dict[str, list[pd.DataFrame]] = {}
     method = None
     for index in episodes:
-        if not 0 <= index < len(episode_file):
-            raise ConfigError(f"episode {index} out of range: {folder} has episodes 0..{len(episode_file) - 1}.")
-        method, support, support_labels, query, query_labels = prepare_episode(
-            config, bundle, dataset, episode_file, index, method)
+        episode = load_episode(folder, index, method=method, loaded=(config, bundle, dataset, episode_file))
+        method, query, query_labels = episode.method, episode.query, episode.query_labels
         common = {"dataset": config.data.dataset, "episode": index}
         before = diagnose_model(method, query, query_labels, {**common, "model": "pretrained"}, analysis) \
             if pretrained else {}
-        saved = state_path(folder, index)
-        if saved.exists():
-            load_state(method, saved)
-        else:
-            train_episode(method, support, support_labels, config.train, config.model.precision)
+        source = episode.fine_tune()
         accuracy = evaluate(method, query, query_labels, config.train.eval_batch_size, config.model.precision)
         expected = recorded.get(index, {}).get("accuracy")
         after = diagnose_model(method, query, query_labels,
@@ -188,7 +181,7 @@ def diagnose_run(folder: str | Path, episodes: Sequence[int] = (0,), out: str | 
                 table["recomputed_accuracy"] = accuracy
                 table["recorded_accuracy"] = expected
                 table["reproduced"] = expected is None or abs(accuracy - expected) < 1e-9
-                table["fine_tuned_from"] = "saved state" if saved.exists() else "re-trained"
+                table["fine_tuned_from"] = source
             collected.setdefault(name, []).extend(tables_of)
     tables = {name: pd.concat(parts, ignore_index=True) for name, parts in collected.items()}
     for name, table in tables.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cdfsl_core.errors import ConfigError, RunFolderError
+from cdfsl_core.errors import ConfigError
 
 __all__ = ["export_merged"]
 
@@ -20,22 +20,19 @@ __all__ = ["export_merged"]
 def export_merged(run: str | os.PathLike[str], episode: int, path: str | os.PathLike[str]) -> Path:
     """Write the fine-tuned model of ``episode`` of the run folder ``run`` to ``path``
     (``.safetensors``, fp32); returns the path."""
-    from cdfsl_core.methods import FewShotCLIP
     from cdfsl_core.models import save_checkpoint
-    from cdfsl_core.runner import load_run, load_state, state_path
+    from cdfsl_core.runner import load_episode, load_run
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ConfigError(f"--export-merged {path}: expected a .safetensors file name.")
-    config, bundle, _, episodes = load_run(run)
+    loaded = load_run(run)
+    config, bundle, _, episodes = loaded
     if not 0 <= episode < len(episodes):
         raise ConfigError(f"--export-merged-episode {episode}: the run has episodes 0..{len(episodes) - 1}.")
-    saved = state_path(run, episode)
-    if not saved.exists():
-        raise RunFolderError(f"{saved} does not exist: episode {episode} of {run} kept no trained parameters. Run it "
-                             "with --save-states (a finished run is not recomputed; use a new --out folder).")
-    method = FewShotCLIP(bundle, episodes.class_names(episodes.episodes[episode]), config.method)
-    load_state(method, saved)
+    rebuilt = load_episode(run, episode, loaded=loaded)
+    rebuilt.fine_tune(retrain=False)  # the kept state, or an error saying how to keep it
+    method = rebuilt.method
     if method.lora is None:
         raise ConfigError(f"{run} trains no LoRA ({config.method.adaptation}); its CLIP weights are the pretrained "
                           "ones, so there is nothing to merge.")

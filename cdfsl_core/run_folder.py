@@ -23,13 +23,57 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypedDict
 
 from cdfsl_core.atomic import write_json
 from cdfsl_core.errors import DeviceError, RunFolderError
 from cdfsl_core.paths import read_json_file
 
-__all__ = ["RunFolder", "config_differences", "short_identity"]
+__all__ = ["EPISODE_LINE_REQUIRED", "EpisodeLine", "RunFolder", "check_episode_line", "config_differences",
+           "short_identity"]
+
+
+class EpisodeLine(TypedDict, total=False):
+    """One line of ``episodes.jsonl``: one finished episode, written by :meth:`RunFolder.append`
+    only (which checks it against this declaration, :func:`check_episode_line`) and read by
+    :meth:`RunFolder.lines`. The fields of :data:`EPISODE_LINE_REQUIRED` are in every line."""
+
+    episode: int  # its index in the run's episode file
+    classes: list[str]  # its class names, in label order
+    status: str  # "ok", or "non-finite-loss" (stopped; not averaged)
+    accuracy_init: float  # query accuracy before training (the method's initial state)
+    accuracy: float | None  # query accuracy after training; None when stopped
+    steps: int  # optimiser steps taken
+    loss_first: float | None  # the loss at the first step (None: nothing trained)
+    loss_last: float | None  # the loss at the last step
+    message: str  # why a stopped episode stopped
+    intervention_stats: dict[str, Any]  # {"init" | "trained": {block: {statistic: value}}}: what the intervention measures
+    intervention_log: dict[str, Any]  # what the intervention records of itself (ATHA: alpha and beta per block)
+    trajectory: list[dict[str, Any]]  # {"step", "accuracy", "intervention"?, probe name: its dict} per trajectory step
+    precision: str  # "fp32" or "bf16"
+    episode_file_sha256: str  # the episode file it was drawn from
+    seconds: float  # wall time (an equal share of its batch's when trained with others)
+    episode_batch: int  # how many episodes trained together with it (absent: alone)
+    device: str  # "cpu" or "cuda"
+    weights: str  # the model's weights identity
+
+
+EPISODE_LINE_REQUIRED = ("episode", "classes", "status", "accuracy_init", "accuracy", "precision",
+                         "episode_file_sha256", "device", "weights")
+_STATUSES = ("ok", "non-finite-loss")
+
+
+def check_episode_line(row: dict[str, Any]) -> None:
+    """``row`` is an :class:`EpisodeLine`: its required fields present, no field it does not
+    declare, a known status. A ValueError names what is wrong (a bug of the writer, not of the user)."""
+    missing = [key for key in EPISODE_LINE_REQUIRED if key not in row]
+    unknown = sorted(set(row) - set(EpisodeLine.__annotations__))
+    if missing or unknown:
+        raise ValueError(f"not an episode line: missing {missing}, undeclared {unknown} (declare a new field in "
+                         "cdfsl_core.run_folder.EpisodeLine).")
+    if row["status"] not in _STATUSES or type(row["episode"]) is not int:
+        raise ValueError(f"not an episode line: status {row['status']!r} (expected one of {_STATUSES}), "
+                         f"episode {row['episode']!r} (expected an integer).")
 
 
 def short_identity(identity: str) -> str:
@@ -106,7 +150,7 @@ class RunFolder:
             return {}
         return read_json_file(self.manifest_file, "a run's manifest (an object)", _DAMAGED, RunFolderError)
 
-    def lines(self) -> tuple[list[dict[str, Any]], bool]:
+    def lines(self) -> tuple[list[EpisodeLine], bool]:
         """Every episode line in file order, and whether a torn line (a write killed midway) was
         skipped. The one reader of ``episodes.jsonl``."""
         if not self.results.is_file():
@@ -130,7 +174,7 @@ class RunFolder:
             rows.append(row)
         return rows, torn
 
-    def finished(self) -> dict[int, dict[str, Any]]:
+    def finished(self) -> dict[int, EpisodeLine]:
         """Finished episodes by index (the last line of an episode wins)."""
         return {row["episode"]: row for row in self.lines()[0]}
 
@@ -252,9 +296,13 @@ class RunFolder:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def append(self, index: int, row: dict[str, Any]) -> bool:
-        """Append one episode line unless the episode is already there; under a lock, synced. A
-        torn last line (a writer killed midway) is ended first, so the new line stands on its own."""
+    def append(self, index: int, row: EpisodeLine) -> bool:
+        """Append one episode line (checked against :class:`EpisodeLine`) unless the episode is
+        already there; under a lock, synced. A torn last line (a writer killed midway) is ended
+        first, so the new line stands on its own."""
+        check_episode_line(dict(row))
+        if row["episode"] != index:
+            raise ValueError(f"episode line of episode {row['episode']} appended as episode {index}.")
         with open(self.results.with_name(self.results.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:

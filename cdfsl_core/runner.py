@@ -53,7 +53,8 @@ from cdfsl_core.stats import json_number, mean_ci95
 
 # the configs and the episode functions are re-exported: `from cdfsl_core.runner import RunConfig, train_episode`
 __all__ = [
-    "DataConfig", "ModelConfig", "NonFiniteLoss", "RunConfig", "RunPlan", "TrainConfig", "evaluate", "load_plan",
+    "DataConfig", "LoadedEpisode", "ModelConfig", "NonFiniteLoss", "RunConfig", "RunPlan", "TrainConfig", "evaluate",
+    "load_episode", "load_plan",
     "load_run", "load_state", "measure_footprint", "prepare_episode", "prepare_run", "protocol_transform",
     "resolve_episode_batch", "run",
     "run_episodes", "support_images",
@@ -170,6 +171,58 @@ def load_run(folder: str | os.PathLike[str], bundle: ClipBundle | None = None) -
         bundle = load_clip(config.model.name, config.model.pretrained, device=resolve_device(config.model.device),
                            tokenizer=config.model.tokenizer)
     return config, bundle, dataset, episodes
+
+
+@dataclass
+class LoadedEpisode:
+    """Episode ``index`` of a run folder rebuilt (:func:`load_episode`): its method in the initial
+    state the run started it from, and its support and query tensors as the run saw them.
+    :meth:`fine_tune` brings the method to the run's trained parameters."""
+
+    folder: Path
+    index: int
+    config: RunConfig
+    bundle: ClipBundle
+    method: FewShotCLIP
+    support: torch.Tensor
+    support_labels: torch.Tensor
+    query: torch.Tensor
+    query_labels: torch.Tensor
+
+    @property
+    def state(self) -> Path:
+        """Where the run keeps this episode's trained parameters (``--save-states``)."""
+        return RunFolder(self.folder).state_path(self.index)
+
+    def fine_tune(self, retrain: bool = True) -> str:
+        """The method's trained parameters: the run's saved state when it kept one, else trained
+        again as the run trained it (the same seed, so the same parameters); returns ``"saved
+        state"`` or ``"re-trained"``. ``retrain=False``: a missing state is an error."""
+        if self.state.exists():
+            load_state(self.method, self.state)
+            return "saved state"
+        if not retrain:
+            raise RunFolderError(f"{self.state} does not exist: episode {self.index} of {self.folder} kept no trained "
+                                 "parameters. Run it with --save-states (a finished run is not recomputed; use a new "
+                                 "--out folder).")
+        train_episode(self.method, self.support, self.support_labels, self.config.train, self.config.model.precision)
+        return "re-trained"
+
+
+def load_episode(folder: str | os.PathLike[str], index: int, bundle: ClipBundle | None = None,
+                 method: FewShotCLIP | None = None,
+                 loaded: tuple[RunConfig, ClipBundle, Any, EpisodeFile] | None = None) -> LoadedEpisode:
+    """Episode ``index`` of the run folder ``folder`` rebuilt, its method reset to the initial state
+    (``method``: one of the run's to reuse; ``loaded``: what :func:`load_run` returned for the
+    folder, to load it once for many episodes; else the run is loaded, on ``bundle`` if given).
+    The one way every command rebuilds an episode from a run."""
+    folder = Path(folder)
+    config, bundle, dataset, episodes = loaded if loaded is not None else load_run(folder, bundle)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(episodes):
+        raise ConfigError(f"episode {index!r} out of range: {folder} has episodes 0..{len(episodes) - 1}.")
+    method, support, support_labels, query, query_labels = prepare_episode(config, bundle, dataset, episodes, index,
+                                                                         method)
+    return LoadedEpisode(folder, index, config, bundle, method, support, support_labels, query, query_labels)
 
 
 @dataclass

@@ -9,7 +9,6 @@ generator instead of each episode's own changes the learned parameters far beyon
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from cdfsl_core.lora import dropout
 from cdfsl_core.models import load_clip
 from cdfsl_core.names import ADAPTATIONS, INTERVENTIONS
 from cdfsl_core.preprocess import protocol_transform
+from cdfsl_core.run_folder import RunFolder
 from cdfsl_core.runner import prepare_run, resolve_episode_batch, run, run_episodes
 
 E = 3
@@ -146,7 +146,7 @@ def test_a_non_finite_loss_stops_that_episode_only(bundle):
 
 
 def _lines(folder: Path) -> list[dict]:
-    lines = [json.loads(line) for line in (folder / "episodes.jsonl").read_text().splitlines()]
+    lines = RunFolder(folder).lines()[0]
     return sorted(lines, key=lambda row: row["episode"])
 
 

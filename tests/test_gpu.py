@@ -141,6 +141,7 @@ def test_a_run_on_the_device_writes_the_same_lines_at_any_episode_batch(tmp_path
 
     from cdfsl_core.config import MethodConfig, ModelConfig, TrainConfig
     from cdfsl_core.models import load_clip
+    from cdfsl_core.run_folder import RunFolder
     from cdfsl_core.runner import run
 
     config = replace(TINY, model=ModelConfig("cdfsl-test-vit", None, "cuda", "fp32"),
@@ -151,7 +152,7 @@ def test_a_run_on_the_device_writes_the_same_lines_at_any_episode_batch(tmp_path
     run(config, tmp_path / "three", bundle=bundle, progress=False, episode_batch=3)
 
     def lines(folder):
-        rows = [json.loads(line) for line in (folder / "episodes.jsonl").read_text().splitlines()]
+        rows = RunFolder(folder).lines()[0]
         return sorted(rows, key=lambda row: row["episode"])
 
     def close(x, y, where):

@@ -93,12 +93,12 @@ def test_a_run_through_the_cache_writes_the_lines_of_the_plain_transform(tmp_pat
     """The runner's cached images (the runner does use them: an empty cache is not mistaken for no
     transform): every episode's accuracies and losses equal, to the bit, those of the same episode
     prepared with the plain transform."""
-    import json
     from dataclasses import replace
 
     from helpers import TINY
 
     from cdfsl_core.episodes import generate_episodes
+    from cdfsl_core.run_folder import RunFolder
     from cdfsl_core.runner import run
 
     torch.manual_seed(0)
@@ -109,7 +109,7 @@ def test_a_run_through_the_cache_writes_the_lines_of_the_plain_transform(tmp_pat
     monkeypatch.setattr(ImageCache, "load", lambda self, ids: loads.append(len(ids)) or original(self, ids))
     run(config, tmp_path / "run", bundle=bundle, progress=False)  # one at a time: bit-exact
     assert len(loads) == 2 * config.episodes.n_episodes  # the support and the queries of every episode
-    lines = {row["episode"]: row for row in map(json.loads, (tmp_path / "run" / "episodes.jsonl").read_text().splitlines())}
+    lines = RunFolder(tmp_path / "run").finished()
     dataset = load_dataset(config.data.dataset, None, **config.data.options)
     episodes = generate_episodes(dataset, config.episodes)
     for i in range(config.episodes.n_episodes):

@@ -19,6 +19,7 @@ from analysis.run_diagnostics import diagnose_run
 from analysis.study import Study
 from cdfsl_core.interventions import Intervention, list_interventions, register_intervention, unregister_intervention
 from cdfsl_core.methods import MethodConfig, list_methods
+from cdfsl_core.run_folder import RunFolder
 from cdfsl_core.runner import RunConfig, run
 
 
@@ -76,7 +77,7 @@ def test_a_registered_intervention_runs_through_the_runner_the_diagnostics_and_t
     assert "nudge" in list_interventions() and "coop/nudge" in list_methods()
     config = replace(TINY, method=MethodConfig("coop", "nudge", intervention_config=NudgeConfig(scale_init=0.2)))
     run(config, tmp_path / "run", progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "episodes.jsonl").read_text().splitlines()]
+    rows = RunFolder(tmp_path / "run").lines()[0]
     assert all(r["status"] == "ok" for r in rows)
     assert rows[0]["intervention_stats"]["init"]["1"]["scale"] == pytest.approx(0.2)
     assert rows[0]["intervention_log"]["scale"] != 0.2  # trained by the protocol's intervention optimiser
@@ -103,7 +104,7 @@ def test_an_intervention_that_edits_one_episode_at_a_time_runs_them_in_turn(nudg
     config = replace(TINY, method=MethodConfig("coop+lora", "nudge"))
     run(config, tmp_path / "one", progress=False)
     run(config, tmp_path / "three", progress=False, episode_batch=3)
-    one, three = ([json.loads(line) for line in (tmp_path / name / "episodes.jsonl").read_text().splitlines()]
+    one, three = (RunFolder(tmp_path / name).lines()[0]
                   for name in ("one", "three"))
     assert len(one) == len(three) == TINY.episodes.n_episodes
     for a, b in zip(one, three):

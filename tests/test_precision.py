@@ -25,6 +25,7 @@ from cdfsl_core.interventions import TIR
 from cdfsl_core.lora import LoRAConfig
 from cdfsl_core.methods import ADAPTATIONS, INTERVENTIONS, create_method
 from cdfsl_core.models import EMBEDDED_MODEL, load_clip, resolve_device, resolve_precision
+from cdfsl_core.run_folder import RunFolder
 from cdfsl_core.runner import TrainConfig, protocol_transform, run, train_episode
 from cdfsl_core.token_text import project_tokens, sum_score, token_class_similarity
 from cdfsl_core.towers import vision_tower
@@ -140,7 +141,7 @@ def test_a_run_in_bf16_on_the_cpu_records_its_precision(tmp_path):
     config = TINY.__class__.from_dict({**TINY.to_dict(), "model": {**TINY.to_dict()["model"], "precision": "bf16"}})
     run(config, tmp_path / "run", progress=False)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    rows = [json.loads(line) for line in (tmp_path / "run" / "episodes.jsonl").read_text().splitlines()]
+    rows = RunFolder(tmp_path / "run").lines()[0]
     assert manifest["precision"] == "bf16" and manifest["device"] == "cpu"
     assert {r["precision"] for r in rows} == {"bf16"} and all(r["status"] == "ok" for r in rows)
 

@@ -24,6 +24,7 @@ from cdfsl_core.errors import ConfigError, DatasetError
 from cdfsl_core.finetune import main as finetune_main
 from cdfsl_core.models import EMBEDDED_MODEL, load_clip, save_checkpoint
 from cdfsl_core.models import main as models_main
+from cdfsl_core.run_folder import RunFolder
 from cdfsl_core.sweep import SweepGrid, load_grid, plan_sweep
 
 TINY = ["--dataset", "eurosat", "--ways", "3", "--shots", "1", "--queries", "1", "--steps", "1", "--lora-rank", "2",
@@ -48,7 +49,7 @@ def _error(capsys) -> str:
 
 
 def _lines(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "episodes.jsonl").read_text().splitlines()]
+    return RunFolder(folder).lines()[0]
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from cdfsl_core.compare import main as compare_main
 from cdfsl_core.episodes import main as episodes_main
 from cdfsl_core.finetune import build_parser
 from cdfsl_core.finetune import main as finetune_main
+from cdfsl_core.run_folder import RunFolder
 
 TINY_ARGS = ["--dataset", "eurosat", "--model", "cdfsl-test-vit", "--pretrained", "none", "--ways", "3",
              "--shots", "1", "--queries", "1", "--episodes", "4", "--steps", "2", "--lora-rank", "2", "--device", "cpu",
@@ -50,7 +51,7 @@ def _interrupt_after(monkeypatch, episodes: int) -> None:
 
 
 def _lines(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "episodes.jsonl").read_text().splitlines()]
+    return RunFolder(folder).lines()[0]
 
 
 def test_kill_remove_images_regenerate_and_resume_is_refused(tmp_path, eurosat, monkeypatch, capsys):

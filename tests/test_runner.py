@@ -23,11 +23,12 @@ from cdfsl_core.compare import paired_difference
 from cdfsl_core.errors import RunFolderError
 from cdfsl_core.finetune import main as finetune_main
 from cdfsl_core.models import load_clip
+from cdfsl_core.run_folder import RunFolder
 from cdfsl_core.runner import RunConfig, TrainConfig, run
 
 
 def _rows(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "episodes.jsonl").read_text().splitlines()]
+    return RunFolder(folder).lines()[0]
 
 
 def test_a_run_folder_holds_config_manifest_episodes_and_summary(tmp_path):

@@ -4,7 +4,6 @@ task starts. Ray starts once for the module (about 10 s)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import torch
 
 from cdfsl_core.config import episode_config, episode_file_name, run_config
 from cdfsl_core.errors import ConfigError, RunFolderError
+from cdfsl_core.run_folder import RunFolder
 from cdfsl_core.runner import run
 from cdfsl_core.sweep import SweepGrid, load_grid, main, plan_sweep, sweep
 
@@ -37,7 +37,7 @@ def local_ray():
 
 
 def _lines(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "episodes.jsonl").read_text().splitlines() if line.strip()]
+    return RunFolder(folder).lines()[0]
 
 
 def _cell(out: Path, method: str) -> Path:

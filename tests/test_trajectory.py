@@ -3,7 +3,6 @@ the model at that step, and changing nothing about the run."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import numpy as np
@@ -102,5 +101,5 @@ def test_atha_strengths_enter_the_trajectory_and_the_figure_and_command_draw_it(
     assert main([str(folder), "--out", str(tmp_path / "figs")]) == 0
     written = pd.read_csv(tmp_path / "figs" / "trajectory.csv")
     assert len(written) == len(table) and (tmp_path / "figs" / "trajectories.png").exists()
-    line = json.loads((folder / "episodes.jsonl").read_text().splitlines()[0])
+    line = RunFolder(folder).lines()[0][0]
     assert [p["step"] for p in line["trajectory"]] == list(STEPS)

@@ -15,7 +15,7 @@ from analysis.token_maps import balanced_indices, display_images
 from analysis.trajectory import trajectory_table
 from cdfsl_core.preprocess import load_images, protocol_transform
 from cdfsl_core.run_folder import RunFolder
-from cdfsl_core.runner import RunConfig, load_run, load_state, prepare_episode, state_path
+from cdfsl_core.runner import RunConfig, load_episode, load_run
 from cdfsl_core.towers import vision_tower
 
 __all__ = ["CAUSAL_TABLES", "TABLES", "causal", "cka_finetuned", "controls", "diagnostics", "intervention_stats",
@@ -129,10 +129,10 @@ def cka_finetuned(study: StudyContext) -> pd.DataFrame:
         for target in study.data.targets:
             for label in study.fine_tuned:
                 folder = study.run_folder(target, study.grid.diagnose_shots, label)
-                config, bundle, dataset, episodes = load_run(folder, study.bundle)
-                method, _, _, query, _ = prepare_episode(config, bundle, dataset, episodes, 0)
+                episode = load_episode(folder, 0, study.bundle)
+                method, query = episode.method, episode.query
                 before = layer_features(method, images=query)
-                load_state(method, state_path(folder, 0))
+                episode.fine_tune(retrain=False)
                 after = layer_features(method, images=query)
                 for layer in before:
                     rows.append({"target": target, "method": label, "layer": layer, "images": len(query),
@@ -159,12 +159,12 @@ def register_neurons(study: StudyContext) -> pd.DataFrame:
         for target in study.data.targets:
             for i, label in enumerate(study.fine_tuned):
                 folder = study.run_folder(target, study.grid.diagnose_shots, label)
-                config, bundle, dataset, episodes = load_run(folder, study.bundle)
-                method, _, _, query, _ = prepare_episode(config, bundle, dataset, episodes, 0)
+                episode = load_episode(folder, 0, study.bundle)
+                method, query = episode.method, episode.query
                 models = [("pretrained", False)] if i == 0 else []
                 for model, fine_tuned in models + [(label, True)]:
                     if fine_tuned:
-                        load_state(method, state_path(folder, 0))
+                        episode.fine_tune(retrain=False)
                     with torch.no_grad(), method.adapted():
                         found = find_register_neurons(
                             method.model, list(query.split(32)), top_k=settings.top_k,
