@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     from analysis.poolings import pooling
     from cdfsl_core.data import load_dataset
     from cdfsl_core.models import load_clip, load_vision
-    from cdfsl_core.runner import protocol_transform
+    from cdfsl_core.preprocess import protocol_transform
 
     args = build_parser().parse_args(argv)
     if args.out is not None:

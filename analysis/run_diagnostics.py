@@ -50,8 +50,9 @@ from analysis.config import AnalysisConfig  # noqa: E402
 from analysis.diagnostics import TokenDiagnostics, model_view  # noqa: E402
 from analysis.recorder import record  # noqa: E402
 from analysis.token_maps import balanced_indices, token_maps  # noqa: E402
+from cdfsl_core.episode_loop import evaluate  # noqa: E402
 from cdfsl_core.run_folder import RunFolder  # noqa: E402
-from cdfsl_core.runner import evaluate, load_episode, load_run  # noqa: E402
+from cdfsl_core.runner import load_episode, load_run  # noqa: E402
 from cdfsl_core.towers import vision_tower
 
 __all__ = ["diagnose_model", "diagnose_run"]

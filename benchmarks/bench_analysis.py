@@ -33,7 +33,7 @@ ROUNDS = 21
 def _setup(n_images: int = 128):
     from cdfsl_core.data import load_dataset
     from cdfsl_core.models import EMBEDDED_MODEL, load_clip
-    from cdfsl_core.runner import protocol_transform
+    from cdfsl_core.preprocess import protocol_transform
     from cdfsl_core.zeroshot import text_features
 
     bundle = load_clip(*EMBEDDED_MODEL)

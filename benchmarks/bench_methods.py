@@ -24,9 +24,10 @@ import torch
 from benchmark_report import finish
 
 from cdfsl_core import protocol
+from cdfsl_core.config import TrainConfig
+from cdfsl_core.episode_loop import train_episode
 from cdfsl_core.methods import create_method
 from cdfsl_core.models import load_clip, resolve_device
-from cdfsl_core.runner import TrainConfig, train_episode
 
 INTERVENTIONS = ("none", "atha", "tir")
 NAMES = ["striped red shape", "dotted blue shape", "plain green shape", "wavy pink shape", "checked black shape"]

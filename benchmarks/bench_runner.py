@@ -23,9 +23,9 @@ from benchmark_report import finish
 from cdfsl_core import protocol
 from cdfsl_core.config import run_config
 from cdfsl_core.data import load_dataset
+from cdfsl_core.episode_loop import evaluate, prepare_episode, train_episode
 from cdfsl_core.episodes import generate_episodes
 from cdfsl_core.models import load_clip, resolve_device
-from cdfsl_core.runner import evaluate, prepare_episode, train_episode
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ def throughput(episodes: int = 8, steps: int = 30) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         cell = plan_sweep(replace(grid, out=f"{folder}/episode-files"))[0]  # the episode file both use
         config = json.loads((cell.folder / "config.json").read_text())
-        from cdfsl_core.runner import RunConfig
+        from cdfsl_core.config import RunConfig
 
         torch.set_num_threads(2)
         start = time.perf_counter()

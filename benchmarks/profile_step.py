@@ -27,10 +27,10 @@ from torch.profiler import ProfilerActivity, profile
 from cdfsl_core.config import TrainConfig, run_config
 from cdfsl_core.data import load_dataset
 from cdfsl_core.episode_batch import generator_like_global, train_batch
+from cdfsl_core.episode_loop import prepare_episode
 from cdfsl_core.episodes import generate_episodes
 from cdfsl_core.models import load_clip
 from cdfsl_core.preprocess import protocol_transform
-from cdfsl_core.runner import prepare_episode
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -185,48 +186,66 @@ def load_state(method: FewShotCLIP, path: Path) -> None:
     method.load_trainable_state(load_file(str(path), device=str(device)))
 
 
-def _start_row(config: RunConfig, method: FewShotCLIP, episodes: EpisodeFile, index: int, query: torch.Tensor,
-               query_labels: torch.Tensor, precision: str, measured: tuple[float, dict] | None = None,
-               ) -> tuple[dict[str, Any], dict, list, Callable | None]:
-    """An episode's line before training: its accuracy at the initial state, what the intervention
-    measures of its own action there (``measured``: both, when an episode batch evaluated them),
-    and the trajectory probe (None without trajectory steps)."""
-    row: dict[str, Any] = {"episode": index, "classes": episodes.class_names(episodes.episodes[index])}
-    trajectory: list[dict[str, Any]] = []  # kept up to a non-finite loss too
-    # the queries at the initial state: the method's accuracy before training, and what the
-    # intervention measures about its own action (ATHA: its edit size per block)
+@dataclass
+class _Episode:
+    """One episode on its way to its line: what :func:`prepare_episode` returned, the generator its
+    dropout draws from (batched), and the line as far as it has got."""
+
+    index: int
+    method: FewShotCLIP
+    support: torch.Tensor
+    support_labels: torch.Tensor
+    query: torch.Tensor
+    query_labels: torch.Tensor
+    generator: torch.Generator | None = None
+    row: dict[str, Any] = field(default_factory=dict)
+    before: dict = field(default_factory=dict)  # what the intervention measured at the initial state
+    trajectory: list[dict[str, Any]] = field(default_factory=list)  # kept up to a non-finite loss too
+    at_step: Callable | None = None  # the trajectory probe (None without trajectory steps)
+
+    @classmethod
+    def prepared(cls, index: int, prepared: tuple, generator: torch.Generator | None = None) -> "_Episode":
+        return cls(index, *prepared[:5], generator=generator)
+
+
+def _start_row(config: RunConfig, episodes: EpisodeFile, episode: _Episode, precision: str,
+               measured: tuple[float, dict] | None = None) -> None:
+    """An episode's line before training: its accuracy at the initial state and what the
+    intervention measures of its own action there (ATHA: its edit size per block; ``measured``:
+    both, when an episode batch evaluated them), and its trajectory probe."""
+    episode.row = {"episode": episode.index, "classes": episodes.class_names(episodes.episodes[episode.index])}
     if measured is None:
-        with method.intervention.measuring() as before:
-            row["accuracy_init"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
-    else:
-        row["accuracy_init"], before = measured
-    at_step = _trajectory_probe(config, method, query, query_labels, precision, trajectory) \
-        if config.train.trajectory_steps else None
-    return row, before, trajectory, at_step
+        with episode.method.intervention.measuring() as before:
+            measured = (evaluate(episode.method, episode.query, episode.query_labels, config.train.eval_batch_size,
+                                 precision), before)
+    episode.row["accuracy_init"], episode.before = measured
+    if config.train.trajectory_steps:
+        episode.at_step = _trajectory_probe(config, episode.method, episode.query, episode.query_labels, precision,
+                                            episode.trajectory)
 
 
-def _finish_row(config: RunConfig, method: FewShotCLIP, episodes: EpisodeFile, index: int, row: dict[str, Any],
-                before: dict, trajectory: list, outcome: dict[str, Any] | NonFiniteLoss, query: torch.Tensor,
-                query_labels: torch.Tensor, precision: str, save_state_to: Path | None,
-                measured: tuple[float, dict] | None = None) -> dict[str, Any]:
+def _finish_row(config: RunConfig, episodes: EpisodeFile, episode: _Episode, outcome: dict[str, Any] | NonFiniteLoss,
+                precision: str, save_state_to: Path | None, measured: tuple[float, dict] | None = None,
+                ) -> dict[str, Any]:
     """The line of a trained episode (``outcome``: what training returned, or the NonFiniteLoss it
     raised; ``measured``: the trained accuracy and intervention statistics, when an episode batch
     evaluated them); keeps the trained parameters at ``save_state_to``."""
+    row, method = episode.row, episode.method
     if isinstance(outcome, NonFiniteLoss):
         row.update(status="non-finite-loss", accuracy=None, message=str(outcome))
-        tqdm.write(f"episode {index}: stopped, {outcome}; recorded as failed, not averaged")
+        tqdm.write(f"episode {episode.index}: stopped, {outcome}; recorded as failed, not averaged")
     else:
         row.update(outcome)
         if measured is None:
             with method.intervention.measuring() as after:
-                row["accuracy"] = evaluate(method, query, query_labels, config.train.eval_batch_size, precision)
-        else:
-            row["accuracy"], after = measured
-        if before or after:
-            row["intervention_stats"] = {"init": _rounded(before), "trained": _rounded(after)}
+                measured = (evaluate(method, episode.query, episode.query_labels, config.train.eval_batch_size,
+                                     precision), after)
+        row["accuracy"], after = measured
+        if episode.before or after:
+            row["intervention_stats"] = {"init": _rounded(episode.before), "trained": _rounded(after)}
         row["status"] = "ok"
-    if trajectory:
-        row["trajectory"] = trajectory
+    if episode.trajectory:
+        row["trajectory"] = episode.trajectory
     if save_state_to is not None and row["status"] == "ok" and method.trainable_state():
         save_state(method, save_state_to)
     logged = method.intervention.episode_log()  # what the intervention says of itself (ATHA: alpha, beta)
@@ -244,22 +263,20 @@ def run_episode(config: RunConfig, bundle: ClipBundle, dataset: Any, episodes: E
     without the run folder's fields. ``save_state_to``: keep the trained parameters there (before
     the line exists, so a listed episode has its state)."""
     start = time.perf_counter()
-    prepared = prepare_episode(config, bundle, dataset, episodes, index, method, transform)
-    return prepared[0], _run_prepared(config, episodes, index, prepared, precision, save_state_to, start)
+    episode = _Episode.prepared(index, prepare_episode(config, bundle, dataset, episodes, index, method, transform))
+    return episode.method, _run_alone(config, episodes, episode, precision, save_state_to, start)
 
 
-def _run_prepared(config: RunConfig, episodes: EpisodeFile, index: int, prepared: tuple, precision: str,
-                  save_state_to: Path | None, start: float) -> dict[str, Any]:
-    """The line of episode ``index`` trained alone from what :func:`prepare_episode` returned."""
-    method, support, support_labels, query, query_labels = prepared[:5]
-    row, before, trajectory, at_step = _start_row(config, method, episodes, index, query, query_labels, precision)
+def _run_alone(config: RunConfig, episodes: EpisodeFile, episode: _Episode, precision: str,
+               save_state_to: Path | None, start: float) -> dict[str, Any]:
+    """The line of a prepared episode trained alone."""
+    _start_row(config, episodes, episode, precision)
     try:
-        outcome: dict[str, Any] | NonFiniteLoss = train_episode(method, support, support_labels, config.train, precision,
-                                                            at_step)
+        outcome: dict[str, Any] | NonFiniteLoss = train_episode(episode.method, episode.support, episode.support_labels,
+                                                            config.train, precision, episode.at_step)
     except NonFiniteLoss as err:
         outcome = err
-    row = _finish_row(config, method, episodes, index, row, before, trajectory, outcome, query, query_labels,
-                      precision, save_state_to)
+    row = _finish_row(config, episodes, episode, outcome, precision, save_state_to)
     row["seconds"] = round(time.perf_counter() - start, 3)
     return row
 
@@ -287,44 +304,50 @@ def run_episode_batch(config: RunConfig, bundle: ClipBundle, dataset: Any, episo
                                   save_state_to[0])
         return [method], [row]
     start = time.perf_counter()
-    prepared = []
+    batch: list[_Episode] = []
     for index, method in zip(indices, methods):
-        episode = prepare_episode(config, bundle, dataset, episodes, index, method, transform)
+        prepared = prepare_episode(config, bundle, dataset, episodes, index, method, transform)
         # the state dropout draws from when this episode trains alone (the next episode reseeds)
-        prepared.append((*episode, generator_like_global(episode[1].device)))
-    built = [p[0] for p in prepared]
-    if batchable(built[0]) is not None or len({len(p[1]) for p in prepared}) != 1:
+        batch.append(_Episode.prepared(index, prepared, generator_like_global(prepared[1].device)))
+    built = [episode.method for episode in batch]
+    if batchable(built[0]) is not None or len({len(episode.support) for episode in batch}) != 1:
         rows = []
-        for index, episode, path in zip(indices, prepared, save_state_to):
-            # the global generator as this episode left it, for its dropout
-            _set_global_state(episode[5])
-            rows.append(_run_prepared(config, episodes, index, episode, precision, path, time.perf_counter()))
+        for episode, path in zip(batch, save_state_to):
+            _set_global_state(episode.generator)  # the global generator as this episode left it, for its dropout
+            rows.append(_run_alone(config, episodes, episode, precision, path, time.perf_counter()))
         return built, rows
-    batch = EpisodeBatch(built, [p[5] for p in prepared])
-    queries, query_labels = [p[3] for p in prepared], [p[4] for p in prepared]
-    together = _evaluates_together(batch, queries)
-    size = config.train.eval_batch_size
-    initial = _per_episode(batch.evaluate(queries, query_labels, size, precision, measure=True)) if together \
-        else [None] * len(indices)
-    started = [_start_row(config, p[0], episodes, index, p[3], p[4], precision, measured)
-               for index, p, measured in zip(indices, prepared, initial)]
-    at_step = [s[3] for s in started]
-    if together and any(probe is not None for probe in at_step):
-        at_step = _shared_evaluation(batch, queries, query_labels, size, precision, at_step)
-    outcomes = train_batch(built, [p[1] for p in prepared], [p[2] for p in prepared], config.train, precision,
-                           generators=[p[5] for p in prepared], at_step=at_step, batch=batch)
-    final = _per_episode(batch.evaluate(queries, query_labels, size, precision, measure=True)) if together \
-        else [None] * len(indices)
-    rows = []
-    for index, p, (row, before, trajectory, _), outcome, path, measured in zip(indices, prepared, started, outcomes,
-                                                                                save_state_to, final):
-        rows.append(_finish_row(config, p[0], episodes, index, row, before, trajectory, outcome, p[3], p[4],
-                                precision, path, measured))
+    rows = _train_together(config, episodes, batch, precision, save_state_to)
     seconds = round((time.perf_counter() - start) / len(indices), 3)
     for row in rows:
         row["episode_batch"] = len(indices)
         row["seconds"] = seconds
     return built, rows
+
+
+def _train_together(config: RunConfig, episodes: EpisodeFile, batch: list[_Episode], precision: str,
+                    save_state_to: Sequence[Path | None]) -> list[dict[str, Any]]:
+    """The lines of prepared episodes trained in one episode batch, their queries evaluated together
+    (before, at each trajectory step, after) when the intervention measures E episodes at once."""
+    stacked = EpisodeBatch([episode.method for episode in batch], [episode.generator for episode in batch])
+    queries, labels = [episode.query for episode in batch], [episode.query_labels for episode in batch]
+    together = _evaluates_together(stacked, queries)
+    size = config.train.eval_batch_size
+
+    def evaluated() -> list[tuple[float, dict] | None]:
+        if not together:
+            return [None] * len(batch)
+        return _per_episode(stacked.evaluate(queries, labels, size, precision, measure=True))
+
+    for episode, measured in zip(batch, evaluated()):
+        _start_row(config, episodes, episode, precision, measured)
+    at_step = [episode.at_step for episode in batch]
+    if together and any(probe is not None for probe in at_step):
+        at_step = _shared_evaluation(stacked, queries, labels, size, precision, at_step)
+    outcomes = train_batch(stacked.methods, [episode.support for episode in batch],
+                           [episode.support_labels for episode in batch], config.train, precision,
+                           generators=[episode.generator for episode in batch], at_step=at_step, batch=stacked)
+    return [_finish_row(config, episodes, episode, outcome, precision, path, measured)
+            for episode, outcome, path, measured in zip(batch, outcomes, save_state_to, evaluated())]
 
 
 def _evaluates_together(batch: EpisodeBatch, queries: Sequence[torch.Tensor]) -> bool:

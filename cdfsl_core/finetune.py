@@ -99,7 +99,7 @@ if __name__ == "__main__":
 
 
 def config_from_args(args: argparse.Namespace):
-    """The :class:`~cdfsl_core.runner.RunConfig` of the command line (:func:`cdfsl_core.protocol.run_config`),
+    """The :class:`~cdfsl_core.config.RunConfig` of the command line (:func:`cdfsl_core.protocol.run_config`),
     with absolute paths."""
     episodes = episode_config(args.shots, args.episodes, args.seed, args.ways, args.queries,
                                        args.short_class_policy)

@@ -22,16 +22,13 @@ import torch
 from tqdm import tqdm
 
 from cdfsl_core import protocol
-from cdfsl_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from cdfsl_core.config import RunConfig
 from cdfsl_core.data import load_dataset
 from cdfsl_core.episode_batch import batchable, episode_footprint, episodes_that_fit
 from cdfsl_core.episode_loop import (
-    NonFiniteLoss,
-    evaluate,
     load_state,
     prepare_episode,
     run_episode_batch,
-    save_state,
     train_episode,
 )
 from cdfsl_core.episodes import EpisodeFile, generate_episodes, load_episodes, save_episodes
@@ -51,14 +48,9 @@ from cdfsl_core.preprocess import ImageCache, protocol_transform
 from cdfsl_core.run_folder import RunFolder, short_identity
 from cdfsl_core.stats import json_number, mean_ci95
 
-# the configs and the episode functions are re-exported: `from cdfsl_core.runner import RunConfig, train_episode`
 __all__ = [
-    "DataConfig", "LoadedEpisode", "ModelConfig", "NonFiniteLoss", "RunConfig", "RunPlan", "TrainConfig", "evaluate",
-    "load_episode", "load_plan",
-    "load_run", "load_state", "measure_footprint", "prepare_episode", "prepare_run", "protocol_transform",
-    "resolve_episode_batch", "run",
-    "run_episodes", "support_images",
-    "save_state", "state_path", "summarize", "summary_of_lines", "train_episode",
+    "LoadedEpisode", "RunPlan", "load_episode", "load_plan", "load_run", "measure_footprint", "prepare_run",
+    "resolve_episode_batch", "run", "run_episodes", "state_path", "summarize", "summary_of_lines", "support_images",
 ]
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cdfsl_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from cdfsl_core.data import FewShotDataset
 from cdfsl_core.episodes import EpisodeConfig
 from cdfsl_core.lora import LoRAConfig
 from cdfsl_core.methods import MethodConfig
-from cdfsl_core.runner import DataConfig, ModelConfig, RunConfig, TrainConfig
 from cdfsl_core.towers import register_tower
 from cdfsl_core.towers.openclip import OpenCLIPVisionTower
 

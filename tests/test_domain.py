@@ -165,7 +165,7 @@ def test_on_the_embedded_world_the_default_estimator_ranks_the_targets_by_their_
     from cdfsl_core.data import load_dataset
     from cdfsl_core.data.synthetic import SYNTHETIC_TARGETS
     from cdfsl_core.models import EMBEDDED_MODEL, load_clip
-    from cdfsl_core.runner import protocol_transform
+    from cdfsl_core.preprocess import protocol_transform
 
     bundle = load_clip(*EMBEDDED_MODEL)
     source = load_dataset("synthetic", split="test", images_per_class=8)
@@ -185,7 +185,7 @@ def test_mean_without_simple_tokens_leaves_out_exactly_a_planted_one():
     from analysis.features import class_readout, layer_features
     from cdfsl_core.data import load_dataset
     from cdfsl_core.models import EMBEDDED_MODEL, load_clip
-    from cdfsl_core.runner import protocol_transform
+    from cdfsl_core.preprocess import protocol_transform
 
     bundle = load_clip(*EMBEDDED_MODEL)
     dataset = load_dataset("synthetic", split="test", images_per_class=1)

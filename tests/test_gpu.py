@@ -24,7 +24,7 @@ def on_gpu():
     from cdfsl_core.data import load_dataset
     from cdfsl_core.methods import create_method
     from cdfsl_core.models import EMBEDDED_MODEL, load_clip
-    from cdfsl_core.runner import protocol_transform
+    from cdfsl_core.preprocess import protocol_transform
 
     bundle = load_clip(*EMBEDDED_MODEL, device="cuda")
     dataset = load_dataset("synthetic-lesions", images_per_class=4)

@@ -171,7 +171,8 @@ def test_only_adapter_context_and_intervention_parameters_train(bundle):
 
 # ---------------------------------------------------------------- independent methods over shared weights
 def _train(method, images, steps=3):
-    from cdfsl_core.runner import TrainConfig, train_episode
+    from cdfsl_core.config import TrainConfig
+    from cdfsl_core.episode_loop import train_episode
 
     method.set_classes(NAMES[:4])
     train_episode(method, images, torch.tensor([0, 1, 2, 3]), TrainConfig(steps=steps, lr_lora=5e-2, lr_context=1e-1,
@@ -213,7 +214,8 @@ def test_the_twelve_methods_build_in_any_order_on_one_bundle_and_stay_independen
 
 
 def test_reset_restores_the_initial_state_exactly(bundle, images):
-    from cdfsl_core.runner import TrainConfig, train_episode
+    from cdfsl_core.config import TrainConfig
+    from cdfsl_core.episode_loop import train_episode
 
     method = create_method(bundle, NAMES, "coop+lora", "atha", lora=LoRAConfig(rank=2))
     method.reset_parameters(torch.Generator().manual_seed(3))

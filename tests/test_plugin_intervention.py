@@ -17,10 +17,11 @@ from analysis import figures
 from analysis.config import AnalysisConfig
 from analysis.run_diagnostics import diagnose_run
 from analysis.study import Study
+from cdfsl_core.config import RunConfig
 from cdfsl_core.interventions import Intervention, list_interventions, register_intervention, unregister_intervention
 from cdfsl_core.methods import MethodConfig, list_methods
 from cdfsl_core.run_folder import RunFolder
-from cdfsl_core.runner import RunConfig, run
+from cdfsl_core.runner import run
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,17 @@ from helpers import TINY
 from analysis.config import AnalysisConfig
 from analysis.recorder import attention_pattern, record
 from analysis.run_diagnostics import diagnose_model
+from cdfsl_core.config import TrainConfig
 from cdfsl_core.data import load_dataset
+from cdfsl_core.episode_loop import train_episode
 from cdfsl_core.errors import DeviceError
 from cdfsl_core.interventions import TIR
 from cdfsl_core.lora import LoRAConfig
 from cdfsl_core.methods import ADAPTATIONS, INTERVENTIONS, create_method
 from cdfsl_core.models import EMBEDDED_MODEL, load_clip, resolve_device, resolve_precision
+from cdfsl_core.preprocess import protocol_transform
 from cdfsl_core.run_folder import RunFolder
-from cdfsl_core.runner import TrainConfig, protocol_transform, run, train_episode
+from cdfsl_core.runner import run
 from cdfsl_core.token_text import project_tokens, sum_score, token_class_similarity
 from cdfsl_core.towers import vision_tower
 

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from cdfsl_core import protocol
-from cdfsl_core.config import episode_file_name, run_config
+from cdfsl_core.config import TrainConfig, episode_file_name, run_config
 from cdfsl_core.episodes import EpisodeConfig
 from cdfsl_core.lora import LoRAConfig
 from cdfsl_core.methods import MethodConfig
-from cdfsl_core.runner import TrainConfig
 
 ROOT = Path(__file__).parent.parent
 # setting names (keywords, dataclass fields, argparse flags) -> the protocol values they must not be written as

@@ -43,8 +43,9 @@ def test_the_papers_shapes_and_blocks(vit_b16):
 
 @pytest.mark.parametrize("intervention", ["atha", "tir"])
 def test_one_training_step_at_real_size(vit_b16, images, intervention):
+    from cdfsl_core.config import TrainConfig
+    from cdfsl_core.episode_loop import train_episode
     from cdfsl_core.methods import create_method
-    from cdfsl_core.runner import TrainConfig, train_episode
 
     method = create_method(vit_b16, NAMES, "coop+lora", intervention, logit_scale=2.0)
     before = {n: p.detach().clone() for n, p in method.named_parameters() if p.requires_grad}
@@ -80,8 +81,9 @@ def test_token_maps_and_a_trajectory_at_real_size(vit_b16, images):
     from analysis.diagnostics import measure_tokens
     from analysis.token_maps import display_images, token_maps
     from analysis.trajectory import TokenProbe, compact
+    from cdfsl_core.config import TrainConfig
+    from cdfsl_core.episode_loop import train_episode
     from cdfsl_core.methods import create_method
-    from cdfsl_core.runner import TrainConfig, train_episode
 
     method = create_method(vit_b16, NAMES, "coop+lora", "tir", logit_scale=2.0)
     table = token_maps(method, images[:2], layers=[8, 11])

@@ -16,7 +16,6 @@ import torch
 from helpers import EUROSAT_FOLDERS, write_image
 
 import cdfsl_core.episode_loop as episode_loop
-import cdfsl_core.runner as runner
 from cdfsl_core.compare import main as compare_main
 from cdfsl_core.episodes import main as episodes_main
 from cdfsl_core.finetune import build_parser
@@ -38,7 +37,7 @@ def eurosat(tmp_path: Path) -> Path:
 
 def _interrupt_after(monkeypatch, episodes: int) -> None:
     """Ctrl-C during the training of episode ``episodes`` (0-based)."""
-    real = runner.train_episode
+    real = episode_loop.train_episode
     calls = {"n": 0}
 
     def train(*args, **kwargs):

@@ -20,11 +20,12 @@ import cdfsl_core.episode_loop as episode_loop
 import cdfsl_core.runner as runner
 from cdfsl_core.compare import main as compare_main
 from cdfsl_core.compare import paired_difference
+from cdfsl_core.config import RunConfig, TrainConfig
 from cdfsl_core.errors import RunFolderError
 from cdfsl_core.finetune import main as finetune_main
 from cdfsl_core.models import load_clip
 from cdfsl_core.run_folder import RunFolder
-from cdfsl_core.runner import RunConfig, TrainConfig, run
+from cdfsl_core.runner import run
 
 
 def _rows(folder: Path) -> list[dict]:
@@ -47,7 +48,7 @@ def test_a_run_folder_holds_config_manifest_episodes_and_summary(tmp_path):
 
 def test_an_interrupted_run_resumes_to_the_same_results(tmp_path, monkeypatch):
     reference = run(TINY, tmp_path / "whole", progress=False)
-    real_train = runner.train_episode
+    real_train = episode_loop.train_episode
     calls = {"n": 0}
 
     def dies_on_the_third_episode(*args, **kwargs):
@@ -115,7 +116,7 @@ def test_class_names_must_match_the_episode(tmp_path):
     method = create_method(bundle, ["a", "b", "c"], "lora", "none")
     images = torch.randn(4, 3, 32, 32)
     with pytest.raises(ValueError, match=r"3 class names .* labels are 0..3 \(4-way\)"):
-        runner.train_episode(method, images, torch.tensor([0, 1, 2, 3]), TrainConfig(steps=1))
+        episode_loop.train_episode(method, images, torch.tensor([0, 1, 2, 3]), TrainConfig(steps=1))
 
 
 def test_compare_pairs_runs_on_the_same_episode_file(tmp_path, capsys):
@@ -157,9 +158,9 @@ def test_saved_states_rebuild_each_episode_without_changing_results(tmp_path):
     assert plain["mean_accuracy"] == saved["mean_accuracy"]
     assert not (tmp_path / "plain" / "states").exists()
     config, bundle, dataset, episodes = runner.load_run(tmp_path / "saved")
-    method, _, _, query, query_labels = runner.prepare_episode(config, bundle, dataset, episodes, 2)
-    runner.load_state(method, runner.state_path(tmp_path / "saved", 2))
-    assert runner.evaluate(method, query, query_labels, 64) == _rows(tmp_path / "saved")[2]["accuracy"]
+    method, _, _, query, query_labels = episode_loop.prepare_episode(config, bundle, dataset, episodes, 2)
+    episode_loop.load_state(method, runner.state_path(tmp_path / "saved", 2))
+    assert episode_loop.evaluate(method, query, query_labels, 64) == _rows(tmp_path / "saved")[2]["accuracy"]
     assert any(p.abs().sum() > 0 for n, p in method.trainable_state().items() if "lora_B" in n)  # trained, not initial
     with pytest.raises(ValueError, match="does not fit this method: missing"):
         method.load_trainable_state({})

@@ -13,9 +13,10 @@ from analysis.study import runs
 from analysis.study.context import StudyContext
 from analysis.token_maps import balanced_indices, display_images
 from analysis.trajectory import trajectory_table
+from cdfsl_core.config import RunConfig
 from cdfsl_core.preprocess import load_images, protocol_transform
 from cdfsl_core.run_folder import RunFolder
-from cdfsl_core.runner import RunConfig, load_episode, load_run
+from cdfsl_core.runner import load_episode, load_run
 from cdfsl_core.towers import vision_tower
 
 __all__ = ["CAUSAL_TABLES", "TABLES", "causal", "cka_finetuned", "controls", "diagnostics", "intervention_stats",
