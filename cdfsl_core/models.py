@@ -21,11 +21,19 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from cdfsl_core.atomic import atomic_path
+from cdfsl_core.checkpoints import (
+    _CHECKPOINT_SUFFIXES,
+    PACKAGE_ARCHITECTURES,
+    check_architecture,
+    check_checkpoint,
+    check_checkpoint_fits,
+    file_sha256,
+    open_clip_registered,
+)
 from cdfsl_core.errors import CheckpointError, ConfigError, DeviceError
 
 if TYPE_CHECKING:
@@ -35,6 +43,7 @@ if TYPE_CHECKING:
 # open_clip and torch are imported where they are used: `python -m cdfsl_core.models list` and the
 # commands' --help answer without them (open_clip alone takes seconds to import).
 
+# the checks of files and architectures are in cdfsl_core.checkpoints
 __all__ = [
     "EMBEDDED_MODEL",
     "ORGANISM_MODEL",
@@ -42,12 +51,7 @@ __all__ = [
     "PretrainedSource",
     "list_architectures",
     "PRECISIONS",
-    "architecture_widths",
-    "check_architecture",
-    "check_checkpoint",
-    "check_checkpoint_fits",
     "checkpoint_file",
-    "file_sha256",
     "weights_identity",
     "load_clip",
     "load_vision",
@@ -56,24 +60,6 @@ __all__ = [
     "resolve_precision",
     "save_checkpoint",
 ]
-
-_CONFIG_DIR = resources.files("cdfsl_core") / "model_configs"
-_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-
-
-PACKAGE_ARCHITECTURES: list[str] = sorted(p.stem for p in Path(str(_CONFIG_DIR)).glob("*.json"))
-_REGISTERED = False
-
-
-def _open_clip():
-    """open_clip, with the package's JSON architectures registered (once), as open_clip registers its own."""
-    global _REGISTERED
-    import open_clip
-
-    if not _REGISTERED:
-        open_clip.add_model_config(Path(str(_CONFIG_DIR)))
-        _REGISTERED = True
-    return open_clip
 
 
 @dataclass(frozen=True)
@@ -95,7 +81,7 @@ def register_pretrained(architecture: str, tag: str, source: PretrainedSource) -
 
 def list_architectures(package_only: bool = False) -> list[str]:
     """Names ``load_clip`` accepts: open_clip's built-ins and this package's tiny ones."""
-    return list(PACKAGE_ARCHITECTURES) if package_only else _open_clip().list_models()
+    return list(PACKAGE_ARCHITECTURES) if package_only else open_clip_registered().list_models()
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -165,7 +151,7 @@ def _cached_tag_file(name: str, tag: str, cache_dir: str | None) -> tuple[str | 
 
     Returns the path (or None) and the list of places looked at, for the error message.
     """
-    cfg = _open_clip().get_pretrained_cfg(name, tag)
+    cfg = open_clip_registered().get_pretrained_cfg(name, tag)
     looked: list[str] = []
     if "file" in cfg:
         looked.append(cfg["file"])
@@ -210,7 +196,7 @@ def _resolve_pretrained(
             )
         return str(local.path), dict(local.preprocess)
 
-    open_clip = _open_clip()
+    open_clip = open_clip_registered()
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if tag_cfg:
         if allow_download:
@@ -328,7 +314,7 @@ def load_clip(
             one offline); ``"none"``: no tokenizer, the vision side alone (what needs class text
             stops with a message saying so).
     """
-    open_clip = _open_clip()
+    open_clip = open_clip_registered()
     check_architecture(name)
     from cdfsl_core.registers import add_registers, registers_in_name
     from cdfsl_core.softmax_one import softmax_one_in_name, to_softmax_one
@@ -428,7 +414,7 @@ def load_vision(
     download). ``image_size`` builds a timm tower at another input size (DINOv2 defaults to 518).
     The bundle's model has ``.visual`` and ``encode_image``; its tokenizer is a
     :class:`NoTokenizer`."""
-    open_clip = _open_clip()
+    open_clip = open_clip_registered()
     if name in open_clip.list_models():
         if image_size is not None:
             raise ConfigError(f"image_size={image_size} is for timm towers; {name} is an open_clip architecture, "
@@ -488,108 +474,6 @@ def checkpoint_file(name: str, pretrained: str | os.PathLike[str] | None) -> str
     return None
 
 
-def architecture_widths(name: str) -> dict[str, int]:
-    """The residual widths of an architecture's towers (``{"vision": 768, "text": 512}``), from its
-    config, without building it; empty when the config does not say (timm towers)."""
-    cfg = _open_clip().get_model_config(name) or {}
-    widths = {}
-    for tower, key in (("vision", "vision_cfg"), ("text", "text_cfg")):
-        width = (cfg.get(key) or {}).get("width")
-        if isinstance(width, int):
-            widths[tower] = width
-    return widths
-
-
-def check_architecture(name: str) -> None:
-    """A :class:`CheckpointError` naming the known architectures when ``name`` is not one."""
-    if name not in _open_clip().list_models():
-        raise CheckpointError(
-            f"Unknown architecture {name!r}. Expected an open_clip model name "
-            f"(e.g. ViT-B-16, ViT-B-32, ViT-L-14, *-quickgelu) or one of this package's: "
-            f"{', '.join(PACKAGE_ARCHITECTURES)}. `python -m cdfsl_core.models list` lists them."
-        )
-
-
-def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of a checkpoint, read without loading its values where possible."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    import torch
-
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return {key: tuple(value.shape) for key, value in state.items() if hasattr(value, "shape")} \
-        if isinstance(state, dict) else {}
-
-
-_FITS: set[tuple[str, str, int, int]] = set()  # (architecture, file, size, mtime) found to fit, per process
-
-
-def check_checkpoint_fits(name: str, path: str | os.PathLike[str]) -> None:
-    """A :class:`CheckpointError` when the checkpoint at ``path`` cannot be architecture ``name``'s
-    (its tensors' names and shapes against the model built on the meta device: no memory, no
-    values). Positional embeddings may differ in length (open_clip resizes them on load)."""
-    import logging
-
-    import torch
-
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = (name, str(path), stat.st_size, stat.st_mtime_ns)
-    if key in _FITS:
-        return
-    found = {key.removeprefix("module."): shape for key, shape in _checkpoint_shapes(path).items()}
-    if not found:
-        return  # not a plain state dict (open_clip's own loader decides)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # open_clip warns that a model built without weights is random: it is meant to be
-    try:
-        with torch.device("meta"):
-            expected = {key: tuple(value.shape) for key, value in
-                        _open_clip().create_model(name, pretrained=None, device="meta").state_dict().items()}
-    finally:
-        root.setLevel(level)
-    wrong = [f"{key} {found[key]} (the architecture has {shape})" for key, shape in expected.items()
-             if key in found and found[key] != shape and not key.endswith("positional_embedding")]
-    missing = [key for key in expected if key not in found and key not in ("logit_bias", "attn_mask")]
-    if wrong or len(missing) > len(expected) // 2:
-        detail = "; ".join(wrong[:3]) if wrong else f"{len(missing)} of its {len(expected)} tensors are missing " \
-            f"(e.g. {', '.join(missing[:3])})"
-        raise CheckpointError(
-            f"Weights in {path} do not fit architecture {name!r}: {detail}. Pass the architecture the checkpoint was "
-            "trained with (--model; its model card or config says which)."
-        )
-    _FITS.add(key)
-
-
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes (cached per process by path, size and modification time: hashing
-    ViT-B/16's 600 MB takes about 1.5 s)."""
-    import hashlib
-
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
-
-
 def weights_identity(name: str, pretrained: str | os.PathLike[str] | None, seed: int | None = None) -> str:
     """What a run's model is, for its manifest and every episode line: ``sha256:<hex>`` of the
     weights file ``load_clip(name, pretrained)`` loads (the content, so a file replaced at the same
@@ -602,43 +486,6 @@ def weights_identity(name: str, pretrained: str | os.PathLike[str] | None, seed:
     if source is None:  # pragma: no cover - every tag resolves to a local file when downloads are off
         return f"tag:{name}:{os.fspath(pretrained)}"
     return f"sha256:{file_sha256(source)}"
-
-
-def check_checkpoint(path: str | os.PathLike[str]) -> None:
-    """Fail with a :class:`CheckpointError` naming ``path`` when it is not a readable checkpoint of
-    its kind: the safetensors header (cheap, nothing is loaded), or a torch file read with
-    ``weights_only=True`` and memory-mapped."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                handle.keys()
-        except Exception as err:  # safetensors raises its own error types
-            raise CheckpointError(
-                f"{path} is not a valid safetensors file ({err}). It may be truncated or another format; "
-                "download or save it again (save_checkpoint writes valid files)."
-            ) from None
-        return
-    import torch
-
-    try:
-        try:
-            torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            torch.load(str(path), map_location="cpu", weights_only=True)  # a legacy (non-zip) torch file
-    except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in reason or "Weights only load failed" in str(err):
-            reason = "it holds objects other than tensors and plain containers"
-        raise CheckpointError(
-            f"{path} is not a valid torch checkpoint of an open_clip state dict ({reason}). It may be "
-            "truncated, damaged, or a pickled training object; download it again, or load it where it was "
-            "made and save its state dict with save_checkpoint."
-        ) from None
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> Path:

@@ -158,8 +158,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from cdfsl_core.checkpoints import check_architecture  # noqa: E402
 from cdfsl_core.data.synthetic import SyntheticDataset, SyntheticSpec, render  # noqa: E402
-from cdfsl_core.models import check_architecture, load_clip  # noqa: E402
+from cdfsl_core.models import load_clip  # noqa: E402
 
 
 def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -115,7 +115,7 @@ def _check_lora_rank(config: RunConfig) -> None:
     --lora-rank 100000 fills memory): refused, naming the widths."""
     if not adaptation(config.method.adaptation).lora:
         return
-    from cdfsl_core.models import architecture_widths
+    from cdfsl_core.checkpoints import architecture_widths
 
     widths = architecture_widths(config.model.name)
     if widths and config.method.lora.rank > min(widths.values()):
