@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,14 +50,13 @@ from analysis.recorder import vision_tower
 from analysis.sinks import list_sinks
 from cdfsl_core import protocol
 from cdfsl_core.errors import ConfigError
+from cdfsl_core.plugins import load_plugins
 from cdfsl_core.token_text import project_tokens
 from cdfsl_core.towers import vision_tower as tower_of
 
-__all__ = ["MECHANISM_PLANTS", "PLANTS", "Plant", "planted", "register_neuron_control"]
-
-PLANTS = ("high-norm", "massive-activation", "attention-sink", "every-class-top")
-# plants of a mechanism rather than of one sink definition (not among the study's sink controls)
-MECHANISM_PLANTS = ("register-neuron",)
+# PLANTS, MECHANISM_PLANTS, DEFAULT_STRENGTH and FINDS are read from the registries when asked for
+__all__ = ["Plant", "PlantContext", "PlantSpec", "list_plants", "plant_spec", "planted",
+           "register_neuron_control", "register_plant", "unregister_plant"]
 
 
 def _finds() -> dict[str, str]:
@@ -72,17 +71,82 @@ def _finds() -> dict[str, str]:
 
 
 def __getattr__(name: str):
-    if name == "FINDS":  # from the sink registry (analysis.sinks), as it is now
+    # from the registries as they are now (a plug-in's plant or sink included)
+    if name == "FINDS":
         return _finds()
+    if name == "PLANTS":  # the plants of one sink definition each (the study's sink controls)
+        return tuple(n for n, spec in list_plants().items() if not spec.mechanism)
+    if name == "MECHANISM_PLANTS":  # plants of a mechanism rather than of one sink definition
+        return tuple(n for n, spec in list_plants().items() if spec.mechanism)
+    if name == "DEFAULT_STRENGTH":
+        return {n: spec.default_strength for n, spec in list_plants().items()}
     raise AttributeError(name)
 
-DEFAULT_STRENGTH = {"high-norm": 10.0, "massive-activation": 1000.0, "attention-sink": 30.0, "every-class-top": 0.0,
-                    "register-neuron": 10.0}
+
+@dataclass
+class PlantContext:
+    """What a plant's hooks need of the model they go into: its vision tower module and adapter,
+    the adapter's blocks, the number of prefix tokens (patch index j is stream token prefix + j)
+    and the class text features (None when not given)."""
+
+    visual: nn.Module
+    tower: Any
+    blocks: Sequence[nn.Module]
+    prefix: int
+    text: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class PlantSpec:
+    """A kind of planted artefact. ``install(context, plants)`` registers the hooks that plant
+    ``plants`` (all of this kind; one block's plants together when ``grouped``) with
+    ``prepend=True`` and returns their handles; ``check(plant, context)`` refuses a plant this
+    model cannot take before any hook goes in."""
+
+    name: str
+    install: Callable[[PlantContext, list["Plant"]], list[Any]]
+    default_strength: float
+    grouped: bool = False  # the plants of one block depend on each other: one hook places them all
+    mechanism: bool = False  # a mechanism's plant (register-neuron), not one sink definition's control
+    check: Callable[["Plant", PlantContext], None] | None = None
+    description: str = ""
+
+
+_PLANTS: dict[str, PlantSpec] = {}
+_BUILT_IN = ("high-norm", "massive-activation", "attention-sink", "every-class-top", "register-neuron")
+
+
+def register_plant(spec: PlantSpec) -> None:
+    """Make ``spec.name`` a plant of :func:`planted` (and, unless ``mechanism``, of the study's
+    sink controls), as ``register_sink`` makes a sink definition; an installed package registers
+    its plants under the entry-point group ``cdfsl.plants``."""
+    _PLANTS[spec.name] = spec
+
+
+def unregister_plant(name: str) -> None:
+    """Remove a registered plant (a plug-in's test cleaning up); built-ins stay."""
+    if name in _BUILT_IN:
+        raise ConfigError(f"plant {name!r} is built in and cannot be unregistered.")
+    _PLANTS.pop(name, None)
+
+
+def list_plants() -> dict[str, PlantSpec]:
+    """Registered plants by name (installed plug-ins included), in registration order."""
+    load_plugins("cdfsl.plants")
+    return dict(_PLANTS)
+
+
+def plant_spec(name: str) -> PlantSpec:
+    if name not in _PLANTS:
+        load_plugins("cdfsl.plants")
+    if name not in _PLANTS:
+        raise ConfigError(f"unknown plant {name!r}; expected one of {tuple(_PLANTS)} (register_plant adds one).")
+    return _PLANTS[name]
 
 
 @dataclass(frozen=True)
 class Plant:
-    """One artefact in every image: ``kind`` (one of :data:`PLANTS`) at vision block ``layer``,
+    """One artefact in every image: ``kind`` (a registered plant, :func:`list_plants`) at vision block ``layer``,
     patch token ``token`` (0-based, CLS excluded), ``channel`` for a massive activation and the MLP
     neuron of a register-neuron plant."""
 
@@ -98,7 +162,7 @@ class Plant:
         return _finds()[self.kind]
 
     def value(self) -> float:
-        return DEFAULT_STRENGTH[self.kind] if self.strength is None else self.strength
+        return plant_spec(self.kind).default_strength if self.strength is None else self.strength
 
 
 def _median_norm(x: torch.Tensor, prefix: int = 1, tower: Any = None) -> torch.Tensor:
@@ -179,110 +243,140 @@ def planted(model: nn.Module, plants: Sequence[Plant], text: torch.Tensor | None
     """Plant ``plants`` during forwards inside the block; ``text`` [C, embed_dim] (class text
     features) is needed by ``every-class-top``. Hooks run before any other hook on the same module
     (a recorder entered inside sees the planted stream) and are removed on exit, also when the
-    forward raises."""
+    forward raises. Every plant is checked before any hook goes in."""
     visual = vision_tower(model)
     tower = tower_of(visual)
-    blocks = tower.blocks
-    prefix = tower.n_prefix  # plants go on patch tokens: patch index j is stream token prefix + j
+    context = PlantContext(visual, tower, tower.blocks, tower.n_prefix, text)
     for plant in plants:
-        if plant.kind not in PLANTS + MECHANISM_PLANTS:
-            raise ConfigError(f"unknown plant {plant.kind!r}; expected one of {PLANTS + MECHANISM_PLANTS}.")
-        if not 0 <= plant.layer < len(blocks):
-            raise ConfigError(f"plant layer {plant.layer} out of range: blocks 0..{len(blocks) - 1}.")
-        if plant.kind == "attention-sink" and not tower.has_cls:
-            raise ConfigError("the attention-sink plant aims the planted keys at the CLS query; this tower has no CLS "
-                              "token. Plant another kind.")
-        if plant.kind == "every-class-top" and text is None:
-            raise ConfigError("the every-class-top plant needs the class text features: planted(model, plants, text=...).")
-
-    def output_hook(plant: Plant):
-        def hook(module, args, out):
-            out = out.clone()
-            j = prefix + plant.token
-            with torch.no_grad():
-                if plant.kind == "high-norm":
-                    scale = plant.value() * _median_norm(out, prefix, tower) / out[:, j].norm(dim=-1).clamp_min(1e-12)
-                    out[:, j] = out[:, j] * scale.unsqueeze(-1)
-                else:  # massive-activation
-                    median = tower.patches(out).abs().flatten(1).median(dim=-1).values
-                    out[:, j, plant.channel] = plant.value() * median
-            return out
-        return hook
-
-    def every_class_hook(group: list[Plant]):
-        def hook(module, args, out):
-            out = out.clone()
-            planted_tokens = _every_class_tokens(visual, out, [p.token for p in group], text, group[0].rho)
-            out[:, [prefix + p.token for p in group]] = planted_tokens.unsqueeze(1).to(out.dtype)
-            return out
-        return hook
-
-    def neuron_hooks(plant: Plant):
-        """A register neuron: MLP neuron ``channel`` of block ``layer`` fires on patch ``token`` so
-        that what it writes (its activation times its output weights) has ``strength`` x the
-        norm of the image's median patch token entering the block."""
-        block = blocks[plant.layer]
-        weight = tower.mlp_output(block).weight  # [width, hidden]
-        if not 0 <= plant.channel < weight.shape[1]:
-            raise ConfigError(f"register-neuron plant: neuron {plant.channel} out of range; block {plant.layer}'s MLP has "
-                              f"{weight.shape[1]} (0..{weight.shape[1] - 1}).")
-        median: dict[str, torch.Tensor] = {}
-
-        def entering(module, args, kwargs):
-            median["norm"] = _median_norm(tower.block_input(args, kwargs).detach(), prefix, tower)
-
-        def fire(module, args, out):
-            out = out.clone()
-            written = weight[:, plant.channel].detach().float().norm().clamp_min(1e-12)
-            out[:, prefix + plant.token, plant.channel] = (plant.value() * median["norm"] / written).to(out.dtype)
-            return out
-        return entering, fire
-
-    block_kwargs: dict[int, dict] = {}  # each planted block's keyword arguments (rotary embeddings)
-
-    def kwargs_hook(layer: int):
-        def hook(module, args, kwargs):
-            block_kwargs[layer] = {k: v for k, v in kwargs.items() if k != tower.input_keyword}
-        return hook
-
-    def attention_hook(layer: int, group: list[Plant]):
-        tokens = [prefix + plant.token for plant in group]
-
-        def hook(module, args, out):
-            out = out.clone()
-            out[:, tokens] = _attention_sink_inputs(tower, blocks[layer], out, block_kwargs.get(layer, {}),
-                                                    [p.token for p in group], max(p.value() for p in group),
-                                                    prefix).to(out.dtype)
-            return out
-        return hook
-
-    # planted tokens of one block that depend on each other (attention sinks share CLS's attention,
-    # every-class-top tokens share the top sets) are placed by one hook per block
-    grouped: dict[tuple[str, int], list[Plant]] = {}
+        spec = plant_spec(plant.kind)
+        if not 0 <= plant.layer < len(context.blocks):
+            raise ConfigError(f"plant layer {plant.layer} out of range: blocks 0..{len(context.blocks) - 1}.")
+        if spec.check is not None:
+            spec.check(plant, context)
+    # the plants of one block that depend on each other (attention sinks share CLS's attention,
+    # every-class-top tokens share the top sets) go in through one hook per block, registered
+    # first: with prepend, the single plants' hooks then run before theirs
+    groups: dict[tuple[str, int], list[Plant]] = {}
     for plant in plants:
-        if plant.kind in ("attention-sink", "every-class-top"):
-            grouped.setdefault((plant.kind, plant.layer), []).append(plant)
-    handles = []
+        if plant_spec(plant.kind).grouped:
+            groups.setdefault((plant.kind, plant.layer), []).append(plant)
+    handles: list[Any] = []
     try:
-        for (kind, layer), group in grouped.items():
-            if kind == "attention-sink":
-                handles.append(blocks[layer].register_forward_pre_hook(kwargs_hook(layer), with_kwargs=True,
-                                                                       prepend=True))
-                handles.append(tower.pre_norm(blocks[layer]).register_forward_hook(attention_hook(layer, group),
-                                                                                   prepend=True))
-            else:
-                handles.append(blocks[layer].register_forward_hook(every_class_hook(group), prepend=True))
+        for (kind, _), group in groups.items():
+            handles += plant_spec(kind).install(context, group)
         for plant in plants:
-            if plant.kind in ("high-norm", "massive-activation"):
-                handles.append(blocks[plant.layer].register_forward_hook(output_hook(plant), prepend=True))
-            elif plant.kind == "register-neuron":  # before any other hook: a test-time register then moves it
-                entering, fire = neuron_hooks(plant)
-                handles.append(blocks[plant.layer].register_forward_pre_hook(entering, with_kwargs=True, prepend=True))
-                handles.append(tower.mlp_activation(blocks[plant.layer]).register_forward_hook(fire, prepend=True))
+            if not plant_spec(plant.kind).grouped:
+                handles += plant_spec(plant.kind).install(context, [plant])
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _install_output(context: PlantContext, plants: list[Plant]) -> list[Any]:
+    """high-norm and massive-activation: the block's output token rescaled, or one of its channels set."""
+    tower, prefix, (plant,) = context.tower, context.prefix, plants
+
+    def hook(module, args, out):
+        out = out.clone()
+        j = prefix + plant.token
+        with torch.no_grad():
+            if plant.kind == "high-norm":
+                scale = plant.value() * _median_norm(out, prefix, tower) / out[:, j].norm(dim=-1).clamp_min(1e-12)
+                out[:, j] = out[:, j] * scale.unsqueeze(-1)
+            else:  # massive-activation
+                median = tower.patches(out).abs().flatten(1).median(dim=-1).values
+                out[:, j, plant.channel] = plant.value() * median
+        return out
+
+    return [context.blocks[plant.layer].register_forward_hook(hook, prepend=True)]
+
+
+def _install_attention_sinks(context: PlantContext, group: list[Plant]) -> list[Any]:
+    """attention-sink: one block's planted tokens placed together in the input of its attention."""
+    tower, prefix, layer = context.tower, context.prefix, group[0].layer
+    block = context.blocks[layer]
+    tokens = [prefix + plant.token for plant in group]
+    block_kwargs: dict[str, Any] = {}  # the block's keyword arguments (rotary embeddings)
+
+    def keep_kwargs(module, args, kwargs):
+        block_kwargs.clear()
+        block_kwargs.update({k: v for k, v in kwargs.items() if k != tower.input_keyword})
+
+    def hook(module, args, out):
+        out = out.clone()
+        out[:, tokens] = _attention_sink_inputs(tower, block, out, dict(block_kwargs), [p.token for p in group],
+                                                max(p.value() for p in group), prefix).to(out.dtype)
+        return out
+
+    return [block.register_forward_pre_hook(keep_kwargs, with_kwargs=True, prepend=True),
+            tower.pre_norm(block).register_forward_hook(hook, prepend=True)]
+
+
+def _check_attention_sink(plant: Plant, context: PlantContext) -> None:
+    if not context.tower.has_cls:
+        raise ConfigError("the attention-sink plant aims the planted keys at the CLS query; this tower has no CLS "
+                          "token. Plant another kind.")
+
+
+def _install_every_class_top(context: PlantContext, group: list[Plant]) -> list[Any]:
+    """every-class-top: one block's planted tokens found together, in every class's top set."""
+    prefix = context.prefix
+
+    def hook(module, args, out):
+        out = out.clone()
+        planted_tokens = _every_class_tokens(context.visual, out, [p.token for p in group], context.text, group[0].rho)
+        out[:, [prefix + p.token for p in group]] = planted_tokens.unsqueeze(1).to(out.dtype)
+        return out
+
+    return [context.blocks[group[0].layer].register_forward_hook(hook, prepend=True)]
+
+
+def _check_every_class_top(plant: Plant, context: PlantContext) -> None:
+    if context.text is None:
+        raise ConfigError("the every-class-top plant needs the class text features: planted(model, plants, text=...).")
+
+
+def _install_register_neuron(context: PlantContext, plants: list[Plant]) -> list[Any]:
+    """register-neuron: MLP neuron ``channel`` of block ``layer`` fires on patch ``token`` so that
+    what it writes (its activation times its output weights) has ``strength`` x the norm of the
+    image's median patch token entering the block; before any other hook, so a test-time register
+    then moves it."""
+    tower, prefix, (plant,) = context.tower, context.prefix, plants
+    block = context.blocks[plant.layer]
+    weight = tower.mlp_output(block).weight  # [width, hidden]
+    median: dict[str, torch.Tensor] = {}
+
+    def entering(module, args, kwargs):
+        median["norm"] = _median_norm(tower.block_input(args, kwargs).detach(), prefix, tower)
+
+    def fire(module, args, out):
+        out = out.clone()
+        written = weight[:, plant.channel].detach().float().norm().clamp_min(1e-12)
+        out[:, prefix + plant.token, plant.channel] = (plant.value() * median["norm"] / written).to(out.dtype)
+        return out
+
+    return [block.register_forward_pre_hook(entering, with_kwargs=True, prepend=True),
+            tower.mlp_activation(block).register_forward_hook(fire, prepend=True)]
+
+
+def _check_register_neuron(plant: Plant, context: PlantContext) -> None:
+    hidden = context.tower.mlp_output(context.blocks[plant.layer]).weight.shape[1]
+    if not 0 <= plant.channel < hidden:
+        raise ConfigError(f"register-neuron plant: neuron {plant.channel} out of range; block {plant.layer}'s MLP has "
+                          f"{hidden} (0..{hidden - 1}).")
+
+
+register_plant(PlantSpec("high-norm", _install_output, 10.0,
+                         description="the output token rescaled to strength x the median patch norm"))
+register_plant(PlantSpec("massive-activation", _install_output, 1000.0,
+                         description="one output channel set to strength x the median absolute activation"))
+register_plant(PlantSpec("attention-sink", _install_attention_sinks, 30.0, grouped=True, check=_check_attention_sink,
+                         description="keys a multiple of the CLS query: they take CLS's attention"))
+register_plant(PlantSpec("every-class-top", _install_every_class_top, 0.0, grouped=True, check=_check_every_class_top,
+                         description="a token in every class's top set of the Sum score"))
+register_plant(PlantSpec("register-neuron", _install_register_neuron, 10.0, mechanism=True,
+                         check=_check_register_neuron, description="an MLP neuron that writes a high-norm token"))
 
 
 def register_neuron_control(bundle: Any, images: torch.Tensor, layer: int | None = None, neuron: int = 7,

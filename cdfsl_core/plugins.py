@@ -23,7 +23,7 @@ from cdfsl_core.errors import ConfigError
 
 __all__ = ["GROUPS", "load_plugins"]
 
-GROUPS = ("cdfsl.interventions", "cdfsl.sinks", "cdfsl.probes")
+GROUPS = ("cdfsl.interventions", "cdfsl.sinks", "cdfsl.probes", "cdfsl.plants", "cdfsl.towers")
 _LOADED: set[str] = set()
 
 

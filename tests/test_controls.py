@@ -15,6 +15,7 @@ from helpers import embedded_images
 
 from analysis.controls import FINDS, PLANTS, Plant, planted
 from analysis.diagnostics import TokenDiagnostics
+from analysis.keys import act_name
 from analysis.recorder import record
 from cdfsl_core.methods import create_method
 
@@ -95,3 +96,52 @@ def test_plants_are_removed_after_the_block_and_bad_plants_are_refused(setting):
     with pytest.raises(ValueError, match="needs the class text features"):
         with planted(method, [Plant("every-class-top", LAYER)]):
             pass
+
+
+def test_a_registered_plant_goes_in_through_planted_and_lists_among_the_controls(setting):
+    """A plant registered from outside (as a plug-in's entry point would) is planted by
+    ``planted``, listed in PLANTS (so the study's sink controls run it), gets its default strength,
+    and is removed again; the built-ins cannot be removed and an unknown kind is named."""
+    import analysis.controls as controls
+    from analysis.controls import PlantSpec, list_plants, register_plant, unregister_plant
+    from cdfsl_core.errors import ConfigError
+
+    method, images, readout = setting
+
+    def install(context, plants):
+        (plant,) = plants
+
+        def hook(module, args, out):
+            out = out.clone()
+            out[:, context.prefix + plant.token] = 0.0  # the token zeroed: a known, checkable artefact
+            return out
+
+        return [context.blocks[plant.layer].register_forward_hook(hook, prepend=True)]
+
+    register_plant(PlantSpec("zeroed-token", install, 0.0, description="a patch token set to zero"))
+    try:
+        assert "zeroed-token" in controls.PLANTS and controls.DEFAULT_STRENGTH["zeroed-token"] == 0.0
+        assert list(list_plants())[-1] == "zeroed-token"
+        with planted(method, [Plant("zeroed-token", LAYER, token=4)]), record(method, layers=[LAYER]) as cache, \
+                torch.no_grad():
+            method.encode_image(images, readout)
+        norms = cache[act_name("resid_post", LAYER)][:, 1:].norm(dim=-1)  # [images, patches]
+        assert (norms[:, 4] == 0).all() and (norms[:, [3, 5]] > 0).all()
+    finally:
+        unregister_plant("zeroed-token")
+    assert "zeroed-token" not in controls.PLANTS
+    with pytest.raises(ConfigError, match="built in"):
+        unregister_plant("high-norm")
+    with pytest.raises(ConfigError, match="unknown plant 'zeroed-token'"):
+        with planted(method, [Plant("zeroed-token", LAYER)]):
+            pass
+
+
+def test_plants_are_loaded_from_the_entry_point_group(monkeypatch):
+    """list_plants asks the plug-in loader for the group cdfsl.plants, as the other registries do."""
+    import analysis.controls as controls
+
+    asked = []
+    monkeypatch.setattr(controls, "load_plugins", lambda group: asked.append(group) or [])
+    controls.list_plants()
+    assert asked == ["cdfsl.plants"]

@@ -190,3 +190,34 @@ def test_a_broken_plugin_is_an_error_naming_it(monkeypatch):
     monkeypatch.setattr(plugins, "_LOADED", set())
     with pytest.raises(ConfigError, match=r"plug-in 'broken' \(nowhere.module\) of entry-point group 'cdfsl.sinks'"):
         plugins.load_plugins("cdfsl.sinks")
+
+
+def test_a_tower_family_from_an_entry_point_is_tried_first(monkeypatch):
+    """The tower registry loads the group cdfsl.towers after the built-in families: a plug-in's
+    adapter class, registered by importing its module, is then the first family tried."""
+    import cdfsl_core.plugins as plugins
+    import cdfsl_core.towers.base as base
+    from cdfsl_core.towers import register_tower
+
+    class PluginTower(base.VisionTower):
+        family = "plug-in tower"
+
+        @classmethod
+        def matches(cls, module):
+            return False
+
+    class Entry:
+        name, value = "plugin-tower", "my_package.tower"
+
+        def load(self):
+            return register_tower(PluginTower)  # what importing the plug-in's module does
+
+    asked = []
+    monkeypatch.setattr(plugins, "entry_points", lambda group: asked.append(group) or ([Entry()] if group ==
+                                                                                        "cdfsl.towers" else []))
+    monkeypatch.setattr(plugins, "_LOADED", set())
+    monkeypatch.setattr(base, "_loaded", False)
+    monkeypatch.setattr(base, "_FAMILIES", list(base._FAMILIES))
+    families = base.tower_families()
+    assert asked == ["cdfsl.towers"] and families[0] is PluginTower
+    assert {"open_clip", "timm"} <= {f.family for f in families[1:]}  # the built-in ones after it

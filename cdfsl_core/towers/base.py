@@ -286,14 +286,19 @@ _loaded = False
 
 def _load_builtin() -> None:
     """Import the built-in families on first use (open_clip and timm are slow to import, and the
-    commands' ``--help`` must not pay for them)."""
+    commands' ``--help`` must not pay for them), then the installed plug-ins' families (entry-point
+    group ``cdfsl.towers``: a module whose adapter class is decorated with :func:`register_tower`),
+    which are tried before the built-in ones."""
     global _loaded
     if not _loaded:
         import importlib
 
+        from cdfsl_core.plugins import load_plugins
+
         for name in _BUILTIN:
             importlib.import_module(name)
         _loaded = True
+        load_plugins("cdfsl.towers")
 
 
 def tower_families() -> list[type[VisionTower]]:
