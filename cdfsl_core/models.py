@@ -316,49 +316,23 @@ def load_clip(
     """
     open_clip = open_clip_registered()
     check_architecture(name)
-    from cdfsl_core.registers import add_registers, registers_in_name
-    from cdfsl_core.softmax_one import softmax_one_in_name, to_softmax_one
-
     torch_device = resolve_device(device)  # a device that cannot be had fails here, before any weights
     pretrained_str = None if pretrained is None else os.fspath(pretrained)
-    source: str | None = None
-    preprocess_cfg: dict[str, Any] = {}
-    force_quick_gelu = False
+    weights = _Weights()
     if pretrained_str is not None:
         source, preprocess_cfg = _resolve_pretrained(name, pretrained_str, cache_dir, allow_download)
         # OpenAI's weights use QuickGELU; open_clip only warns when the config says otherwise.
-        force_quick_gelu = bool(open_clip.get_pretrained_cfg(name, pretrained_str).get("quick_gelu", False))
-        if source is not None and os.path.isfile(source):
+        quick_gelu = bool(open_clip.get_pretrained_cfg(name, pretrained_str).get("quick_gelu", False))
+        weights = _Weights(source, preprocess_cfg, quick_gelu)
+        if weights.is_file:
             check_checkpoint(source)
-    registers = registers_in_name(name)  # "...-reg4": built with 4 register tokens, then the weights go in
-    quiet = _QuietRandomInit() if registers and source is not None else contextlib.nullcontext()
     try:
-        with quiet:  # open_clip would say "initialized randomly" before the weights below go in
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name,
-                pretrained=None if registers else source,
-                device=torch_device,
-                precision=precision,
-                force_quick_gelu=force_quick_gelu,
-                image_mean=preprocess_cfg.get("mean"),
-                image_std=preprocess_cfg.get("std"),
-                image_interpolation=preprocess_cfg.get("interpolation"),
-                image_resize_mode=preprocess_cfg.get("resize_mode"),
-                cache_dir=cache_dir,
-                weights_only=True,
-            )
-        if registers:
-            add_registers(model.visual, registers)
-            model.to(torch_device)
-            if source is not None:
-                open_clip.load_checkpoint(model, source, strict=True, weights_only=True, device=str(torch_device))
-        if softmax_one_in_name(name):  # "...-softmax1": the same weights, attention that need not sum to one
-            to_softmax_one(model.visual)
+        model, preprocess = _build(open_clip, name, weights, torch_device, precision, cache_dir)
     except RuntimeError as err:
-        if source is not None and os.path.isfile(source):
+        if weights.is_file:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(
-                f"Weights in {source} do not fit architecture {name!r} ({first}). Pass the architecture "
+                f"Weights in {weights.source} do not fit architecture {name!r} ({first}). Pass the architecture "
                 "the checkpoint was trained with (its model card or config says which)."
             ) from None
         raise
@@ -367,12 +341,59 @@ def load_clip(
     info = {
         "name": name,
         "pretrained": pretrained_str,
-        "checkpoint": source if source and os.path.isfile(source) else None,
+        "checkpoint": weights.source if weights.is_file else None,
         "device": str(torch_device),
         "precision": precision,
-        "quick_gelu": force_quick_gelu,
+        "quick_gelu": weights.quick_gelu,
     }
     return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, info=info)
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """Where ``load_clip``'s weights come from: a local file or an open_clip source (None: random),
+    the preprocess settings that go with them, and whether they were trained with QuickGELU."""
+
+    source: str | None = None
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    quick_gelu: bool = False
+
+    @property
+    def is_file(self) -> bool:
+        return self.source is not None and os.path.isfile(self.source)
+
+
+def _build(open_clip: Any, name: str, weights: _Weights, device: torch.device, precision: str,
+           cache_dir: str | None) -> tuple[Any, Any]:
+    """The model and its eval preprocess, with ``weights`` in; an architecture named ``-reg<k>``
+    gets its register tokens before the weights go in, one named ``-softmax1`` its attention after."""
+    from cdfsl_core.registers import add_registers, registers_in_name
+    from cdfsl_core.softmax_one import softmax_one_in_name, to_softmax_one
+
+    registers = registers_in_name(name)  # "...-reg4": built with 4 register tokens, then the weights go in
+    quiet = _QuietRandomInit() if registers and weights.source is not None else contextlib.nullcontext()
+    with quiet:  # open_clip would say "initialized randomly" before the weights below go in
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name,
+            pretrained=None if registers else weights.source,
+            device=device,
+            precision=precision,
+            force_quick_gelu=weights.quick_gelu,
+            image_mean=weights.preprocess.get("mean"),
+            image_std=weights.preprocess.get("std"),
+            image_interpolation=weights.preprocess.get("interpolation"),
+            image_resize_mode=weights.preprocess.get("resize_mode"),
+            cache_dir=cache_dir,
+            weights_only=True,
+        )
+    if registers:
+        add_registers(model.visual, registers)
+        model.to(device)
+        if weights.source is not None:
+            open_clip.load_checkpoint(model, weights.source, strict=True, weights_only=True, device=str(device))
+    if softmax_one_in_name(name):  # "...-softmax1": the same weights, attention that need not sum to one
+        to_softmax_one(model.visual)
+    return model, preprocess
 
 
 def _vision_only_class() -> type:
