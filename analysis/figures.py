@@ -6,7 +6,7 @@ Every figure states the definitions it used in its title or a footnote.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 # No backend is chosen here: a notebook keeps its inline backend, and matplotlib falls back to
 # Agg by itself where there is no display.
@@ -652,6 +652,28 @@ TOKEN_MAP_TITLES = {
 }
 
 
+def _token_map_scale(quantity: str, low: float, high: float) -> tuple[Any, float, float]:
+    """A token map's colour map and range: categories for the classes ATHA pulls to and pushes
+    from, three levels for head / tail, two for a sink flag, and ``low``..``high`` otherwise."""
+    if quantity in ("pulled_class", "pushed_class"):
+        return plt.get_cmap("tab10", int(high) + 1), -0.5, int(high) + 0.5
+    if quantity == "head_tail":
+        return plt.get_cmap("coolwarm", 3), -1.5, 1.5
+    if quantity.startswith("sink:"):  # a flag: 0 or 1, whatever the images hold
+        return plt.get_cmap("magma", 2), -0.5, 1.5
+    return "magma", low, high
+
+
+def _token_map_bar(figure: plt.Figure, shown: Any, axes: list, quantity: str) -> None:
+    """One colour bar under a column of token maps, its ticks named for categorical quantities."""
+    bar = figure.colorbar(shown, ax=axes, orientation="horizontal", fraction=0.04, pad=0.02)
+    bar.ax.tick_params(labelsize=6)
+    if quantity == "head_tail":
+        bar.set_ticks([-1, 0, 1], labels=["tail", "-", "head"])
+    elif quantity.startswith("sink:"):
+        bar.set_ticks([0, 1], labels=["-", "flagged"])
+
+
 def token_maps(table: pd.DataFrame, pixels: np.ndarray | Mapping[object, np.ndarray], block: int,
                quantities: Sequence[str] = ("sum_score", "norm", "head_tail", "attention_from_cls"),
                images: Sequence[object] | None = None, models: Sequence[str] | None = None,
@@ -705,16 +727,7 @@ def token_maps(table: pd.DataFrame, pixels: np.ndarray | Mapping[object, np.ndar
             grid = np.full((side, side), np.nan)
             values = cells[cells["quantity"] == quantity]
             grid[values["row"].to_numpy(int), values["col"].to_numpy(int)] = values["value"].to_numpy()
-            low, high = limits[quantity]
-            if quantity in ("pulled_class", "pushed_class"):
-                cmap = plt.get_cmap("tab10", int(high) + 1)
-                low, high = -0.5, int(high) + 0.5
-            elif quantity == "head_tail":
-                cmap, low, high = plt.get_cmap("coolwarm", 3), -1.5, 1.5
-            elif quantity.startswith("sink:"):  # a flag: 0 or 1, whatever the images hold
-                cmap, low, high = plt.get_cmap("magma", 2), -0.5, 1.5
-            else:
-                cmap = "magma"
+            cmap, low, high = _token_map_scale(quantity, *limits[quantity])
             shown = ax.imshow(grid, cmap=cmap, vmin=low, vmax=high, alpha=alpha, extent=extent,
                               interpolation="nearest")
             for _, cell in flagged[flagged["value"] > 0].iterrows():
@@ -723,12 +736,7 @@ def token_maps(table: pd.DataFrame, pixels: np.ndarray | Mapping[object, np.ndar
             if r == 0:
                 ax.set_title(TOKEN_MAP_TITLES.get(quantity, quantity), fontsize=7)
             if r == len(rows) - 1:
-                bar = figure.colorbar(shown, ax=axes[:, c].tolist(), orientation="horizontal", fraction=0.04, pad=0.02)
-                bar.ax.tick_params(labelsize=6)
-                if quantity == "head_tail":
-                    bar.set_ticks([-1, 0, 1], labels=["tail", "-", "head"])
-                elif quantity.startswith("sink:"):
-                    bar.set_ticks([0, 1], labels=["-", "flagged"])
+                _token_map_bar(figure, shown, axes[:, c].tolist(), quantity)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
