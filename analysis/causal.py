@@ -355,9 +355,54 @@ def logit_attribution(method: Any, images: torch.Tensor, labels: torch.Tensor | 
     method.eval()
     tower = tower_of(method)
     _require_cls_pooling(tower, "direct logit attribution")
-    visual = tower.module
-    blocks = tower.blocks
     classifier, readout = method.text_features()
+    n = len(images)
+    parts, final, stream = _residual_parts(method, tower, images, readout)
+    affine = tower.readout_affine()
+    centred = stream - stream.mean(-1, keepdim=True)
+    sigma = (centred.pow(2).mean(-1, keepdim=True) + affine.eps).sqrt()  # [B, 1]
+    if scale == "batch":
+        sigma = sigma.mean().expand_as(sigma)
+    feature_norm = final.float().norm(dim=-1, keepdim=True)  # [B, 1], frozen likewise
+    weight_text = method.log_scale.exp() * classifier.float().T  # [embed, C]
+    proj = affine.projection.float() if affine.projection is not None else None
+    gamma = affine.gamma.float()
+
+    def project(v: torch.Tensor) -> torch.Tensor:
+        return v @ proj if proj is not None else v
+
+    def to_logits(vector: torch.Tensor, centre: bool = True) -> torch.Tensor:
+        v = vector.float()
+        if centre:
+            v = v - v.mean(-1, keepdim=True)
+        return (project(v * gamma / sigma) / feature_norm) @ weight_text  # [B, C]
+
+    contributions = [(kind, block, head, to_logits(vector)) for kind, block, head, vector in parts]
+    bias = project(affine.beta.float().expand(n, -1))
+    if affine.bias is not None:
+        bias = bias + affine.bias.float()
+    contributions.append(("ln_post bias", None, None, (bias / feature_norm) @ weight_text))
+    logits = method.log_scale.exp() * F.normalize(final.float(), dim=-1) @ classifier.float().T
+    if scale == "batch":
+        total = sum(c[3] for c in contributions)
+        contributions.append(("residual", None, None, logits - total))
+    table = _contribution_table(contributions, n, classifier.shape[0])
+    if labels is not None:
+        table["true_class"] = table["class"].to_numpy() == labels.cpu().numpy()[table["image"].to_numpy()]
+    table["scale"] = scale
+    for key, value in columns.items():
+        table[key] = value
+    return table
+
+
+def _residual_parts(method: Any, tower: Any, images: torch.Tensor, readout: torch.Tensor | None,
+                    ) -> tuple[list[tuple[str, int | None, int | None, torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """One fp32 forward of ``images`` through the method's vision tower with every write to the CLS
+    token's residual stream captured: (component, block, head, vector [B, width]) for the
+    embedding, each block's intervention edit, each attention head (recomputed inside the adapters
+    from the block's captured input), the attention bias and each MLP; with the image feature
+    before normalisation and the last block's CLS stream [B, width]."""
+    visual, blocks = tower.module, tower.blocks
     n = len(images)
     captured: dict[str, torch.Tensor] = {}
     block_kwargs: dict[int, dict] = {}
@@ -397,47 +442,16 @@ def logit_attribution(method: Any, images: torch.Tensor, labels: torch.Tensor | 
     finally:
         for handle in hooks:
             handle.remove()
-    stream = captured[f"post.{len(blocks) - 1}"][:, 0].float()  # [B, width]
-    affine = tower.readout_affine()
-    centred = stream - stream.mean(-1, keepdim=True)
-    sigma = (centred.pow(2).mean(-1, keepdim=True) + affine.eps).sqrt()  # [B, 1]
-    if scale == "batch":
-        sigma = sigma.mean().expand_as(sigma)
-    feature_norm = final.float().norm(dim=-1, keepdim=True)  # [B, 1], frozen likewise
-    weight_text = method.log_scale.exp() * classifier.float().T  # [embed, C]
-    proj = affine.projection.float() if affine.projection is not None else None
-    gamma = affine.gamma.float()
+    return parts, final, captured[f"post.{len(blocks) - 1}"][:, 0].float()
 
-    def project(v: torch.Tensor) -> torch.Tensor:
-        return v @ proj if proj is not None else v
 
-    def to_logits(vector: torch.Tensor, centre: bool = True) -> torch.Tensor:
-        v = vector.float()
-        if centre:
-            v = v - v.mean(-1, keepdim=True)
-        return (project(v * gamma / sigma) / feature_norm) @ weight_text  # [B, C]
-
-    contributions = [(kind, block, head, to_logits(vector)) for kind, block, head, vector in parts]
-    bias = project(affine.beta.float().expand(n, -1))
-    if affine.bias is not None:
-        bias = bias + affine.bias.float()
-    contributions.append(("ln_post bias", None, None, (bias / feature_norm) @ weight_text))
-    logits = method.log_scale.exp() * F.normalize(final.float(), dim=-1) @ classifier.float().T
-    if scale == "batch":
-        total = sum(c[3] for c in contributions)
-        contributions.append(("residual", None, None, logits - total))
+def _contribution_table(contributions: list[tuple[str, int | None, int | None, torch.Tensor]], images: int,
+                        classes: int) -> pd.DataFrame:
+    """One row per (image, component, block, head, class) of the per-component logits [B, C]."""
     rows = []
-    classes = list(range(classifier.shape[0]))
     for kind, block, head, values in contributions:
         values = values.detach().cpu().numpy()
-        for image in range(n):
-            for c in classes:
+        for image in range(images):
+            for c in range(classes):
                 rows.append((image, kind, block, head, c, float(values[image, c])))
-    table = pd.DataFrame(rows, columns=["image", "component", "block", "head", "class", "value"])
-    if labels is not None:
-        table["true_class"] = table["class"].to_numpy() == labels.cpu().numpy()[table["image"].to_numpy()]
-    table["scale"] = scale
-    for key, value in columns.items():
-        table[key] = value
-    return table
-
+    return pd.DataFrame(rows, columns=["image", "component", "block", "head", "class", "value"])
