@@ -39,6 +39,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from cdfsl_core.atomic import atomic_path, write_text
 from cdfsl_core.cli import command, non_negative_float, non_negative_int, parser, positive_float, positive_int, share
@@ -308,19 +309,9 @@ def pretrain(config: PretrainConfig, out_dir: Path, resume: bool = False) -> Pat
     torch.set_num_threads(config.threads)
     if config.objective not in OBJECTIVES:
         raise ConfigError(f"objective={config.objective!r}; expected one of {OBJECTIVES}")
-    bundle = load_clip(config.arch)
-    model, tokenizer = bundle.model, bundle.tokenizer
+    model, tokenizer = _initial_model(config)
     mean, std = model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"]
-    if config.logit_scale:
-        with torch.no_grad():
-            model.logit_scale.fill_(math.log(config.logit_scale))
-        model.logit_scale.requires_grad_(False)
-    images = labels = prompts = None
-    if config.objective == "prompts":
-        source = SyntheticDataset(SyntheticSpec("synthetic", config.images_per_class, config.seed, "train"))
-        images = render_split("synthetic", len(source.classes), config.images_per_class, config.seed, "train")
-        labels = torch.tensor(source.targets)
-        prompts = [tokenizer([t.format(c) for c in source.classes]) for t in TEMPLATES]  # [T][C, ctx]
+    images, labels, prompts = _prompt_data(config, tokenizer) if config.objective == "prompts" else (None, None, None)
     optimiser = _optimiser(model, config)
 
     def lr_factor(step: int) -> float:
@@ -382,18 +373,43 @@ def pretrain(config: PretrainConfig, out_dir: Path, resume: bool = False) -> Pat
         rows = measure(model, monitor_data)
         rows.append(("model", -1, -1, "loss", running[0] if running else float("nan")))
         monitors.write(config.steps, rows)
+    return _finish(config, out_dir, model, optimiser, history, {"train_minutes": round(minutes, 2),
+                                                                 "command": command_line})
 
+
+def _initial_model(config: PretrainConfig) -> tuple[Any, Any]:
+    """The architecture with random weights (seeded by the caller) and its tokenizer; with a fixed
+    ``logit_scale``, the scale set and frozen."""
+    bundle = load_clip(config.arch)
+    model = bundle.model
+    if config.logit_scale:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(config.logit_scale))
+        model.logit_scale.requires_grad_(False)
+    return model, bundle.tokenizer
+
+
+def _prompt_data(config: PretrainConfig, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The ``prompts`` objective's data: the source world's training images, their labels and the
+    class prompts of every template, tokenized ([T][C, ctx])."""
+    source = SyntheticDataset(SyntheticSpec("synthetic", config.images_per_class, config.seed, "train"))
+    images = render_split("synthetic", len(source.classes), config.images_per_class, config.seed, "train")
+    prompts = [tokenizer([t.format(c) for c in source.classes]) for t in TEMPLATES]
+    return images, torch.tensor(source.targets), prompts
+
+
+def _finish(config: PretrainConfig, out_dir: Path, model: Any, optimiser: Any, history: list[dict],
+            recorded: dict[str, Any]) -> Path:
+    """The trained weights (and, with checkpoints, the last checkpoint and its resumable state),
+    then the recipe marked finished with ``recorded`` and the loss history; returns the weights."""
     weights = out_dir / f"{config.arch}_synthetic.safetensors"
     save_weights(model, weights, config, config.steps)
     if config.checkpoint_every:
         save_weights(model, checkpoint_path(out_dir, config.steps), config, config.steps)
         _save_state(out_dir, model, optimiser, config.steps, history)
     write_text(out_dir / "pretrain_config.json",
-        json.dumps({**asdict(config), "train_minutes": round(minutes, 2), "command": command_line, "finished": True,
-                    "history": history}, indent=2)
-        + "\n"
-    )
-    print(f"wrote {weights} ({weights.stat().st_size / 1e6:.1f} MB) after {minutes:.1f} min of training")
+               json.dumps({**asdict(config), **recorded, "finished": True, "history": history}, indent=2) + "\n")
+    print(f"wrote {weights} ({weights.stat().st_size / 1e6:.1f} MB) after {recorded['train_minutes']:.1f} min of training")
     return weights
 
 
