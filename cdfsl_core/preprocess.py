@@ -55,7 +55,7 @@ class ImageCache:
         if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
             raise ValueError("ImageCache needs a transform that ends with ToTensor and Normalize (protocol_transform).")
         self.dataset, self.transform, self.device = dataset, transform, torch.device(device)
-        self.pil_steps = T.Compose(steps[:-2])
+        self.pil_steps, self.tensor_steps = T.Compose(steps[:-2]), T.Compose(steps[-2:])
         normalize = steps[-1]
         self.mean = torch.as_tensor(normalize.mean, dtype=torch.float32, device=self.device).reshape(-1, 1, 1)
         self.std = torch.as_tensor(normalize.std, dtype=torch.float32, device=self.device).reshape(-1, 1, 1)
@@ -66,15 +66,16 @@ class ImageCache:
     def __len__(self) -> int:
         return len(self._images)
 
-    def _uint8(self, index: int) -> torch.Tensor | None:
-        """Image ``index`` after the PIL steps as uint8 [3, H, W] on the device; None when it is not
-        an 8-bit RGB image (ToTensor would give other channels or values: the transform handles it)."""
+    def _uint8(self, index: int) -> torch.Tensor | Image.Image:
+        """Image ``index`` after the PIL steps: as uint8 [3, H, W] on the device (kept within the
+        budget), or the PIL image itself when it is not 8-bit RGB (ToTensor would give other
+        channels or values: the transform's own last steps convert it)."""
         cached = self._images.get(index)
         if cached is not None:
             return cached
         picture = self.pil_steps(self.dataset.load_image(index))
         if picture.mode != "RGB":
-            return None
+            return picture
         image = torch.from_numpy(np.array(picture, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
         image = image.to(self.device)
         if self.bytes + image.numel() <= self.max_bytes:
@@ -85,10 +86,11 @@ class ImageCache:
     def load(self, ids: Sequence[int]) -> torch.Tensor:
         """Images ``ids`` as ``transform`` makes them, [n, 3, H, W] float32 on the device."""
         kept = [self._uint8(i) for i in ids]
-        if all(image is not None for image in kept):
+        if all(isinstance(image, torch.Tensor) for image in kept):
             images = torch.stack(kept).to(torch.float32).div(255)  # ToTensor's and Normalize's operations
             return images.sub_(self.mean).div_(self.std)
-        return torch.stack([self.transform(self.dataset.load_image(i)) for i in ids]).to(self.device)
+        return torch.stack([self.tensor_steps(image) if isinstance(image, Image.Image) else
+                            image.to(torch.float32).div(255).sub_(self.mean).div_(self.std) for image in kept]).to(self.device)
 
 
 def load_images(dataset: Any, ids: list[int], transform: T.Compose | ImageCache, augment: bool = False) -> torch.Tensor:

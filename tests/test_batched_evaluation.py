@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_episode_batch import _assert_same_lines, _config, _episodes, _lines
+from test_episode_batch import TOL, E, _assert_same_lines, _config, _episodes, _lines
 
 from cdfsl_core.episode_batch import (
     EpisodeBatch,
@@ -32,9 +32,6 @@ from cdfsl_core.errors import ConfigError
 from cdfsl_core.models import load_clip
 from cdfsl_core.names import ADAPTATIONS, INTERVENTIONS
 from cdfsl_core.runner import measure_footprint, prepare_run, resolve_episode_batch, run
-
-E = 3
-TOL = 1e-5
 
 
 @pytest.fixture(scope="module")

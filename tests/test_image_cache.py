@@ -83,8 +83,10 @@ def test_augmented_views_and_non_rgb_images_go_through_the_transform():
     torch.manual_seed(1)
     assert torch.equal(load_images(dataset, [0, 1], cache, augment=True), expected)
     grey = T.Compose([T.Grayscale(), *transform.transforms[:-1], T.Normalize([0.5], [0.25])])
-    assert torch.equal(ImageCache(dataset, grey, "cpu").load([0, 1]),
+    counting = Counting(dataset)
+    assert torch.equal(ImageCache(counting, grey, "cpu").load([0, 1]),
                        torch.stack([grey(dataset.load_image(i)) for i in (0, 1)]))
+    assert counting.decodes == 2  # not kept, but decoded once per load
     with pytest.raises(ValueError, match="ToTensor and Normalize"):
         ImageCache(dataset, T.Compose(transform.transforms[:2]), "cpu")
 
